@@ -1,0 +1,44 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is a CPU build that lies on this machine's disk; on a GPU box use e.g.
+# `make test TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test lint system-deps demo demo-data demo-model bench gpu-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per install state: re-runs are instant until pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test]"
+	# The parity reference (official implementation); --no-deps keeps timm/torchvision out.
+	$(PIP) install --no-deps torchscale==0.3.0 fairscale==0.4.0
+	touch $@
+
+install: $(VENV)/.installed
+
+# Chromium for the end-to-end browser test (Debian's package; no browser download).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: run 'sudo apt-get install -y chromium' (the browser test will skip)"; fi; }
+
+lint: install
+	$(BIN)/ruff check beit3 indexer training app tests bench
+	$(BIN)/lint-imports
+
+test: install system-deps lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	@echo "make demo: not yet (the demo issue builds the bundled data, model and index)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Front doors: the ``beit3`` command line (:mod:`app.cli`) and the Streamlit app."""

@@ -1,0 +1,71 @@
+"""The Multiway Transformer encoder layer (pre-LN + Sub-LN, decoupled experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from beit3.attention import MultiwayAttention
+from beit3.multiway import Multiway, Parts
+
+__all__ = ["EncoderLayer", "FeedForward"]
+
+
+class FeedForward(nn.Module):
+    """fc1 -> GELU (exact, in fp32) -> Sub-LN over the FFN width -> fc2. One expert's FFN."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, eps: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h.float()).to(h.dtype)  # official: GELU evaluated in fp32
+        return self.fc2(self.ffn_layernorm(h))
+
+
+class EncoderLayer(nn.Module):
+    """One layer: x + Attn(LN(x)), then x + FFN(LN(x)), every LN / Linear per modality.
+
+    ``final_layer_norm`` is the official (fairseq) name of the pre-FFN LayerNorm.
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, ffn_dim: int, eps: float, drop_path: float,
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.self_attn_layer_norm = Multiway(nn.LayerNorm(embed_dim, eps=eps))
+        self.self_attn = MultiwayAttention(embed_dim, num_heads, eps, impl=attention)
+        self.final_layer_norm = Multiway(nn.LayerNorm(embed_dim, eps=eps))
+        self.ffn = Multiway(FeedForward(embed_dim, ffn_dim, eps))
+        self.drop_path = drop_path
+
+    def forward(self, vision: Tensor | None, text: Tensor | None, attn_mask: Tensor | None
+                ) -> Parts:
+        """Args: vision (B, Nv, D) or None, text (B, Nt, D) or None, attn_mask (B, 1, 1, T)."""
+        parts: Parts = (vision, text)
+        h = self.self_attn(self.self_attn_layer_norm.route(parts), attn_mask)
+        parts = self._residual(parts, h)
+        h = self.ffn.route(self.final_layer_norm.route(parts))
+        return self._residual(parts, h)
+
+    def _residual(self, parts: Parts, branch: Parts) -> Parts:
+        keep = None
+        if self.training and self.drop_path > 0:
+            # Stochastic depth drops a whole sample's branch: one draw per sample, shared by
+            # its vision and text tokens (timm drop_path, rescaled by 1 / keep).
+            ref = next(p for p in parts if p is not None)
+            keep_prob = 1.0 - self.drop_path
+            keep = torch.empty(ref.shape[0], 1, 1, device=ref.device, dtype=ref.dtype)
+            keep = keep.bernoulli_(keep_prob).div_(keep_prob)
+        out = []
+        for x, b in zip(parts, branch, strict=True):
+            if x is None or b is None:
+                out.append(None)
+            else:
+                out.append(x + (b * keep if keep is not None else b))
+        return out[0], out[1]

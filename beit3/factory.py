@@ -1,0 +1,48 @@
+"""Build models by preset name and architecture name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from beit3.config import Beit3Config, create_config
+from beit3.errors import ConfigError
+from beit3.heads import Beit3ForRetrieval
+
+__all__ = ["architecture_of", "create_model", "get_architecture", "list_architectures",
+           "register_architecture"]
+
+_ARCHITECTURES: dict[str, Callable[[Beit3Config], nn.Module]] = {"retrieval": Beit3ForRetrieval}
+
+
+def register_architecture(name: str, factory: Callable[[Beit3Config], nn.Module]) -> None:
+    """Make ``name`` buildable and loadable. The model's backbone must live at ``.beit3``."""
+    if name in _ARCHITECTURES and _ARCHITECTURES[name] is not factory:
+        raise ConfigError(f"architecture {name!r} is already registered")
+    _ARCHITECTURES[name] = factory
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def get_architecture(name: str) -> Callable[[Beit3Config], nn.Module]:
+    if name not in _ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; known: {sorted(_ARCHITECTURES)}")
+    return _ARCHITECTURES[name]
+
+
+def architecture_of(model: nn.Module) -> str:
+    """The registered name of ``model``'s class."""
+    for name, factory in _ARCHITECTURES.items():
+        if isinstance(factory, type) and type(model) is factory:
+            return name
+    raise ConfigError(f"{type(model).__name__} is not a registered architecture")
+
+
+def create_model(preset: str, architecture: str = "retrieval", **overrides: Any) -> nn.Module:
+    """Build a freshly initialised model, e.g. ``create_model("beit3-tiny", drop_path_rate=0.1)``."""
+    return get_architecture(architecture)(create_config(preset, **overrides))
+

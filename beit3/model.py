@@ -1,0 +1,174 @@
+"""The BEiT-3 backbone: embeddings, the Multiway encoder, and weight init.
+
+State-dict keys equal the official ``beit3.*`` keys (without the prefix), e.g.
+``encoder.layers.0.self_attn.q_proj.A.weight``. Forward takes the modality split explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from beit3.config import Beit3Config
+from beit3.embeddings import PositionTable, VisionEmbedding
+from beit3.encoder import EncoderLayer
+from beit3.errors import InputDataError
+from beit3.multiway import Multiway, Parts, join_parts
+
+__all__ = ["Beit3Model", "Beit3Output", "trunc_normal_"]
+
+
+class Beit3Output(NamedTuple):
+    """Backbone output.
+
+    hidden_states: (B, T, D), vision tokens (CLS first) then text tokens.
+    num_vision_tokens: how many leading tokens are vision tokens (0 for text-only input).
+    padding_mask: (B, T) bool, True = padding; None when nothing is padded.
+    """
+
+    hidden_states: Tensor
+    num_vision_tokens: int
+    padding_mask: Tensor | None
+
+
+class Encoder(nn.Module):
+    """Positional tables, the layer stack and the final Multiway LayerNorm."""
+
+    def __init__(self, cfg: Beit3Config) -> None:
+        super().__init__()
+        # Row counts match the official tables: vision N + 1 tokens + 2 unused rows; text 1024.
+        self.embed_positions = Multiway(
+            PositionTable(cfg.num_vision_tokens + 2, cfg.embed_dim),
+            PositionTable(cfg.max_text_positions, cfg.embed_dim),
+        )
+        # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last).
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.layernorm_eps, rate,
+                         attention=cfg.attention)
+            for rate in rates
+        )
+        self.layer_norm = (
+            Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
+            if cfg.normalize_output else None
+        )
+
+
+class Beit3Model(nn.Module):
+    """The Multiway Transformer backbone (released BEiT-3 layout).
+
+    Args:
+        config: architecture; see :mod:`beit3.config` for presets.
+    """
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.text_embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.vision_embed = VisionEmbedding(
+            config.img_size, config.patch_size, config.in_chans, config.embed_dim
+        )
+        self.encoder = Encoder(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        images: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        image_mask: Tensor | None = None,
+    ) -> Beit3Output:
+        """Encode images, texts, or image-text pairs jointly.
+
+        Args:
+            images: (B, 3, H, W) float, preprocessed; None for text-only.
+            text_ids: (B, L) long token ids; None for image-only.
+            padding_mask: (B, L) bool, True = padding (text only).
+            image_mask: (B, N) bool, True = patch replaced by the mask token (pretraining).
+
+        Returns:
+            :class:`Beit3Output` with hidden states (B, Nv + L, D).
+        """
+        if images is None and text_ids is None:
+            raise InputDataError("Beit3Model.forward needs images, text_ids, or both")
+        pos = self.encoder.embed_positions
+        vision = text = None
+        if images is not None:
+            vision = self.vision_embed(images, image_mask)  # (B, N + 1, D)
+            vision = vision + pos.A.positions(vision.shape[1])
+        if text_ids is not None:
+            if text_ids.ndim != 2:
+                raise InputDataError(f"text_ids must be (B, L), got shape {tuple(text_ids.shape)}")
+            text = self.text_embed(text_ids)  # (B, L, D)
+            # In image+text mode the text positions restart at 2 (their own table B).
+            text = text + pos.B.positions(text.shape[1])
+            if padding_mask is not None:
+                text = text * (~padding_mask).unsqueeze(-1).to(text.dtype)
+        if vision is not None and text is not None and vision.shape[0] != text.shape[0]:
+            raise InputDataError(
+                f"{vision.shape[0]} images but {text.shape[0]} texts: a joint forward needs pairs"
+            )
+
+        num_vision = vision.shape[1] if vision is not None else 0
+        full_mask = None
+        attn_mask = None
+        if text is not None and padding_mask is not None:
+            full_mask = padding_mask.bool()
+            if vision is not None:
+                full_mask = torch.cat([full_mask.new_zeros(full_mask.shape[0], num_vision),
+                                       full_mask], dim=1)
+            attn_mask = ~full_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
+
+        parts: Parts = (vision, text)
+        for layer in self.encoder.layers:
+            if self.config.use_checkpoint and self.training:
+                parts = checkpoint(layer, *parts, attn_mask, use_reentrant=False)
+            else:
+                parts = layer(*parts, attn_mask)
+        if self.encoder.layer_norm is not None:
+            parts = self.encoder.layer_norm.route(parts)
+        return Beit3Output(join_parts(parts), num_vision, full_mask)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter; deterministic under ``torch.manual_seed``.
+
+        BEiT initialisation (paper Sec. 2.3 / BEiT v1): truncated normal (std 0.02) for linear,
+        conv and embedding weights, zero biases, unit LayerNorms, then each layer's output
+        projections (``out_proj``, ``fc2``) divided by sqrt(2 * layer_index).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                trunc_normal_(module.weight, std=0.02)
+        trunc_normal_(self.vision_embed.cls_token, std=0.02)
+        trunc_normal_(self.vision_embed.mask_token, std=0.02)
+        for index, layer in enumerate(self.encoder.layers, start=1):
+            attn, ffn = layer.self_attn, layer.ffn
+            for out in (attn.out_proj.A, attn.out_proj.B, ffn.A.fc2, ffn.B.fc2):
+                out.weight.mul_(1.0 / math.sqrt(2.0 * index))
+
+@torch.no_grad()
+def trunc_normal_(tensor: Tensor, std: float = 0.02, bound: float = 2.0) -> Tensor:
+    """Fill ``tensor`` from N(0, std^2) truncated at +-bound*std, by inverse CDF.
+
+    torch's own ``trunc_normal_`` samples by rejection, which takes minutes for a base model on
+    2 CPU cores; the inverse-CDF draw costs one uniform sample per element.
+    """
+    if tensor.is_meta:
+        return tensor
+    lo = 0.5 * (1.0 + math.erf(-bound / math.sqrt(2.0)))
+    hi = 1.0 - lo
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1)
+    tensor.erfinv_().mul_(std * math.sqrt(2.0))
+    return tensor.clamp_(-bound * std, bound * std)

@@ -1,0 +1,213 @@
+"""Image loading and preprocessing, with Pillow and tensors only (no torchvision).
+
+Evaluation follows the official retrieval path exactly: bicubic squash-resize to S x S (no
+aspect-preserving crop), then (x / 255 - mean) / std with mean = std = 0.5. Training adds a random
+resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and a horizontal flip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from beit3.errors import ConfigError, InputDataError
+
+__all__ = ["ImageTransform", "PreprocessConfig", "TrainImageTransform", "load_image"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    """What a checkpoint expects of its inputs; saved as ``preprocess.json``."""
+
+    img_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    max_text_len: int = 64
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ConfigError(
+                f"interpolation {self.interpolation!r} unknown; use one of {sorted(_RESAMPLE)}"
+            )
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - valid
+        if unknown:
+            raise ConfigError(f"unknown preprocess keys {sorted(unknown)}; valid: {sorted(valid)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreprocessConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def load_image(source: str | Path | bytes | BinaryIO, draft_size: int | None = None) -> Image.Image:
+    """Open an image robustly and return it as 8-bit RGB.
+
+    Applies EXIF orientation, takes the first frame of animations, composites transparency onto
+    white, maps CMYK / palette / 16-bit / float modes to RGB, and treats anything above Pillow's
+    ``MAX_IMAGE_PIXELS`` as a decompression bomb.
+
+    Args:
+        source: a path, raw bytes, or a binary file object.
+        draft_size: if given, let the JPEG decoder shrink by a power of two while both sides stay
+            >= this size (much faster for large photos; not bit-identical to a full decode).
+
+    Raises:
+        InputDataError: with a one-line reason when the image cannot be used.
+    """
+    name = str(source) if isinstance(source, str | Path) else "<bytes>"
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.seek(0)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputDataError(f"{name}: image too large (decompression bomb limit): {exc}") from None
+    except FileNotFoundError:
+        raise InputDataError(f"{name}: no such file") from None
+    except PermissionError:
+        raise InputDataError(f"{name}: permission denied") from None
+    except IsADirectoryError:
+        raise InputDataError(f"{name}: is a directory, not an image") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputDataError(f"{name}: not a readable image ({reason})") from None
+    if image.width < 1 or image.height < 1:
+        raise InputDataError(f"{name}: image has zero size")
+    with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the image
+        image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        scaled = np.clip((arr - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+        mode = "L"
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def _to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+
+
+class ImageTransform:
+    """Evaluation preprocessing: RGB image -> (3, S, S) float32 tensor."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self.resample = _RESAMPLE[config.interpolation]
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        size = (self.config.img_size, self.config.img_size)
+        if image.mode != "RGB":
+            image = _to_rgb(image)
+        if image.size != size:
+            image = image.resize(size, self.resample)
+        return _to_tensor(image, self.config.mean, self.config.std)
+
+
+class TrainImageTransform(ImageTransform):
+    """Training augmentation: random resized crop (scale, ratio), horizontal flip, normalise.
+
+    Args:
+        config: the checkpoint's preprocessing.
+        scale: range of the crop's area as a fraction of the image (official: 0.5-1).
+        ratio: range of the crop's aspect ratio.
+        hflip: probability of a horizontal flip (0 for data where left/right matters).
+        rng: a ``random.Random`` for reproducible crops; the module RNG when omitted.
+    """
+
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+        self.rng = rng or random.Random()
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """timm/torchvision RandomResizedCrop parameters: (left, top, crop_w, crop_h)."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = math.exp(self.rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return self.rng.randint(0, width - w), self.rng.randint(0, height - h), w, h
+        # Fallback: the largest centred crop within the ratio range.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        if image.mode != "RGB":
+            image = _to_rgb(image)
+        left, top, w, h = self.crop_box(*image.size)
+        size = (self.config.img_size, self.config.img_size)
+        image = image.resize(size, self.resample, box=(left, top, left + w, top + h))
+        if self.rng.random() < self.hflip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(image, self.config.mean, self.config.std)

@@ -1,0 +1,143 @@
+"""Forward time and peak memory: our BEiT-3 vs the official implementation (torchscale 0.3.0).
+
+Same weights in both, eval mode, no grad. Modes: image-only, text-only and image+text (joint).
+Prints one row per mode with the time ratio (reference / ours; > 1 means ours is faster) and the
+largest output difference.
+
+    python bench/model_speed.py                      # CPU fp32, beit3-base, batch 8, 224 + 64 tokens
+    python bench/model_speed.py --device cuda        # bf16 autocast on GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from beit3 import create_config  # noqa: E402
+from beit3.heads import Beit3ForRetrieval  # noqa: E402
+from tests.reference import build_reference  # noqa: E402
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, device: str, repeats: int) -> tuple[float, float]:
+    """Median seconds per call and peak extra memory (MiB) of one call."""
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def _cpu_peak(fn) -> float:
+    """Extra resident memory of one forward, measured in a forked child (CPU has no allocator
+    statistics; ru_maxrss is per process, so each measurement gets a fresh process)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read)
+        before = _rss_mb()
+        fn()
+        os.write(write, f"{_peak_rss_mb() - before:.1f}".encode())
+        os._exit(0)
+    os.close(write)
+    value = float(os.read(read, 64).decode() or "nan")
+    os.waitpid(pid, 0)
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="beit3-base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--text-len", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else None
+
+    torch.manual_seed(0)
+    cfg = create_config(args.preset)
+    with torch.device("meta"):
+        ours = Beit3ForRetrieval(cfg)
+    ours = ours.to_empty(device="cpu")
+    ours.beit3.init_weights()
+    ours.init_heads()
+    ref = build_reference(cfg, ours.state_dict())
+    ours, ref = ours.to(device).eval(), ref.to(device).eval()
+
+    b, length = args.batch, args.text_len
+    images = torch.randn(b, 3, cfg.img_size, cfg.img_size, device=device)
+    ids = torch.randint(4, 60000, (b, length), device=device)
+    pad = torch.zeros(b, length, dtype=torch.bool, device=device)
+
+    modes = {
+        "image": (lambda: ours.beit3(images=images).hidden_states,
+                  lambda: ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"]),
+        "text": (lambda: ours.beit3(text_ids=ids, padding_mask=pad).hidden_states,
+                 lambda: ref.beit3(textual_tokens=ids, visual_tokens=None,
+                                   text_padding_position=pad)["encoder_out"]),
+        "image+text": (
+            lambda: ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states,
+            lambda: ref.beit3(textual_tokens=ids, visual_tokens=images,
+                              text_padding_position=pad)["encoder_out"]),
+    }
+    precision = "bf16 autocast" if dtype else "fp32"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"# {args.preset}, batch {b}, image {cfg.img_size} + {length} text tokens, {precision}, "
+          f"{name}, torch {torch.__version__}")
+    print(f"{'mode':11s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
+          f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s}")
+    total_ours = total_ref = 0.0
+    for mode, (f_ours, f_ref) in modes.items():
+        def run(fn):
+            def call():
+                with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32,
+                                                            enabled=dtype is not None):
+                    return fn()
+            return call
+
+        t_ours, m_ours = _time(run(f_ours), device, args.repeats)
+        t_ref, m_ref = _time(run(f_ref), device, args.repeats)
+        if device == "cpu":
+            m_ours, m_ref = _cpu_peak(run(f_ours)), _cpu_peak(run(f_ref))
+        diff = (run(f_ours)().float() - run(f_ref)().float()).abs().max().item()
+        total_ours += t_ours
+        total_ref += t_ref
+        print(f"{mode:11s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
+              f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e}")
+    print(f"{'all':11s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} "
+          f"{total_ref / total_ours:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
