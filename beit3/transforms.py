@@ -102,7 +102,9 @@ def load_image(source: str | Path | bytes | BinaryIO, draft_size: int | None = N
         raise InputDataError(f"{name}: permission denied") from None
     except IsADirectoryError:
         raise InputDataError(f"{name}: is a directory, not an image") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError:
+        raise InputDataError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputDataError(f"{name}: not a readable image ({reason})") from None
     if image.width < 1 or image.height < 1:
