@@ -37,31 +37,36 @@ class MultiwayAttention(nn.Module):
         self.out_proj = Multiway(nn.Linear(embed_dim, embed_dim))
         self.inner_attn_ln = Multiway(nn.LayerNorm(embed_dim, eps=eps))
 
-    def forward(self, parts: Parts, attn_mask: Tensor | None) -> Parts:
+    def forward(self, parts: Parts, attn_mask: Tensor | None, queries: Parts | None = None
+                ) -> Parts:
         """Attend over the joined parts.
 
         Args:
-            parts: (vision (B, Nv, D) or None, text (B, Nt, D) or None).
+            parts: (vision (B, Nv, D) or None, text (B, Nt, D) or None): keys and values.
             attn_mask: (B, 1, 1, T) bool, True = may attend; None = attend everywhere.
+            queries: the tokens to compute outputs for (default: all of ``parts``); the
+                retrieval heads pass only each part's first token in the last layer.
 
         Returns:
-            The attention branch output, split the same way as ``parts``.
+            The attention branch output for the queries, split like them.
         """
-        num_vision = parts[0].shape[1] if parts[0] is not None else 0
-        q = join_parts(self.q_proj.route(parts))
+        queries = parts if queries is None else queries
+        num_vision_q = queries[0].shape[1] if queries[0] is not None else 0
+        q = join_parts(self.q_proj.route(queries))
         k = join_parts(self.k_proj.route(parts))
         v = join_parts(self.v_proj.route(parts))
-        batch, length, dim = q.shape
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        v = v.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        batch, q_len, dim = q.shape
+        kv_len = k.shape[1]
+        q = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
+        k = k.view(batch, kv_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        v = v.view(batch, kv_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if self.impl == "sdpa":
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             ctx = _eager_attention(q, k, v, attn_mask)
-        ctx = ctx.transpose(1, 2).reshape(batch, length, dim)  # (B, T, D), heads in order
-        parts = split_parts(ctx, num_vision)
-        return self.out_proj.route(self.inner_attn_ln.route(parts))
+        ctx = ctx.transpose(1, 2).reshape(batch, q_len, dim)  # (B, Tq, D), heads in order
+        out = split_parts(ctx, num_vision_q)
+        return self.out_proj.route(self.inner_attn_ln.route(out))
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:

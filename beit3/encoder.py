@@ -44,11 +44,26 @@ class EncoderLayer(nn.Module):
         self.ffn = Multiway(FeedForward(embed_dim, ffn_dim, eps))
         self.drop_path = drop_path
 
-    def forward(self, vision: Tensor | None, text: Tensor | None, attn_mask: Tensor | None
-                ) -> Parts:
-        """Args: vision (B, Nv, D) or None, text (B, Nt, D) or None, attn_mask (B, 1, 1, T)."""
+    def forward(self, vision: Tensor | None, text: Tensor | None, attn_mask: Tensor | None,
+                first_token_only: bool = False) -> Parts:
+        """Run the layer.
+
+        Args:
+            vision: (B, Nv, D) or None. text: (B, Nt, D) or None.
+            attn_mask: (B, 1, 1, T) bool, True = may attend.
+            first_token_only: compute outputs only for each part's first token (attending to
+                all tokens). Exact, and cheaper, for a last layer whose CLS / <s> is pooled.
+
+        Returns:
+            (vision, text) outputs: (B, Nv or 1, D), (B, Nt or 1, D).
+        """
         parts: Parts = (vision, text)
-        h = self.self_attn(self.self_attn_layer_norm.route(parts), attn_mask)
+        normed = self.self_attn_layer_norm.route(parts)
+        if first_token_only:
+            parts = (_first(vision), _first(text))
+            h = self.self_attn(normed, attn_mask, queries=(_first(normed[0]), _first(normed[1])))
+        else:
+            h = self.self_attn(normed, attn_mask)
         parts = self._residual(parts, h)
         h = self.ffn.route(self.final_layer_norm.route(parts))
         return self._residual(parts, h)
@@ -69,3 +84,7 @@ class EncoderLayer(nn.Module):
             else:
                 out.append(x + (b * keep if keep is not None else b))
         return out[0], out[1]
+
+
+def _first(x: Tensor | None) -> Tensor | None:
+    return x[:, :1] if x is not None else None

@@ -54,12 +54,13 @@ class Beit3ForRetrieval(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) preprocessed images -> (B, D) unit-norm float32 embeddings."""
-        hidden = self.beit3(images=images).hidden_states
+        hidden = self.beit3(images=images, first_token_only=True).hidden_states  # (B, 1, D)
         return F.normalize(self.vision_head(hidden[:, 0]).float(), dim=-1)
 
     def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids and (B, L) bool padding mask (True = pad) -> (B, D) unit-norm float32."""
-        hidden = self.beit3(text_ids=text_ids, padding_mask=padding_mask).hidden_states
+        hidden = self.beit3(text_ids=text_ids, padding_mask=padding_mask,
+                            first_token_only=True).hidden_states  # (B, 1, D)
         return F.normalize(self.language_head(hidden[:, 0]).float(), dim=-1)
 
     def forward(

@@ -81,6 +81,7 @@ class Beit3Model(nn.Module):
         text_ids: Tensor | None = None,
         padding_mask: Tensor | None = None,
         image_mask: Tensor | None = None,
+        first_token_only: bool = False,
     ) -> Beit3Output:
         """Encode images, texts, or image-text pairs jointly.
 
@@ -89,9 +90,12 @@ class Beit3Model(nn.Module):
             text_ids: (B, L) long token ids; None for image-only.
             padding_mask: (B, L) bool, True = padding (text only).
             image_mask: (B, N) bool, True = patch replaced by the mask token (pretraining).
+            first_token_only: return only each modality's first token (vision CLS, text <s>);
+                the last layer then computes just those, which is exact and saves most of it.
 
         Returns:
-            :class:`Beit3Output` with hidden states (B, Nv + L, D).
+            :class:`Beit3Output` with hidden states (B, Nv + L, D), or (B, 1 or 2, D) with
+            ``first_token_only`` (num_vision_tokens is then 1 when images were given).
         """
         if images is None and text_ids is None:
             raise InputDataError("Beit3Model.forward needs images, text_ids, or both")
@@ -124,13 +128,18 @@ class Beit3Model(nn.Module):
             attn_mask = ~full_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
 
         parts: Parts = (vision, text)
-        for layer in self.encoder.layers:
+        last = len(self.encoder.layers) - 1
+        for index, layer in enumerate(self.encoder.layers):
+            first_only = first_token_only and index == last
             if self.config.use_checkpoint and self.training:
-                parts = checkpoint(layer, *parts, attn_mask, use_reentrant=False)
+                parts = checkpoint(layer, *parts, attn_mask, first_only, use_reentrant=False)
             else:
-                parts = layer(*parts, attn_mask)
+                parts = layer(*parts, attn_mask, first_only)
         if self.encoder.layer_norm is not None:
             parts = self.encoder.layer_norm.route(parts)
+        if first_token_only:
+            num_vision = 1 if vision is not None else 0
+            full_mask = None
         return Beit3Output(join_parts(parts), num_vision, full_mask)
 
     @torch.no_grad()

@@ -61,3 +61,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(model, path, preset="beit3-tiny", tokenizer=tokenizer)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run bench/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -18,7 +18,8 @@ from torch import nn
 from beit3.config import Beit3Config
 
 
-def _install_timm_stub() -> None:
+def _install_stubs() -> None:
+    _install_fairscale_stub()
     if "timm.models.layers" in sys.modules:
         return
 
@@ -38,9 +39,24 @@ def _install_timm_stub() -> None:
     sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
 
 
+def _install_fairscale_stub() -> None:
+    """torchscale's encoder imports fairscale's checkpoint_wrapper and wrap at module level but
+    calls them only with checkpoint_activations / fsdp, which the parity runs leave off. Where
+    fairscale is not installed (it ships only as an sdist), identity stand-ins are enough."""
+    try:
+        import fairscale.nn  # noqa: F401
+    except ImportError:
+        fairscale = types.ModuleType("fairscale")
+        nn_mod = types.ModuleType("fairscale.nn")
+        nn_mod.checkpoint_wrapper = lambda module, *a, **k: module
+        nn_mod.wrap = lambda module, *a, **k: module
+        fairscale.nn = nn_mod
+        sys.modules.update({"fairscale": fairscale, "fairscale.nn": nn_mod})
+
+
 def encoder_config(cfg: Beit3Config):
     """The torchscale EncoderConfig that the official unilm code builds for ``cfg``."""
-    _install_timm_stub()
+    _install_stubs()
     from torchscale.architecture.config import EncoderConfig
 
     return EncoderConfig(
@@ -58,7 +74,7 @@ class ReferenceRetrieval(nn.Module):
 
     def __init__(self, cfg: Beit3Config) -> None:
         super().__init__()
-        _install_timm_stub()
+        _install_stubs()
         from torchscale.model.BEiT3 import BEiT3
 
         self.beit3 = BEiT3(encoder_config(cfg))

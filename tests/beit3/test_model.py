@@ -181,3 +181,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_first_token_only_equals_the_full_forward():
+    cfg = create_config("beit3-tiny")
+    model = Beit3ForRetrieval(cfg).eval()
+    _randomize(model)
+    images, ids, pad = _inputs(cfg)
+    with torch.no_grad():
+        for kwargs in ({"images": images}, {"text_ids": ids, "padding_mask": pad},
+                       {"images": images, "text_ids": ids, "padding_mask": pad}):
+            full = model.beit3(**kwargs)
+            first = model.beit3(**kwargs, first_token_only=True)
+            expected = [full.hidden_states[:, :1]]
+            if "images" in kwargs and "text_ids" in kwargs:
+                expected.append(full.hidden_states[:, full.num_vision_tokens :][:, :1])
+            torch.testing.assert_close(first.hidden_states, torch.cat(expected, dim=1),
+                                       atol=1e-5, rtol=1e-5)
