@@ -24,14 +24,24 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Chromium for the end-to-end browser test (Debian's package; no browser download).
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+# Debian packages the tests use: Chromium for the end-to-end browser test (no browser download),
+# the Noto emoji font for the demo-data builder test.
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium missing: run 'sudo apt-get install -y chromium' (the browser test will skip)"; fi; }
+	@if ! command -v chromium >/dev/null 2>&1 || [ ! -f $(EMOJI_FONT) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; \
+	  else echo "missing: run 'sudo apt-get install -y chromium fonts-noto-color-emoji' (tests that need them skip)"; fi; fi
+
+# The bundled emoji dataset (committed in demo/data/emoji/), rebuilt from Debian's emoji font.
+demo-data: install
+	@test -f $(EMOJI_FONT) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null; \
+	  else echo "run 'sudo apt-get install -y fonts-noto-color-emoji' first"; exit 1; fi; }
+	$(BIN)/python demo/build_dataset.py
 
 lint: install
-	$(BIN)/ruff check beit3 indexer training app tests bench
+	$(BIN)/ruff check beit3 indexer training app tests bench demo
 	$(BIN)/lint-imports
 
 test: install system-deps lint
