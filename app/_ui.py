@@ -1,0 +1,194 @@
+"""Helpers of the Streamlit app that need no Streamlit: arguments, uploads, thumbnails, names.
+
+Kept apart from ``streamlit_app.py`` so the rules (what an upload may be, which files may be shown)
+read in one place and can be tested without a page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+# beit3 (and so torch) is imported inside the functions: `beit3 app --help` must stay instant.
+
+# Defaults shared by `beit3 app` and the page (the page states the limits it enforces).
+DEFAULT_MAX_UPLOAD_MB = 20
+MAX_UPLOAD_PIXELS = 40_000_000  # 40 MP: a large phone photo is 12-50 MP; more is not worth decoding
+UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+THUMB_SIZE = 256
+THUMB_BACKGROUND = (244, 244, 240)
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """What `beit3 app` passes to the page after ``--``."""
+
+    dbs: tuple[Path, ...] = ()
+    model: Path | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    errors: tuple[str, ...] = field(default=())
+
+
+def parse_app_args(argv: Sequence[str]) -> AppArgs:
+    """Parse the page's own arguments (``--db DIR`` repeated, ``--model``, ``--max-upload-mb``).
+
+    Never exits: a bad argument becomes a message the page shows.
+    """
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--db", action="append", default=[])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB)
+    try:
+        ns, unknown = parser.parse_known_args(list(argv))
+    except (argparse.ArgumentError, ValueError) as exc:
+        return AppArgs(errors=(f"bad app arguments: {exc}",))
+    errors = tuple(f"unknown app argument {arg!r}" for arg in unknown)
+    return AppArgs(
+        dbs=tuple(Path(db).expanduser() for db in ns.db),
+        model=Path(ns.model).expanduser() if ns.model else None,
+        max_upload_mb=max(1, ns.max_upload_mb),
+        errors=errors,
+    )
+
+
+def db_labels(dbs: Sequence[Path]) -> dict[str, Path]:
+    """Short unique labels for the database picker: the folder name, made unique with its parent."""
+    labels: dict[str, Path] = {}
+    for db in dbs:
+        label = db.name or str(db)
+        if label in labels:
+            label = str(db)
+        labels[label] = db
+    return labels
+
+
+def describe_db_problem(db: Path) -> str | None:
+    """Why ``db`` cannot be a database, as a message for the page; None when it may be one."""
+    if not db.exists():
+        return (f"There is no database at `{db}`. Build one with "
+                f"`beit3 index images PHOTOS/ --db {db}`, then restart the app.")
+    if not db.is_dir():
+        return f"`{db}` is a file, not a database folder. Pass the folder `beit3 index` wrote."
+    if not any(db.iterdir()):
+        return (f"The database `{db}` is empty. Add images with "
+                f"`beit3 index images PHOTOS/ --db {db}`, then restart the app.")
+    return None
+
+
+def decode_upload(data: bytes, name: str, *, max_mb: int, max_pixels: int = MAX_UPLOAD_PIXELS,
+                  ) -> Image.Image:
+    """Turn uploaded bytes into an RGB image, or say in one sentence why not.
+
+    Checks the byte size and the pixel count (read from the header, before decoding) so a huge
+    image is refused without being decoded.
+
+    Raises:
+        InputDataError: the file is too big, not an image, or has too many pixels.
+    """
+    from beit3 import InputDataError, load_image
+
+    if len(data) > max_mb * 1024 * 1024:
+        raise InputDataError(f"{name} is {len(data) / 2**20:.1f} MB; the upload limit is "
+                             f"{max_mb} MB. Resize or compress it and try again.")
+    if not data:
+        raise InputDataError(f"{name} is an empty file, not an image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))  # lazy: reads the size, decodes nothing
+            width, height = header.size
+    except Image.DecompressionBombError:
+        raise InputDataError(f"{name} has too many pixels to be opened safely. "
+                             "Resize it and try again.") from None
+    except Exception:  # noqa: BLE001 - any failure to read a header means "not an image"
+        raise InputDataError(f"{name} is not an image we can read (PNG, JPEG, WebP, GIF, BMP "
+                             "or TIFF). Pick an image file and try again.") from None
+    if width * height > max_pixels:
+        raise InputDataError(
+            f"{name} is {width}\u00d7{height} pixels ({width * height / 1e6:.0f} MP); the limit is "
+            f"{max_pixels / 1e6:.0f} MP. Resize it and try again.")
+    try:
+        return load_image(data)
+    except InputDataError:
+        raise InputDataError(f"{name} looks like an image but cannot be decoded (corrupt or "
+                             "truncated). Try another file.") from None
+
+
+def content_key(data: bytes) -> str:
+    """A short stable key for uploaded bytes."""
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:16]
+
+
+def thumbnail(path: str | Path, size: int = THUMB_SIZE) -> Image.Image | None:
+    """A square thumbnail of an indexed image, padded (not cropped); None if it cannot be read.
+
+    The page shows these re-encoded thumbnails and never hands a file path to the browser.
+    """
+    from beit3 import InputDataError, load_image
+
+    try:
+        image = load_image(Path(path), draft_size=size)
+    except InputDataError:
+        return None
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC,
+                        color=THUMB_BACKGROUND)
+
+
+def hit_name(path: str | None, item_id: Any) -> str:
+    """The file name shown under a thumbnail (the id when the hit has no path)."""
+    return Path(path).name if path else str(item_id)
+
+
+def format_score(score: float) -> str:
+    return f"{score:.3f}"
+
+
+_MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$"
+
+
+def md_escape(text: str) -> str:
+    """Escape Markdown so indexed texts, file names and queries render as plain text.
+
+    Also stops a query like ``![](http://elsewhere)`` from making the browser fetch anything.
+    """
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text)
+
+
+_WORDS = re.compile(r"[A-Za-z]+")
+
+
+def examples_from_texts(texts: Iterable[str | None], limit: int = 3, max_chars: int = 40) -> list[str]:
+    """Example queries taken from indexed texts: short, distinct, in the order given."""
+    out: list[str] = []
+    for text in texts:
+        text = " ".join((text or "").split())
+        if 2 < len(text) <= max_chars and text.lower() not in (o.lower() for o in out):
+            out.append(text)
+        if len(out) == limit:
+            break
+    return out
+
+
+def examples_from_names(paths: Iterable[str | None], limit: int = 3) -> list[str]:
+    """Example queries made from file names: ``red_circle_0.png`` -> ``red circle``."""
+    out: list[str] = []
+    for path in paths:
+        if not path:
+            continue
+        words = [w.lower() for w in _WORDS.findall(Path(path).stem)
+                 if len(w) > 1 and w.lower() not in ("img", "image", "dsc", "photo", "jpg", "png")]
+        phrase = " ".join(words[:4])
+        if phrase and phrase not in out:
+            out.append(phrase)
+        if len(out) == limit:
+            break
+    return out

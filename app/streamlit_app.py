@@ -1,0 +1,462 @@
+"""The beit3-search page: describe an image or drop one, get images and texts back.
+
+Started by ``beit3 app --db DIR`` (``streamlit run`` on this file, arguments after ``--``). The page
+calls only :class:`indexer.Searcher`. It shows images as re-encoded thumbnails of files the index
+holds, never a path taken from the browser, and turns every failure into a message in the page.
+
+State (``st.session_state``): ``active`` is the query whose results are shown (a typed text, an
+uploaded image, or an indexed item that was clicked); ``pages`` counts the result pages loaded for
+that query; ``memo`` keeps the search results of this session so a rerun does not search again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+from PIL import Image
+
+from app._ui import (
+    MAX_UPLOAD_PIXELS,
+    UPLOAD_TYPES,
+    AppArgs,
+    content_key,
+    db_labels,
+    decode_upload,
+    describe_db_problem,
+    examples_from_names,
+    examples_from_texts,
+    format_score,
+    hit_name,
+    md_escape,
+    parse_app_args,
+    thumbnail,
+)
+from beit3 import Beit3Error
+
+logger = logging.getLogger("app.streamlit_app")
+
+PAGE_SIZES = (10, 20, 40, 80)
+TEXT_HITS_PER_PAGE = 6
+UPLOAD_WORKING_SIZE = 1024  # uploads are kept (and shown) at most this large
+NO_TEXT_TABLE = "(none)"
+
+# Tighter page margins; one-line file names under thumbnails (the button's tooltip has it whole).
+_STYLE = """<style>
+.block-container {padding-top: 2.2rem; padding-bottom: 2rem;}
+[data-testid=stSidebarHeader] {height: 1.5rem;}
+.st-key-image-grid strong {display: block; white-space: nowrap; overflow: hidden;
+                           text-overflow: ellipsis; font-size: 0.85rem;}
+.st-key-image-grid [data-testid=stMarkdownContainer] p {margin-bottom: 0;}
+</style>"""
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the results on screen answer: ``kind`` is "text", "upload" or "item"."""
+
+    kind: str
+    key: tuple[Any, ...]
+    label: str
+    text: str = ""
+    image: Image.Image | None = None
+    table: str = ""
+    item_id: Any = None
+
+
+# --- loading (once per process) -------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner="Loading the model and the index\u2026")
+def load_searcher(db: str, model: str | None) -> Any:
+    """Open the index and its model once per process, and do the lazy first-call work now."""
+    from indexer import Searcher
+
+    searcher = Searcher(db, model=model)
+    _warm_up(searcher)
+    return searcher
+
+
+def _warm_up(searcher: Any) -> None:
+    """Run one text and one image query per table so the first real query is not the slow one."""
+    probe = Image.new("RGB", (64, 64), (128, 128, 128))
+    for name, info in searcher.tables.items():
+        if not info.count:
+            continue
+        for query in ("warm up", probe):
+            try:
+                searcher.search(query, name, k=1)
+            except Exception:  # noqa: BLE001 - warming is best effort; a real query reports errors
+                logger.warning("warm-up query on table %s failed", name, exc_info=True)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _thumbnail_bytes(path: str, mtime_ns: int) -> bytes | None:
+    del mtime_ns  # part of the cache key only: a changed file gets a new thumbnail
+    image = thumbnail(path)
+    if image is None:
+        return None
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def indexed_thumbnail(path: str | None) -> bytes | None:
+    """Thumbnail of an image the index holds (``path`` comes from a Hit, never from the page)."""
+    if not path:
+        return None
+    try:
+        mtime_ns = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    return _thumbnail_bytes(path, mtime_ns)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def example_queries(db: str, image_table: str | None, text_table: str | None,
+                    _searcher: Any) -> list[str]:
+    """Two or three example queries drawn from what the index holds."""
+    try:
+        if text_table:
+            return examples_from_texts(h.text for h in _searcher.search("a photo", text_table, k=40))
+        if image_table:
+            return examples_from_names(h.path for h in _searcher.search("a photo", image_table, k=40))
+    except Exception:  # noqa: BLE001 - examples are a nicety; never let them break the page
+        logger.warning("could not pick example queries for %s", db, exc_info=True)
+    return []
+
+
+# --- state changes (widget callbacks run before the page is redrawn) --------------------------
+
+
+def _state() -> Any:
+    return st.session_state
+
+
+def _set_active(query: Query | None) -> None:
+    _state().active = query
+    _state().notice = None
+    _state().upload_error = None
+
+
+def _on_text_submit() -> None:
+    text = " ".join(str(_state().get("q", "")).split())
+    if not text:
+        _set_active(None)
+        _state().notice = "empty"
+        return
+    _set_active(Query("text", ("text", text), text, text=text))
+    _state().uploader_nonce = _state().get("uploader_nonce", 0) + 1  # clear a previous upload
+
+
+def _on_example(text: str) -> None:
+    _state().q = text
+    _on_text_submit()
+
+
+def _on_upload(widget_key: str, max_mb: int) -> None:
+    upload = _state().get(widget_key)
+    _state().upload_error = None
+    if upload is None:
+        if (_state().get("active") or Query("", (), "")).kind == "upload":
+            _set_active(None)
+        return
+    data = upload.getvalue()
+    try:
+        image = decode_upload(data, upload.name, max_mb=max_mb)
+    except Beit3Error as exc:
+        _state().upload_error = str(exc)
+        return
+    key = ("upload", content_key(data))
+    image.thumbnail((UPLOAD_WORKING_SIZE, UPLOAD_WORKING_SIZE))  # the model sees <= 384 px anyway
+    _set_active(Query("upload", key, upload.name, image=image))
+    _state().q = ""
+
+
+def _on_item(table: str, item_id: Any, label: str) -> None:
+    _set_active(Query("item", ("item", table, item_id), label, table=table, item_id=item_id))
+    _state().q = ""
+
+
+def _on_clear() -> None:
+    _set_active(None)
+    _state().q = ""
+    _state().uploader_nonce = _state().get("uploader_nonce", 0) + 1
+
+
+def _on_more(section: str) -> None:
+    _state().pages[section] = _state().pages.get(section, 1) + 1
+
+
+# --- searching -------------------------------------------------------------------------------
+
+
+def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offset: int) -> list:
+    """One page of hits for ``query`` from ``table``, remembered for this session."""
+    memo: dict = _state().setdefault("memo", {})
+    key = (db, table, query.key, k, offset)
+    if key not in memo:
+        if len(memo) > 256:
+            memo.clear()
+        if query.kind == "item":
+            memo[key] = searcher.search_similar(query.table, query.item_id, table, k=k,
+                                                offset=offset)
+        else:
+            source = query.text if query.kind == "text" else query.image
+            memo[key] = searcher.search(source, table, k=k, offset=offset)
+    return memo[key]
+
+
+def collect_hits(searcher: Any, db: str, query: Query, table: str, k: int, pages: int,
+                 ) -> tuple[list, bool]:
+    """Hits of the first ``pages`` pages (the clicked item itself left out); and whether more exist."""
+    hits: list = []
+    total = searcher.tables[table].count
+    more = True
+    for page in range(pages):
+        batch = _search_page(searcher, db, query, table, k, page * k)
+        hits.extend(batch)
+        if len(batch) < k or (page + 1) * k >= total:
+            more = False
+            break
+    if query.kind == "item" and query.table == table:
+        hits = [h for h in hits if h.id != query.item_id]
+    return hits, more
+
+
+def _run_safely(what: str, fn: Any, *args: Any) -> Any:
+    """Call ``fn``; on failure show one friendly line (never a traceback) and return None."""
+    try:
+        return fn(*args)
+    except Beit3Error as exc:
+        st.error(f"{what}: {md_escape(str(exc))}")
+    except Exception as exc:  # noqa: BLE001 - the page shows a message; the log has the traceback
+        logger.exception("%s failed", what)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        st.error(f"{what} failed ({type(exc).__name__}{': ' + md_escape(first) if first else ''}). "
+                 "The server log has the details.")
+    return None
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _code(value: object) -> str:
+    """Text for inside a Markdown code span (where backslash escapes would show)."""
+    return str(value).replace("`", "'")
+
+
+def draw_sidebar(args: AppArgs) -> tuple[Path | None, str]:
+    with st.sidebar:
+        st.markdown("## \U0001f50e beit3-search")
+        labels = db_labels(args.dbs)
+        if not labels:
+            return None, ""
+        if len(labels) > 1:
+            label = st.selectbox("Database", list(labels), key="db")
+        else:
+            label = next(iter(labels))
+            st.markdown(f"**Database** \u00b7 `{_code(label)}`")
+        return labels[label], label
+
+
+def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, int]:
+    """Table pickers, page size, model and index size in the sidebar."""
+    images = [n for n, t in searcher.tables.items() if t.modality == "image"]
+    texts = [n for n, t in searcher.tables.items() if t.modality == "text"]
+    with st.sidebar:
+        image_table = (st.selectbox("Image table", images, key="image_table")
+                       if len(images) > 1 else (images[0] if images else None))
+        text_table = None
+        if len(texts) > 1:
+            choice = st.selectbox("Text table", [*texts, NO_TEXT_TABLE], key="text_table")
+            text_table = None if choice == NO_TEXT_TABLE else choice
+        elif texts:
+            text_table = texts[0]
+        k = st.select_slider("Results per page", PAGE_SIZES, value=PAGE_SIZES[0], key="k")
+        st.divider()
+        st.markdown("**Index**")
+        for name, info in searcher.tables.items():
+            unit = "images" if info.modality == "image" else "texts"
+            st.markdown(f"`{_code(name)}` \u00b7 {info.count:,} {unit}")
+        first = next(iter(searcher.tables.values()), None)
+        if first is not None:
+            st.caption(f"{first.backend} \u00b7 {first.dim}-d vectors \u00b7 `{_code(db)}`")
+        st.markdown("**Model**")
+        st.markdown(f"`{_code(searcher.model_id)}`")
+        checkpoint = getattr(searcher.checkpoint, "path", searcher.checkpoint)
+        st.caption(f"checkpoint `{_code(checkpoint)}`")
+    return image_table, text_table, int(k)
+
+
+def draw_inputs(args: AppArgs, examples: list[str]) -> None:
+    left, right = st.columns([3, 2], gap="large")
+    with left, st.container(horizontal=True, vertical_alignment="bottom", key="query-row"):
+        st.text_input("Describe an image", key="q", on_change=_on_text_submit,
+                      placeholder=f"e.g. {examples[0]}" if examples else "e.g. a dog on a beach",
+                      max_chars=300)
+        st.button("Search", type="primary", key="search", on_click=_on_text_submit)
+    if examples:
+        with left, st.container(horizontal=True, vertical_alignment="center", key="examples"):
+            st.caption("Try:", width="content")
+            for i, text in enumerate(examples):
+                st.button(text, key=f"example-{i}", type="tertiary", on_click=_on_example,
+                          args=(text,))
+    with right:
+        widget_key = f"upload-{_state().get('uploader_nonce', 0)}"
+        st.file_uploader(
+            "\u2026or search with an image", type=list(UPLOAD_TYPES), key=widget_key,
+            max_upload_size=args.max_upload_mb, on_change=_on_upload,
+            args=(widget_key, args.max_upload_mb),
+            help=f"Up to {args.max_upload_mb} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
+        if _state().get("upload_error"):
+            st.warning(_state().upload_error, icon=":material/broken_image:")
+    if _state().get("notice") == "empty":
+        hint = f" such as \u201c{examples[0]}\u201d" if examples else ""
+        st.info(f"Type a few words to search{hint}, or drop an image.", icon=":material/edit:")
+
+
+def draw_query_banner(searcher: Any, query: Query) -> None:
+    with st.container(horizontal=True, vertical_alignment="center", key="query-banner"):
+        if query.kind == "text":
+            st.markdown(f"Results for **\u201c{md_escape(query.text)}\u201d**")
+        elif query.kind == "upload":
+            st.image(query.image, width=56)  # at most 1024 px: kept small by _on_upload
+            st.markdown(f"Images and texts like **{md_escape(query.label)}** (your upload)")
+        else:
+            hit = searcher.get(query.table, query.item_id)
+            thumb = indexed_thumbnail(hit.path) if hit is not None else None
+            if thumb is not None:
+                st.image(thumb, width=56)
+            st.markdown(f"More like **{md_escape(query.label)}**")
+        st.button("Clear", key="clear", type="tertiary", icon=":material/close:",
+                  on_click=_on_clear)
+
+
+def draw_image_hits(searcher: Any, db: str, query: Query, table: str, k: int,
+                    can_search_texts: bool) -> None:
+    found = _run_safely("Image search", collect_hits, searcher, db, query, table, k,
+                        _state().pages.get("images", 1))
+    if found is None:
+        return
+    hits, more = found
+    st.markdown(f"#### Images \u00b7 {len(hits)}")
+    if not hits:
+        st.info("No images match. Try other words, or another table in the sidebar.")
+        return
+    grid = st.grid("auto", min_column_width=140, gap="small", border=True, key="image-grid")
+    for hit in hits:
+        name = hit_name(hit.path, hit.id)
+        with grid.cell():
+            thumb = indexed_thumbnail(hit.path)
+            if thumb is None:
+                st.markdown(":material/hide_image: *file missing*")
+            else:
+                st.image(thumb, width="stretch")
+            st.markdown(f"**{md_escape(name)}**")
+            st.caption(f"score {format_score(hit.score)} \u00b7 #{hit.rank}")
+            st.button("Similar", key=f"similar-{table}-{hit.id}", icon=":material/image_search:",
+                      width="stretch", on_click=_on_item, args=(table, hit.id, name),
+                      help=f"Search with {name}" + (" (images and texts)"
+                                                   if can_search_texts else ""))
+    if more:
+        st.button("More results", key="more-images", icon=":material/expand_more:",
+                  on_click=_on_more, args=("images",))
+
+
+def draw_text_hits(searcher: Any, db: str, query: Query, table: str, image_table: str | None,
+                   ) -> None:
+    found = _run_safely("Text search", collect_hits, searcher, db, query, table,
+                        TEXT_HITS_PER_PAGE, _state().pages.get("texts", 1))
+    if found is None:
+        return
+    hits, more = found
+    st.markdown(f"#### Texts \u00b7 {len(hits)}")
+    if not hits:
+        st.info("No texts match.")
+        return
+    with st.container(border=True, key="text-hits"):
+        for hit in hits:
+            with st.container(horizontal=True, vertical_alignment="center", wrap=False,
+                              key=f"text-hit-{hit.rank}"):
+                st.markdown(f"`{format_score(hit.score)}`", width="content")
+                st.markdown(md_escape(hit.text or str(hit.id)), width="stretch")
+                if image_table:
+                    label = (hit.text or str(hit.id))[:60]
+                    st.button(":material/image_search:", key=f"find-{table}-{hit.id}",
+                              type="tertiary", help="Find images that match this text",
+                              on_click=_on_item, args=(table, hit.id, label))
+    if more:
+        st.button("More texts", key="more-texts", icon=":material/expand_more:",
+                  on_click=_on_more, args=("texts",))
+
+
+def draw_welcome(searcher: Any, examples: list[str]) -> None:
+    sizes = [f"{t.count:,} {'images' if t.modality == 'image' else 'texts'}"
+             for t in searcher.tables.values()]
+    tip = f" For example: \u201c{examples[0]}\u201d." if examples else ""
+    st.info(f"The index holds {' and '.join(sizes)}. Describe what you are looking for, or drop "
+            f"an image to find similar ones and the texts that describe it.{tip}",
+            icon=":material/travel_explore:")
+
+
+def main() -> None:
+    st.set_page_config(page_title="beit3-search", page_icon="\U0001f50e", layout="wide")
+    st.html(_STYLE)
+    args = parse_app_args(sys.argv[1:])
+    db, db_label = draw_sidebar(args)
+    st.markdown("### Search images by description, or by example")
+    for message in args.errors:
+        st.warning(message)
+    if db is None:
+        st.error("No database given. Start the app with `beit3 app --db DIR`, where DIR is a "
+                 "folder written by `beit3 index`.")
+        return
+    problem = describe_db_problem(db)
+    if problem:
+        st.error(problem, icon=":material/database:")
+        return
+    model = str(args.model) if args.model else None
+    searcher = _run_safely(f"Opening `{db}`", load_searcher, str(db.resolve()), model)
+    if searcher is None:
+        return
+    if not any(t.count for t in searcher.tables.values()):
+        st.info(f"The database `{db}` has no items yet. Add some with "
+                f"`beit3 index images PHOTOS/ --db {db}`.", icon=":material/database:")
+        return
+    image_table, text_table, k = draw_index_panel(searcher, db)
+    examples = example_queries(str(db.resolve()), image_table, text_table, searcher)
+    draw_inputs(args, examples)
+
+    query: Query | None = _state().get("active")
+    if _state().get("active_db") != db_label:
+        _state().active_db = db_label
+        if query is not None and query.kind == "item":  # its id belongs to the other database
+            query = _state().active = None
+    if query is None:
+        draw_welcome(searcher, examples)
+        return
+    signature = (db_label, image_table, text_table, k, query.key)
+    if _state().get("pages", {}).get("signature") != signature:
+        _state().pages = {"signature": signature}  # a new query starts from the first page
+    draw_query_banner(searcher, query)
+    if text_table and image_table:
+        images, texts = st.columns([3, 1], gap="medium")
+    else:
+        images = texts = st.container()
+    if image_table:
+        with images:
+            draw_image_hits(searcher, str(db), query, image_table, k, bool(text_table))
+    if text_table:
+        with texts:
+            draw_text_hits(searcher, str(db), query, text_table, image_table)
+
+
+main()

@@ -1,0 +1,66 @@
+"""End to end: `beit3 app` on 127.0.0.1, driven by Debian's Chromium through Playwright.
+
+Set ``BEIT3_SCREENSHOTS=DIR`` to keep the screenshots (search.png, similar.png) in DIR; they are
+always written under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from app.screenshot import (
+    GALLERY,
+    browser_page,
+    chromium_path,
+    click_similar,
+    open_app,
+    search_text,
+    serve,
+)
+
+pytestmark = pytest.mark.slow
+
+QUERY = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = chromium_path()
+    if path is None:
+        pytest.skip("chromium is not installed: `apt-get install -y chromium` or `make system-deps`")
+    pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install -e '.[test]'")
+    return path
+
+
+def _cards(hits) -> list[tuple[str, str]]:
+    return [(Path(h.path).name, f"score {h.score:.3f} \u00b7 #{h.rank}") for h in hits]
+
+
+def test_query_in_chromium_shows_result_images(chromium, app_db, app_searcher, tmp_path):
+    shots = Path(os.environ.get("BEIT3_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "server.log"
+    with serve([app_db], log=log) as url, browser_page() as page:
+        open_app(page, url)  # loads twice: the first, cold load is not what is measured
+
+        got = search_text(page, QUERY)
+        assert got == _cards(app_searcher.search(QUERY, "images", k=10))
+        images = page.locator(f"{GALLERY} img").evaluate_all(
+            "els => els.map(e => [e.currentSrc, e.naturalWidth])")
+        assert len(images) == 10 and all(width > 0 for _, width in images)
+        # Thumbnails come from Streamlit's media store, never from a file path of the index.
+        assert {urlparse(src).path.split("/")[1] for src, _ in images} == {"media"}
+        assert not any(str(app_db.parent) in src for src, _ in images)
+        page.screenshot(path=str(shots / "search.png"))
+
+        first = app_searcher.search(QUERY, "images", k=1)[0]
+        similar = click_similar(page, 0)
+        want = [h for h in app_searcher.search_similar("images", first.id, "images", k=10)
+                if h.id != first.id]
+        assert similar == _cards(want)
+        page.screenshot(path=str(shots / "similar.png"))
+    assert "Traceback" not in log.read_text()

@@ -1,0 +1,307 @@
+"""The search page's logic, driven by Streamlit's AppTest (no browser), on a real tiny index.
+
+Each test compares what the page shows (names, order, scores) with what the Searcher returns
+for the same query, so a wrong table, page or ordering fails here.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+from typer.testing import CliRunner
+
+from app._ui import (
+    decode_upload,
+    examples_from_names,
+    examples_from_texts,
+    md_escape,
+    parse_app_args,
+)
+from app.cli import cli
+from app.cli_app import APP_FILE
+
+QUERY = "a red circle"
+PAGE = 10  # the page's default number of image results per page
+TEXT_PAGE = 6
+
+
+def open_page(monkeypatch: pytest.MonkeyPatch, *args: str) -> AppTest:
+    """Run the page as `beit3 app` would start it, with ``args`` after ``--``."""
+    monkeypatch.setattr(sys, "argv", [str(APP_FILE), *args])
+    return AppTest.from_file(str(APP_FILE), default_timeout=60).run()
+
+
+def _block(at: AppTest, key: str):
+    try:
+        return at.get_by_key(key)
+    except KeyError:
+        return None
+
+
+def cards(at: AppTest) -> list[tuple[str, str]]:
+    """(name markdown, caption) of each image card, in page order."""
+    grid = _block(at, "image-grid")
+    if grid is None:
+        return []
+    return list(zip([m.value for m in grid.markdown], [c.value for c in grid.caption], strict=True))
+
+
+def expected_cards(hits) -> list[tuple[str, str]]:
+    return [(f"**{md_escape(Path(h.path).name)}**", f"score {h.score:.3f} \u00b7 #{h.rank}")
+            for h in hits]
+
+
+def text_rows(at: AppTest) -> list[tuple[str, str]]:
+    """(score, text) of each text hit, in page order."""
+    block = _block(at, "text-hits")
+    if block is None:
+        return []
+    values = [m.value for m in block.markdown]
+    return list(zip(values[::2], values[1::2], strict=True))
+
+
+def no_traceback(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.fixture
+def page(monkeypatch: pytest.MonkeyPatch, app_db: Path) -> AppTest:
+    at = open_page(monkeypatch, "--db", str(app_db))
+    no_traceback(at)
+    return at
+
+
+def search(at: AppTest, text: str) -> AppTest:
+    at.text_input(key="q").input(text).run()
+    no_traceback(at)
+    return at
+
+
+def test_text_query_shows_image_hits_in_searcher_order(page, app_searcher):
+    search(page, QUERY)
+    assert page.markdown[1].value == f"Results for **\u201c{QUERY}\u201d**"
+    want = app_searcher.search(QUERY, "images", k=PAGE)
+    assert cards(page) == expected_cards(want)
+    assert len(_block(page, "image-grid").image) == PAGE  # every card has its thumbnail
+
+
+def test_text_query_also_lists_matching_texts(page, app_searcher):
+    search(page, QUERY)
+    want = app_searcher.search(QUERY, "texts", k=TEXT_PAGE)
+    rows = [(f"`{h.score:.3f}`", md_escape(h.text)) for h in want]
+    assert text_rows(page) == rows
+
+
+def test_more_results_loads_the_next_page_until_the_index_ends(page, app_searcher):
+    search(page, QUERY)
+    page.button(key="more-images").click().run()
+    want = app_searcher.search(QUERY, "images", k=PAGE) + app_searcher.search(
+        QUERY, "images", k=PAGE, offset=PAGE)
+    assert cards(page) == expected_cards(want)
+    page.button(key="more-images").click().run()
+    page.button(key="more-images").click().run()  # 40 asked for, 32 in the index
+    assert len(cards(page)) == 32
+    assert [c[1].split("#")[1] for c in cards(page)] == [str(i) for i in range(1, 33)]
+    assert not [b for b in page.button if b.key == "more-images"]
+
+
+def test_page_size_from_the_sidebar(page, app_searcher):
+    page.select_slider(key="k").set_value(20).run()
+    search(page, QUERY)
+    assert cards(page) == expected_cards(app_searcher.search(QUERY, "images", k=20))
+
+
+def test_empty_query_asks_for_words(page):
+    page.text_input(key="q").input("   ").run()
+    page.button(key="search").click().run()
+    no_traceback(page)
+    assert any("Type a few words to search" in i.value for i in page.info)
+    assert not page.grid
+
+
+def test_example_button_runs_its_query(page, app_searcher):
+    example = page.button(key="example-0").label
+    page.button(key="example-0").click().run()
+    assert page.text_input(key="q").value == example
+    assert cards(page) == expected_cards(app_searcher.search(example, "images", k=PAGE))
+
+
+def test_examples_come_from_the_indexed_texts(page):
+    labels = [b.label for b in page.button if (b.key or "").startswith("example-")]
+    captions = {f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange",
+                                      "black", "cyan") for s in ("circle", "square", "triangle",
+                                                                 "cross")}
+    assert 2 <= len(labels) <= 3 and set(labels) <= captions
+
+
+def test_similar_searches_with_the_clicked_image(page, app_searcher):
+    search(page, QUERY)
+    first = app_searcher.search(QUERY, "images", k=1)[0]
+    page.button(key=f"similar-images-{first.id}").click().run()
+    no_traceback(page)
+    name = Path(first.path).name
+    assert any(f"More like **{md_escape(name)}**" == m.value for m in page.markdown)
+    want = [h for h in app_searcher.search_similar("images", first.id, "images", k=PAGE)
+            if h.id != first.id]
+    assert cards(page) == expected_cards(want)
+    assert page.text_input(key="q").value == ""
+    texts = app_searcher.search_similar("images", first.id, "texts", k=TEXT_PAGE)
+    assert [r[1] for r in text_rows(page)] == [md_escape(h.text) for h in texts]
+
+
+def test_text_hit_searches_images_with_its_vector(page, app_searcher):
+    search(page, QUERY)
+    top_text = app_searcher.search(QUERY, "texts", k=1)[0]
+    page.button(key=f"find-texts-{top_text.id}").click().run()
+    no_traceback(page)
+    want = app_searcher.search_similar("texts", top_text.id, "images", k=PAGE)
+    assert cards(page) == expected_cards(want)
+
+
+def test_clear_returns_to_the_welcome(page):
+    search(page, QUERY)
+    page.button(key="clear").click().run()
+    assert not page.grid
+    assert any("The index holds 32 images and 32 texts" in i.value for i in page.info)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uploaded_image_finds_similar_images_and_texts(page, app_searcher, app_db):
+    path = app_db.parent / "images" / "red_circle_0.png"
+    page.file_uploader[0].set_value(("mine.png", path.read_bytes(), "image/png")).run()
+    no_traceback(page)
+    assert any(m.value == "Images and texts like **mine\\.png** (your upload)"
+               for m in page.markdown)
+    assert cards(page) == expected_cards(app_searcher.search(path, "images", k=PAGE))
+    texts = app_searcher.search(path, "texts", k=TEXT_PAGE)
+    assert [r[1] for r in text_rows(page)] == [md_escape(h.text) for h in texts]
+
+
+def test_upload_that_is_not_an_image_gets_a_message(page):
+    page.file_uploader[0].set_value(("notes.png", b"these are my notes", "image/png")).run()
+    no_traceback(page)
+    assert [w.value for w in page.warning] == [
+        "notes.png is not an image we can read (PNG, JPEG, WebP, GIF, BMP or TIFF). "
+        "Pick an image file and try again."]
+    assert not page.grid
+
+
+def test_upload_with_too_many_pixels_gets_a_message(page):
+    huge = _png(Image.new("1", (9000, 5000)))  # 45 MP, but a few kB as a PNG
+    page.file_uploader[0].set_value(("poster.png", huge, "image/png")).run()
+    no_traceback(page)
+    assert [w.value for w in page.warning] == [
+        "poster.png is 9000\u00d75000 pixels (45 MP); the limit is 40 MP. "
+        "Resize it and try again."]
+
+
+def test_upload_over_the_size_limit_gets_a_message(monkeypatch, app_db):
+    at = open_page(monkeypatch, "--db", str(app_db), "--max-upload-mb", "1")
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    data = _png(Image.fromarray(noise))  # noise does not compress: about 1.5 MB
+    assert len(data) > 2**20
+    at.file_uploader[0].set_value(("big.png", data, "image/png")).run()
+    no_traceback(at)
+    assert len(at.warning) == 1
+    assert at.warning[0].value.startswith("big.png is 1.")
+    assert "the upload limit is 1 MB" in at.warning[0].value
+
+
+def test_missing_database_is_explained(monkeypatch, tmp_path):
+    at = open_page(monkeypatch, "--db", str(tmp_path / "nope"))
+    no_traceback(at)
+    assert at.error[0].value.startswith(f"There is no database at `{tmp_path / 'nope'}`")
+    assert not at.text_input
+
+
+def test_empty_database_is_explained(monkeypatch, tmp_path):
+    at = open_page(monkeypatch, "--db", str(tmp_path))
+    no_traceback(at)
+    assert at.error[0].value.startswith(f"The database `{tmp_path}` is empty")
+
+
+def test_folder_that_is_not_an_index_is_one_message(monkeypatch, tmp_path):
+    (tmp_path / "holiday.jpg").write_bytes(b"not an index")
+    at = open_page(monkeypatch, "--db", str(tmp_path))
+    no_traceback(at)
+    assert len(at.error) == 1 and at.error[0].value.startswith(f"Opening `{tmp_path.resolve()}`")
+
+
+def test_no_database_argument_says_how_to_start(monkeypatch):
+    at = open_page(monkeypatch)
+    no_traceback(at)
+    assert "beit3 app --db DIR" in at.error[0].value
+
+
+def test_sidebar_shows_model_and_index_size(page, app_searcher):
+    sidebar = [m.value for m in page.sidebar.markdown]
+    assert f"`{app_searcher.model_id}`" in sidebar
+    assert "`images` \u00b7 32 images" in sidebar and "`texts` \u00b7 32 texts" in sidebar
+
+
+def test_query_is_shown_as_text_not_markdown(page):
+    search(page, "![x](http://example.com/a.png)")
+    banner = page.markdown[1].value
+    assert banner == "Results for **\u201c\\!\\[x\\]\\(http://example\\.com/a\\.png\\)\u201d**"
+
+
+# --- helpers without a page ---------------------------------------------------------------
+
+
+def test_decode_upload_accepts_an_image_and_refuses_empty_bytes():
+    image = decode_upload(_png(Image.new("RGBA", (20, 10), (255, 0, 0, 0))), "a.png", max_mb=1)
+    assert image.mode == "RGB" and image.size == (20, 10)
+    with pytest.raises(ValueError, match="empty file"):
+        decode_upload(b"", "e.png", max_mb=1)
+
+
+def test_examples_from_names_and_texts():
+    assert examples_from_names(["/x/red_circle_0.png", "/x/IMG_0042.jpg", "/y/red_circle_1.png",
+                                None, "/x/Blue-Sky.webp"]) == ["red circle", "blue sky"]
+    assert examples_from_texts(["a dog", "A dog", "x", "a very long caption " * 5, "a cat"],
+                               limit=3) == ["a dog", "a cat"]
+
+
+def test_parse_app_args_reports_unknown_arguments():
+    args = parse_app_args(["--db", "a", "--db", "b", "--colour", "red"])
+    assert [str(d) for d in args.dbs] == ["a", "b"]
+    assert args.errors == ("unknown app argument '--colour'", "unknown app argument 'red'")
+
+
+# --- the `beit3 app` command --------------------------------------------------------------
+
+
+def test_app_command_serves_the_packaged_page_headless(monkeypatch, app_db, tiny_checkpoint):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    result = CliRunner().invoke(cli, ["app", "--db", str(app_db), "--port", "8765",
+                                      "--model", str(tiny_checkpoint), "--max-upload-mb", "5"])
+    assert result.exit_code == 0, result.output
+    (cmd,) = calls
+    assert cmd[1:5] == ["-m", "streamlit", "run", str(APP_FILE)]
+    flags = dict(zip(cmd[5:cmd.index("--"):2], cmd[6:cmd.index("--"):2], strict=True))
+    assert flags["--server.headless"] == "true"
+    assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == "8765"
+    assert flags["--server.maxUploadSize"] == "5"
+    assert flags["--browser.gatherUsageStats"] == "false"
+    assert cmd[cmd.index("--") + 1:] == ["--db", str(app_db), "--model", str(tiny_checkpoint),
+                                         "--max-upload-mb", "5"]
+    assert "http://127.0.0.1:8765" in result.output
+
+
+def test_app_command_rejects_a_missing_database(tmp_path):
+    result = CliRunner().invoke(cli, ["app", "--db", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
