@@ -14,11 +14,14 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,52 +57,38 @@ def _time(fn, device: str, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def _cpu_peak(fn) -> float:
-    """Extra resident memory of one forward, measured in a forked child (CPU has no allocator
-    statistics; ru_maxrss is per process, so each measurement gets a fresh process)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read)
-        before = _rss_mb()
-        fn()
-        os.write(write, f"{_peak_rss_mb() - before:.1f}".encode())
-        os._exit(0)
-    os.close(write)
-    value = float(os.read(read, 64).decode() or "nan")
-    os.waitpid(pid, 0)
-    return value
+def _cpu_peak(impl: str, mode: str, args: argparse.Namespace, weights: Path) -> float:
+    """Extra resident memory (MiB) of one forward on CPU, measured in a fresh process: CPU
+    tensors have no allocator statistics and ru_maxrss is per process (and fork() after OpenMP
+    has started deadlocks), so each (implementation, mode) gets its own interpreter."""
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
+           "--text-len", str(args.text_len), "--threads", str(args.threads),
+           "--child", f"{impl}:{mode}:{weights}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="beit3-base")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--text-len", type=int, default=64)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else None
-
-    torch.manual_seed(0)
+def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
+           compile_ours: bool = False):
     cfg = create_config(args.preset)
     with torch.device("meta"):
         ours = Beit3ForRetrieval(cfg)
-    ours = ours.to_empty(device="cpu")
-    ours.beit3.init_weights()
-    ours.init_heads()
-    ref = build_reference(cfg, ours.state_dict())
+    if weights is None:
+        torch.manual_seed(0)
+        ours = ours.to_empty(device="cpu")
+        ours.beit3.init_weights()
+        ours.init_heads()
+        state = ours.state_dict()
+    else:
+        state = load_file(str(weights))
+        ours.load_state_dict(state, assign=True)
+    ref = build_reference(cfg, state)
     ours, ref = ours.to(device).eval(), ref.to(device).eval()
-
     b, length = args.batch, args.text_len
-    images = torch.randn(b, 3, cfg.img_size, cfg.img_size, device=device)
-    ids = torch.randint(4, 60000, (b, length), device=device)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
+    ids = torch.randint(4, 60000, (b, length), generator=gen).to(device)
     pad = torch.zeros(b, length, dtype=torch.bool, device=device)
-
     modes = {
         "image": (lambda: ours.beit3(images=images).hidden_states,
                   lambda: ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"]),
@@ -110,32 +99,80 @@ def main() -> None:
             lambda: ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states,
             lambda: ref.beit3(textual_tokens=ids, visual_tokens=images,
                               text_padding_position=pad)["encoder_out"]),
+        # The retrieval surface: L2-normalised embeddings (ours computes only the pooled token
+        # in the last layer; the official code computes every token and then takes token 0).
+        "encode_image": (lambda: ours.encode_image(images), lambda: ref.encode_image(images)),
+        "encode_text": (lambda: ours.encode_text(ids, pad), lambda: ref.encode_text(ids, pad)),
     }
-    precision = "bf16 autocast" if dtype else "fp32"
+    if compile_ours:
+        compiled = torch.compile(ours, mode="reduce-overhead" if device == "cuda" else "default")
+        modes = {
+            "image": (lambda: compiled.beit3(images=images).hidden_states, modes["image"][1]),
+            "encode_image": (lambda: compiled.encode_image(images), modes["encode_image"][1]),
+        }
+    return cfg, ours, modes
+
+
+def _wrap(fn, device: str, dtype: torch.dtype | None):
+    def call():
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            return fn()
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="beit3-base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--text-len", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile ours (CUDA graphs on GPU); image modes only")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else None
+
+    if args.child:
+        impl, mode, weights = args.child.split(":", 2)
+        _, _, modes = _build(args, "cpu", Path(weights))
+        fn = _wrap(modes[mode][0 if impl == "ours" else 1], "cpu", None)
+        before = _rss_mb()
+        fn()
+        print(f"{_peak_rss_mb() - before:.1f}")
+        return
+
+    cfg, ours, modes = _build(args, device, compile_ours=args.compile)
+    b, length = args.batch, args.text_len
+    weights = None
+    if device == "cpu":
+        weights = Path(tempfile.mkdtemp()) / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(weights))
+    precision = ("bf16 autocast" if dtype else "fp32") + (", ours compiled" if args.compile else "")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# {args.preset}, batch {b}, image {cfg.img_size} + {length} text tokens, {precision}, "
           f"{name}, torch {torch.__version__}")
-    print(f"{'mode':11s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
+    print(f"{'mode':13s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
           f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s}")
     total_ours = total_ref = 0.0
     for mode, (f_ours, f_ref) in modes.items():
-        def run(fn):
-            def call():
-                with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32,
-                                                            enabled=dtype is not None):
-                    return fn()
-            return call
-
-        t_ours, m_ours = _time(run(f_ours), device, args.repeats)
-        t_ref, m_ref = _time(run(f_ref), device, args.repeats)
-        if device == "cpu":
-            m_ours, m_ref = _cpu_peak(run(f_ours)), _cpu_peak(run(f_ref))
-        diff = (run(f_ours)().float() - run(f_ref)().float()).abs().max().item()
+        run_ours, run_ref = _wrap(f_ours, device, dtype), _wrap(f_ref, device, dtype)
+        t_ours, m_ours = _time(run_ours, device, args.repeats)
+        t_ref, m_ref = _time(run_ref, device, args.repeats)
+        if weights is not None:
+            m_ours = _cpu_peak("ours", mode, args, weights)
+            m_ref = _cpu_peak("ref", mode, args, weights)
+        diff = (run_ours().float() - run_ref().float()).abs().max().item()
         total_ours += t_ours
         total_ref += t_ref
-        print(f"{mode:11s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
+        print(f"{mode:13s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
               f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e}")
-    print(f"{'all':11s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} "
+    print(f"{'all':13s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} "
           f"{total_ref / total_ours:7.2f}x")
 
 
