@@ -10,11 +10,15 @@ from torch import nn
 from beit3.config import Beit3Config, create_config
 from beit3.errors import ConfigError
 from beit3.heads import Beit3ForRetrieval
+from beit3.pretrain.model import Beit3ForPretraining
 
 __all__ = ["architecture_of", "create_model", "get_architecture", "list_architectures",
            "register_architecture"]
 
-_ARCHITECTURES: dict[str, Callable[[Beit3Config], nn.Module]] = {"retrieval": Beit3ForRetrieval}
+_ARCHITECTURES: dict[str, Callable[[Beit3Config], nn.Module]] = {
+    "retrieval": Beit3ForRetrieval,
+    "pretraining": Beit3ForPretraining,  # backbone + mlm_head + mim_head (beit3/pretrain)
+}
 
 
 def register_architecture(name: str, factory: Callable[[Beit3Config], nn.Module]) -> None:

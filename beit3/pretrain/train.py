@@ -1,0 +1,371 @@
+"""The pretraining loop: masked data modeling on texts, images and pairs, under torchrun.
+
+Run it on one process (``pretrain(config)``) or many (``torchrun --nproc_per_node 8 -m
+app.cli pretrain ...``): DDP by default, FSDP2 for large and giant. Each step draws one batch of
+every active kind, runs them in one forward (bf16 autocast on CUDA), computes the one loss of
+:mod:`beit3.pretrain.loss`, and takes an AdamW step with warmup + cosine learning rate and
+gradient clipping. The loop reads no device value except at log steps, so the GPU is never
+waiting for the host. Checkpoints every ``save_every`` steps and at the end hold the model,
+optimizer, step, RNG and the position of every data stream (``resume="latest"`` continues).
+The final backbone is written to ``output_dir/final`` as a checkpoint directory that
+fine-tuning loads with ``load_checkpoint(dir, architecture="retrieval")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from beit3.checkpoint import load_state_dict_checked, read_checkpoint_config, save_checkpoint
+from beit3.config import Beit3Config, create_config
+from beit3.errors import CheckpointError, ConfigError
+from beit3.pretrain import distributed as pdist
+from beit3.pretrain.config import PretrainConfig
+from beit3.pretrain.data import MaskedBatch, build_streams
+from beit3.pretrain.loss import PARTS, MaskedModelingLoss, MaskedStats, masked_cross_entropy
+from beit3.pretrain.model import DEFAULT_CODEBOOK_SIZE, Beit3ForPretraining
+from beit3.runtime import (
+    RunLogger,
+    cosine_lr,
+    find_latest,
+    init_distributed,
+    load_train_state,
+    param_groups,
+    save_train_state,
+    set_lr,
+    write_run_config,
+)
+from beit3.tokenizer import TextTokenizer
+from beit3.transforms import PreprocessConfig
+from beit3.vqkd import VQKD, load_vqkd
+
+__all__ = ["PretrainResult", "load_pretrained", "pretrain"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PretrainResult:
+    """checkpoint: the final checkpoint directory; metrics: the last logged metrics."""
+
+    output_dir: Path
+    checkpoint: Path
+    model_id: str
+    steps: int
+    metrics: dict[str, float]
+
+
+def _resolve_tokenizer(config: PretrainConfig) -> Path:
+    if config.tokenizer:
+        return Path(config.tokenizer)
+    if config.init_from and (Path(config.init_from) / "tokenizer").is_dir():
+        return Path(config.init_from) / "tokenizer"
+    raise ConfigError("pretraining needs a text tokenizer: pass tokenizer (--tokenizer, a "
+                      "sentencepiece model; 'beit3 tokenizer train-text' makes one) or init_from")
+
+
+def _needs_images(config: PretrainConfig) -> bool:
+    return bool((config.pair_data and config.pair_batch_size)
+                or (config.image_data and config.image_batch_size))
+
+
+def _model_config(config: PretrainConfig) -> Beit3Config:
+    overrides = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint,
+                 **config.model_overrides}
+    return create_config(config.preset, **overrides)
+
+
+def _load_init(model: Beit3ForPretraining, path: Path) -> None:
+    """Start from a checkpoint directory: the backbone strictly, heads when they fit."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_config(path)
+    own = model.state_dict()
+    state = load_file(str(path / "model.safetensors"))
+    keep = {k: v for k, v in state.items()
+            if k.startswith("beit3.") or (k in own and own[k].shape == v.shape)}
+    load_state_dict_checked(model, keep, source=str(path), preset=meta["preset"],
+                            allow_missing=lambda k: not k.startswith("beit3."))
+    logger.info("initialised from %s (%s)", path, meta.get("model_id", "?"))
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Beit3ForPretraining:
+    """Load a pretraining checkpoint directory with its heads (any codebook size), in eval mode.
+
+    ``beit3.load_checkpoint(path)`` builds the registered ``pretraining`` architecture, whose MIM
+    head has the default 8192 codes; this reads the head size from the weights instead.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_checkpoint_config(path)
+    state = load_file(str(path / "model.safetensors"))
+    if "mim_head.weight" not in state:
+        raise CheckpointError(f"{path} has no pretraining heads (architecture "
+                              f"{meta['architecture']}); load it with beit3.load_checkpoint")
+    config = create_config(meta["preset"], **meta["overrides"])
+    with torch.device("meta"):
+        model = Beit3ForPretraining(config, codebook_size=state["mim_head.weight"].shape[0])
+    load_state_dict_checked(model, state, source=str(path), preset=meta["preset"], assign=True)
+    return model.to(device).eval()
+
+
+def _sharding(config: PretrainConfig, cfg: Beit3Config) -> str:
+    if config.sharding != "auto":
+        return config.sharding
+    return "fsdp" if cfg.embed_dim >= 1024 and pdist.is_distributed() else "ddp"
+
+
+def _unused_parameters(kinds: set[str], config: PretrainConfig) -> bool:
+    """Whether some parameter gets no gradient in a step (DDP must then look for it)."""
+    vision = bool(kinds & {"image", "pair"})
+    language = bool(kinds & {"text", "pair"})
+    mlm = ("text" in kinds and config.text_mask_ratio > 0) or (
+        "pair" in kinds and config.pair_text_mask_ratio > 0)
+    mim = ("image" in kinds and config.image_mask_ratio > 0) or (
+        "pair" in kinds and config.pair_image_mask_ratio > 0)
+    return not (vision and language and mlm and mim)
+
+
+def _step_parts(batches: dict[str, MaskedBatch], outputs: dict[str, Any],
+                codes: dict[str, torch.Tensor]) -> dict[str, MaskedStats]:
+    stats: dict[str, MaskedStats] = {}
+    for kind, batch in batches.items():
+        out = outputs[kind]
+        if out.mlm_logits is not None:
+            stats["text_mlm" if kind == "text" else "pair_mlm"] = masked_cross_entropy(
+                out.mlm_logits, batch.text_targets)
+        if out.mim_logits is not None:
+            targets = torch.gather(codes[kind], 1, batch.image_positions)  # (B, Ki)
+            stats["image_mim" if kind == "image" else "pair_mim"] = masked_cross_entropy(
+                out.mim_logits, targets)
+    return stats
+
+
+class _Window:
+    """Device-side sums of the metrics between two log steps (read only when logging)."""
+
+    def __init__(self, device: torch.device, codebook_size: int) -> None:
+        self.parts = list(PARTS)
+        self.device = device
+        self.sums = torch.zeros(len(self.parts), 3, dtype=torch.float64, device=device)
+        self.codes = torch.zeros(codebook_size, dtype=torch.float64, device=device)
+        self.steps = self.samples = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, MaskedStats], codes: dict[str, torch.Tensor]) -> None:
+        for part, s in stats.items():
+            row = self.parts.index(part)
+            self.sums[row] += torch.stack([s.loss_sum.detach(), s.count, s.correct]).double()
+        for c in codes.values():
+            self.codes += torch.bincount(c.reshape(-1), minlength=self.codes.numel()).double()
+
+    def read(self, weights: dict[str, float]) -> dict[str, float]:
+        sums, codes = pdist.all_reduce_sum(self.sums.clone()), pdist.all_reduce_sum(self.codes.clone())
+        values = sums.cpu().tolist()
+        metrics: dict[str, float] = {}
+        total = 0.0
+        for part, (loss_sum, count, correct) in zip(self.parts, values, strict=True):
+            if count > 0:
+                metrics[f"loss_{part}"] = loss_sum / count
+                metrics[f"acc_{part}"] = correct / count
+                total += weights[PARTS[part]] * loss_sum / count
+        metrics["loss"] = total
+        if codes.sum() > 0:
+            metrics["codebook_usage"] = float((codes > 0).double().mean())
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        world = dist.get_world_size() if pdist.is_distributed() else 1
+        metrics["samples_per_s"] = self.samples * world / elapsed
+        metrics["tokens_per_s"] = self.tokens * world / elapsed
+        metrics["step_time_s"] = elapsed / max(self.steps, 1)
+        self.sums.zero_()
+        self.codes.zero_()
+        self.steps = self.samples = self.tokens = 0
+        self.start = time.perf_counter()
+        return metrics
+
+
+def pretrain(config: PretrainConfig, progress: Progress | None = None) -> PretrainResult:
+    """Run (or resume) a pretraining job; see the module docstring.
+
+    Args:
+        config: the run (``PretrainConfig(preset="beit3-tiny", max_steps=2, ...)`` is a smoke run).
+        progress: called as ``progress(step, max_steps)`` after every step.
+
+    Returns:
+        :class:`PretrainResult` with the final checkpoint directory.
+
+    Raises:
+        ConfigError, InputDataError, CheckpointError: bad configuration, data or checkpoints.
+    """
+    info = init_distributed(config.device)
+    device = info.device
+    cuda = device.type == "cuda"
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    if use_bf16 and not cuda:
+        logger.warning("bf16 autocast is only used on CUDA; running fp32 on %s", device)
+        use_bf16 = False
+    config = config.replace(static_shapes=config.compile if config.static_shapes is None
+                            else config.static_shapes)
+    output_dir = Path(config.output_dir)
+    if info.is_main:
+        write_run_config(output_dir, config)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    spm = _resolve_tokenizer(config)
+    tokenizer = TextTokenizer(spm, max_len=config.pair_max_len)
+    cfg = _model_config(config)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but {config.preset}'s "
+                          f"text table has {cfg.vocab_size} rows; set model_overrides vocab_size")
+    vqkd: VQKD | None = None
+    if config.visual_tokenizer:
+        vqkd = load_vqkd(config.visual_tokenizer, device=device)
+        if (vqkd.config.img_size, vqkd.config.grid_size) != (cfg.img_size, cfg.grid_size):
+            raise ConfigError(
+                f"visual tokenizer {config.visual_tokenizer} works on {vqkd.config.img_size}-px "
+                f"images with a {vqkd.config.grid_size}x{vqkd.config.grid_size} grid; "
+                f"{config.preset} has {cfg.img_size}-px images and a {cfg.grid_size}x"
+                f"{cfg.grid_size} grid: train a tokenizer for this size")
+    elif _needs_images(config):
+        raise ConfigError("pretraining on images needs a visual tokenizer: train one with "
+                          "'beit3 tokenizer train-visual' and pass visual_tokenizer "
+                          "(--visual-tokenizer), or set the image and pair batch sizes to 0")
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    codebook_size = vqkd.config.codebook_size if vqkd else DEFAULT_CODEBOOK_SIZE
+    model = Beit3ForPretraining(cfg, codebook_size=codebook_size)
+    if config.init_from:
+        _load_init(model, Path(config.init_from))
+
+    start_step, extra = 0, {}
+    step_dir = None
+    if config.resume:
+        step_dir = find_latest(output_dir) if config.resume == "latest" else Path(config.resume)
+        if step_dir is None:
+            logger.info("no checkpoint in %s yet: starting from step 0", output_dir)
+        else:
+            if not step_dir.is_dir():
+                raise CheckpointError(f"resume: {step_dir} is not a step directory")
+            state = load_train_state(step_dir, model, optimizer=None)
+            start_step, extra = state["step"], state["extra"]
+    torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path differs by rank
+
+    model.to(device)
+    sharding = _sharding(config, cfg)
+    if sharding == "fsdp" and pdist.is_distributed():
+        pdist.shard_fsdp(model)
+    fused = cuda if config.fused_optimizer is None else config.fused_optimizer
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=config.betas, eps=config.eps,
+                                  **({"fused": True} if fused else {}))
+    if step_dir is not None:
+        pdist.load_optimizer_state(model, optimizer, step_dir)
+
+    streams = build_streams(config, spm, img_size=cfg.img_size, grid_size=cfg.grid_size,
+                            use_images=vqkd is not None, rank=info.rank,
+                            world_size=info.world_size, pin_memory=cuda)
+    for kind, stream in streams.items():
+        if kind in extra.get("streams", {}):
+            stream.load_state_dict(extra["streams"][kind])
+    logger.info("pretraining %s on %s: streams %s, steps %d..%d, %s, %s", config.preset, device,
+                ", ".join(f"{k} x{s.batch_size}" for k, s in streams.items()), start_step,
+                config.max_steps, "bf16" if use_bf16 else "fp32", sharding)
+
+    step_module = pdist.wrap_model(model, sharding, device,
+                                   _unused_parameters(set(streams), config))
+    forward = torch.compile(step_module) if config.compile else step_module
+    loss_fn = MaskedModelingLoss(config.text_weight, config.image_weight, config.pair_weight)
+    world = info.world_size
+    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
+    window = _Window(device, codebook_size)
+    metrics: dict[str, float] = {}
+    num_vision = cfg.num_vision_tokens
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 \
+        else contextlib.nullcontext()
+
+    def save(step: int) -> None:
+        model_state, optim_state = pdist.full_state(model, optimizer)
+        if info.is_main:
+            shadow = model if not (sharding == "fsdp" and pdist.is_distributed()) \
+                else pdist.shadow_model(model, model_state)
+            save_train_state(output_dir, step, model=shadow,
+                             optimizer=pdist.StateDictHolder(optim_state), preset=config.preset,
+                             tokenizer=tokenizer, preprocess=PreprocessConfig(
+                                 img_size=cfg.img_size, max_text_len=config.pair_max_len),
+                             extra={"streams": {k: s.state_dict() for k, s in streams.items()}},
+                             keep=config.keep_checkpoints)
+        if pdist.is_distributed():
+            dist.barrier()
+
+    model.train()
+    step = start_step
+    while step < config.max_steps:
+        set_lr(optimizer, cosine_lr(step, config.max_steps, config.warmup_steps, config.lr,
+                                    config.min_lr))
+        batches = {kind: next(stream).to(device, non_blocking=cuda)
+                   for kind, stream in streams.items()}
+        codes: dict[str, torch.Tensor] = {}
+        with autocast:
+            if vqkd is not None:
+                codes = {k: vqkd.encode(b.images) for k, b in batches.items()
+                         if b.images is not None and b.image_positions is not None}
+            outputs = forward(batches)
+        stats = _step_parts(batches, outputs, codes)
+        counts = pdist.all_reduce_sum(torch.stack([s.count for s in stats.values()]))
+        loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        window.add(stats, codes)
+        window.steps += 1
+        window.samples += sum(b.size for b in batches.values())
+        window.tokens += sum(b.size * (num_vision if b.images is not None else 0)
+                             + (b.text_ids.numel() if b.text_ids is not None else 0)
+                             for b in batches.values())
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics = window.read(loss_fn.weights)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower the "
+                                         "learning rate or check the data")
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                         else grad_norm)
+            log.log(step, force=True, **metrics)
+        if step % config.save_every == 0 or step == config.max_steps:
+            save(step)
+        if progress is not None:
+            progress(step, config.max_steps)
+
+    final = output_dir / "final"
+    model_id = ""
+    if start_step < config.max_steps or not final.exists():
+        model_state, _ = pdist.full_state(model, optimizer)
+        if info.is_main:
+            shadow = pdist.shadow_model(model, model_state)
+            model_id = save_checkpoint(shadow, final, preset=config.preset, tokenizer=tokenizer,
+                                       preprocess=PreprocessConfig(
+                                           img_size=cfg.img_size, max_text_len=config.pair_max_len))
+    log.close()
+    if pdist.is_distributed():
+        dist.barrier()
+    logger.info("pretraining done: %d steps, final checkpoint %s", step, final)
+    return PretrainResult(output_dir, final, model_id, step, metrics)
+

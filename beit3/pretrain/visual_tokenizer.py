@@ -1,0 +1,207 @@
+"""Training a VQ-KD visual tokenizer (BEiT v2 recipe), under torchrun or in one process.
+
+The encoder and decoder learn by gradient (cosine reconstruction of the teacher's per-patch
+features + commitment); the codebook by k-means on the first batches, then an EMA of the vectors
+each code receives. The per-code statistics are summed over ranks before the EMA step, so every
+rank keeps the same codebook; k-means and dead-code re-seeding happen on rank 0 and are
+broadcast. The tokenizer is written to ``output_dir/tokenizer`` every ``save_every`` steps and
+at the end; pass that directory to pretraining as ``visual_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from beit3.errors import ConfigError
+from beit3.pretrain import distributed as pdist
+from beit3.pretrain.config import VisualTokenizerConfig
+from beit3.pretrain.data import BatchStream, ImageDataset, KeyedDataset, list_images
+from beit3.runtime import RunLogger, cosine_lr, init_distributed, set_lr, write_run_config
+from beit3.transforms import PreprocessConfig, TrainImageTransform
+from beit3.vqkd import VQKD, Beit3Teacher, PixelTeacher, VqkdConfig, get_vqkd_preset, save_vqkd
+
+__all__ = ["VisualTokenizerResult", "build_teacher", "train_visual_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VisualTokenizerResult:
+    """path: the tokenizer directory; metrics: the last logged metrics (``codebook_usage`` is
+    the fraction of codes used at least once in the last log window)."""
+
+    path: Path
+    steps: int
+    metrics: dict[str, float]
+
+
+class _ImageCollate:
+    kind = "image"
+
+    def __call__(self, samples: list[dict | None]) -> Tensor | None:
+        kept = [s["image"] for s in samples if s is not None]
+        return torch.stack(kept) if kept else None
+
+
+def build_teacher(name: str, config: VqkdConfig, device: torch.device) -> nn.Module:
+    """``pixels``, ``pixels-patchnorm`` or a BEiT-3 checkpoint directory -> a frozen teacher."""
+    if name in ("pixels", "pixels-patchnorm"):
+        return PixelTeacher(config.patch_size, "none" if name == "pixels" else "patch")
+    path = Path(name)
+    if not path.is_dir():
+        raise ConfigError(f"teacher {name!r} is neither 'pixels', 'pixels-patchnorm' nor a "
+                          "checkpoint directory")
+    teacher = Beit3Teacher.from_checkpoint(path, device=device)
+    tcfg = teacher.backbone.config
+    if (tcfg.img_size, tcfg.grid_size) != (config.img_size, config.grid_size):
+        raise ConfigError(f"teacher {path} sees {tcfg.img_size}-px images in a {tcfg.grid_size}-"
+                          f"wide grid; the tokenizer has {config.img_size} px, grid "
+                          f"{config.grid_size}: override img_size/patch_size to match")
+    return teacher
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Official VQKD.no_weight_decay: cls tokens and position tables, plus 1-D tensors and biases.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _broadcast_codebook(model: VQKD) -> None:
+    if pdist.is_distributed():
+        for buffer in (model.quantize.embedding.weight, model.quantize.embedding.initted,
+                       model.quantize.cluster_size):
+            dist.broadcast(buffer, 0)
+
+
+def train_visual_tokenizer(config: VisualTokenizerConfig,
+                           progress: Callable[[int, int], None] | None = None
+                           ) -> VisualTokenizerResult:
+    """Train a VQ-KD tokenizer; see the module docstring.
+
+    Args:
+        config: the run.
+        progress: called as ``progress(step, max_steps)`` after every step.
+    """
+    info = init_distributed(config.device)
+    device = info.device
+    cuda = device.type == "cuda"
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    use_bf16 = use_bf16 and cuda
+    output_dir = Path(config.output_dir)
+    vq_config = get_vqkd_preset(config.preset, **config.overrides)
+    teacher = build_teacher(config.teacher, vq_config, device).to(device)
+    teacher_dim = teacher.out_dim(vq_config.in_chans)
+    if teacher_dim != vq_config.teacher_dim:
+        if "teacher_dim" in config.overrides:
+            raise ConfigError(f"teacher {config.teacher} gives {teacher_dim} features per patch "
+                              f"but teacher_dim is overridden to {vq_config.teacher_dim}")
+        logger.info("teacher %s gives %d features per patch: decoder output set to %d",
+                    config.teacher, teacher_dim, teacher_dim)
+        vq_config = vq_config.replace(teacher_dim=teacher_dim)
+    if info.is_main:
+        write_run_config(output_dir, config)
+
+    torch.manual_seed(config.seed)
+    model = VQKD(vq_config).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=config.betas)
+    forward: nn.Module = model
+    if pdist.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                          broadcast_buffers=False)
+    preprocess = PreprocessConfig(img_size=vq_config.img_size)
+    transform = TrainImageTransform(preprocess, scale=config.crop_scale, hflip=config.hflip,
+                                    rng=random.Random(config.seed))
+    paths = [p for s in config.data for p in list_images(s)]
+    dataset = KeyedDataset(ImageDataset(list(dict.fromkeys(paths)), transform), transform,
+                     config.seed, "image")
+    stream = BatchStream(dataset, config.batch_size, _ImageCollate(),  # type: ignore[arg-type]
+                         rank=info.rank, world_size=info.world_size, seed=config.seed,
+                         num_workers=config.num_workers, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 \
+        else contextlib.nullcontext()
+    generator = torch.Generator().manual_seed(config.seed)
+
+    # k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast.
+    with torch.no_grad(), autocast:
+        vectors, batches = [], 0
+        while sum(v.shape[0] for v in vectors) < 4 * vq_config.codebook_size and batches < 20:
+            z = model.encode_vectors(next(stream).to(device, non_blocking=cuda))
+            vectors.append(z.reshape(-1, vq_config.codebook_dim).float())
+            batches += 1
+    if info.is_main:
+        model.quantize.kmeans_init_(torch.cat(vectors).cpu(), config.kmeans_iters, generator)
+    _broadcast_codebook(model)
+    logger.info("codebook of %d x %d initialised by k-means on %d vectors",
+                vq_config.codebook_size, vq_config.codebook_dim, sum(v.shape[0] for v in vectors))
+
+    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
+    usage = torch.zeros(vq_config.codebook_size, device=device)
+    sums = torch.zeros(3, device=device)
+    window_steps = 0
+    metrics: dict[str, float] = {}
+    tokenizer_dir = output_dir / "tokenizer"
+    model.train()
+    for step in range(1, config.max_steps + 1):
+        set_lr(optimizer, cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr,
+                                    config.min_lr))
+        images = next(stream).to(device, non_blocking=cuda)
+        with autocast:
+            targets = teacher(images)
+            out = forward(images, targets)
+        out.loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counts, code_sums = model.quantize.batch_stats(out.z, out.codes)
+        stats = pdist.all_reduce_sum(torch.cat([counts.unsqueeze(1), code_sums], dim=1))
+        model.quantize.ema_update(stats[:, 0], stats[:, 1:])
+        usage += stats[:, 0]
+        sums += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.commit_loss.detach()])
+        window_steps += 1
+        if config.reseed_every and step % config.reseed_every == 0:
+            if info.is_main:
+                reseeded = model.quantize.reseed_dead_codes_(out.z.cpu(), config.dead_code_threshold,
+                                                             generator)
+                if reseeded:
+                    logger.info("step %d: re-seeded %d dead codes", step, reseeded)
+            _broadcast_codebook(model)
+        if step % config.log_every == 0 or step == config.max_steps:
+            values = (pdist.all_reduce_sum(sums.clone()) / max(window_steps, 1)).tolist()
+            world = dist.get_world_size() if pdist.is_distributed() else 1
+            probs = usage / usage.sum().clamp(min=1)
+            entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+            metrics = {"loss": values[0] / world, "rec_loss": values[1] / world,
+                       "commit_loss": values[2] / world,
+                       "codebook_usage": float((usage > 0).float().mean()),
+                       "codebook_perplexity": math.exp(entropy),
+                       "lr": optimizer.param_groups[0]["lr"]}
+            log.log(step, force=True, **metrics)
+            usage.zero_()
+            sums.zero_()
+            window_steps = 0
+        if info.is_main and (step % config.save_every == 0 or step == config.max_steps):
+            save_vqkd(model, tokenizer_dir, teacher=config.teacher)
+        if progress is not None:
+            progress(step, config.max_steps)
+    log.close()
+    if pdist.is_distributed():
+        dist.barrier()
+    return VisualTokenizerResult(tokenizer_dir, config.max_steps, metrics)
