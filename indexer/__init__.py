@@ -1,1 +1,22 @@
-"""indexer package."""
+"""indexer: image and text collections into LanceDB or FAISS, searched in all four directions.
+
+Public surface::
+
+    from indexer import index_images, index_texts, Searcher
+    report = index_images(["photos/"], "idx", model="ckpt/beit3-base")   # IndexReport
+    report = index_texts("captions.txt", "idx")                           # model from the index
+    searcher = Searcher("idx")
+    searcher.search("a red circle", table="images", k=10)                 # list[Hit]
+    searcher.search(Path("query.jpg"), table="texts")
+    searcher.search_similar("images", hit.id, target="images")
+
+LanceDB and FAISS are imported only when a store is opened (``indexer.stores``).
+"""
+
+from indexer.build import ProgressFn, index_images, index_texts
+from indexer.manifest import TableInfo
+from indexer.report import IndexReport
+from indexer.search import Hit, Searcher
+
+__all__ = ["Hit", "IndexReport", "ProgressFn", "Searcher", "TableInfo", "index_images",
+           "index_texts"]

@@ -1,0 +1,189 @@
+"""Batched embedding: DataLoader workers decode and preprocess, the model runs in inference mode.
+
+On CUDA the model runs under bf16 autocast (the embeddings come back as float32, L2-normalised);
+on CPU it stays in fp32 (bf16 is ~100x slower on CPUs without AMX, see environment.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from beit3 import ImageTransform, PreprocessConfig, TextTokenizer, load_image
+from beit3.errors import Beit3Error
+
+__all__ = [
+    "EmbeddedBatch",
+    "ImageFiles",
+    "embed_image_files",
+    "embed_texts",
+    "encode_images",
+    "load_query_image",
+    "resolve_device",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> ``cuda:<LOCAL_RANK>`` when CUDA is there, else ``cpu``."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_query_image(source: str | Path | bytes | BinaryIO | Image.Image,
+                     preprocess: PreprocessConfig) -> torch.Tensor:
+    """One image (path, bytes, file object or PIL image) -> (3, S, S), decoded as the indexer does.
+
+    Raises:
+        InputDataError: the image cannot be used (one-line reason).
+    """
+    transform = ImageTransform(preprocess)
+    if isinstance(source, Image.Image):
+        return transform(source)
+    return transform(load_image(source, draft_size=2 * preprocess.img_size))
+
+
+class ImageFiles(Dataset):
+    """Dataset of image files -> ``(position, (3, S, S) tensor or None, reason or None)``.
+
+    JPEGs are decoded at reduced scale when they are over twice the model's input size
+    (``draft``), which makes big photos several times cheaper; queries use the same path.
+    """
+
+    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self.transform = ImageTransform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        path = self.paths[position]
+        try:
+            image = load_image(path, draft_size=2 * self.preprocess.img_size)
+            return position, self.transform(image), None
+        except Beit3Error as exc:
+            return position, None, _reason(str(exc), path)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
+            return position, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _reason(message: str, path: str) -> str:
+    """load_image's message without the leading ``<path>: ``: the report names the path."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+class _Collated(NamedTuple):
+    positions: list[int]
+    images: torch.Tensor | None
+    failures: list[tuple[int, str]]
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> _Collated:
+    good = [(i, t) for i, t, _ in batch if t is not None]
+    failures = [(i, r) for i, t, r in batch if t is None and r is not None]
+    images = torch.stack([t for _, t in good]) if good else None
+    return _Collated([i for i, _ in good], images, failures)
+
+
+def _has_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-process; threads would only oversubscribe
+
+
+class EmbeddedBatch(NamedTuple):
+    """positions (into the input list) with vectors (N, D) float32, and failed positions."""
+
+    positions: list[int]
+    vectors: np.ndarray
+    failures: list[tuple[int, str]]
+
+
+@torch.inference_mode()
+def encode_images(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """(B, 3, S, S) -> (B, D) float32 unit vectors."""
+    with _autocast(device):
+        vectors = model.encode_image(images.to(device, non_blocking=True))
+    return vectors.float().cpu().numpy()
+
+
+def embed_image_files(
+    model: nn.Module,
+    preprocess: PreprocessConfig,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: torch.device,
+) -> Iterator[EmbeddedBatch]:
+    """Embed image files in input order, batch by batch; unreadable files come back as failures.
+
+    Decoding and preprocessing run in ``num_workers`` DataLoader processes (0: in this process).
+    """
+    loader = DataLoader(
+        ImageFiles(paths, preprocess), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        multiprocessing_context="fork" if num_workers > 0 and _has_fork() else None,
+    )
+    dim = model.embed_dim
+    with warnings.catch_warnings():
+        # LanceDB warns on any fork once its runtime exists. The workers only decode images
+        # (Pillow, numpy, torch CPU ops) and never touch LanceDB, so fork is safe here; spawn
+        # and forkserver would re-import the caller's __main__ (breaking `python -c`, stdin and
+        # notebook callers) and pickle the whole path list into every worker.
+        warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
+        batches = iter(loader)
+    for batch in batches:
+        if batch.images is None:
+            yield EmbeddedBatch([], np.zeros((0, dim), np.float32), batch.failures)
+            continue
+        yield EmbeddedBatch(batch.positions, encode_images(model, batch.images, device),
+                            batch.failures)
+
+
+@torch.inference_mode()
+def embed_texts(
+    model: nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], *, batch_size: int = 256,
+    device: torch.device,
+) -> Iterator[np.ndarray]:
+    """Embed texts in order, ``batch_size`` at a time -> (B, D) float32 unit vectors per batch.
+
+    Texts longer than the tokenizer's ``max_len`` are truncated (the official behaviour).
+    """
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start:start + batch_size]))
+        with _autocast(device):
+            vectors = model.encode_text(batch.text_ids.to(device),
+                                        batch.padding_mask.to(device))
+        yield vectors.float().cpu().numpy()

@@ -1,0 +1,198 @@
+"""Searching an index: text or image queries against image or text tables."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from beit3.errors import IndexMismatchError, InputDataError
+from indexer.build import load_index_model
+from indexer.embed import encode_images, load_query_image, resolve_device
+from indexer.manifest import DbManifest, TableInfo
+from indexer.stores import Match, Store, open_store
+
+__all__ = ["Hit", "Query", "Searcher"]
+
+logger = logging.getLogger(__name__)
+
+Query = str | Path | bytes | BinaryIO | Image.Image
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    rank: 1-based position in the full ranking (offset + 1 for the first hit of a page);
+    score: cosine similarity in [-1, 1]; id: the content's sha256 (stable across runs);
+    path: the image file (None for texts); text: the text (None for images);
+    paths: every path (images) or ``file:line`` reference (texts) with this content.
+    """
+
+    rank: int
+    score: float
+    table: str
+    modality: str
+    id: str
+    path: str | None
+    text: str | None
+    paths: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["paths"] = list(self.paths)
+        return data
+
+
+class Searcher:
+    """Search the tables of one database directory.
+
+    Args:
+        db: the directory ``beit3 index`` wrote.
+        model: a checkpoint directory; default: the one recorded in the index. Either way its
+            model id must be the index's.
+        device: ``auto``, ``cpu``, ``cuda``...
+
+    Raises:
+        InputDataError: ``db`` is not an index.
+        IndexMismatchError: ``model`` is not the index's model.
+    """
+
+    def __init__(self, db: str | Path, model: str | Path | None = None,
+                 device: str = "auto") -> None:
+        start = time.perf_counter()
+        self.db = Path(db)
+        if DbManifest.read(self.db) is None:
+            raise InputDataError(f"{self.db} is not a beit3 index (no beit3_index.json); build one "
+                                 "with: beit3 index images FOLDER --db DIR --model CKPT")
+        self.device = resolve_device(device)
+        self.checkpoint, manifest = load_index_model(self.db, model, str(self.device),
+                                                     action="query")
+        assert manifest is not None, "manifest checked above"
+        self.manifest = manifest
+        self.model_id = self.checkpoint.model_id
+        self._stores: dict[str, Store] = {}
+        logger.info("opened index %s (%s, tables: %s) in %.1f s", self.db, self.model_id,
+                    ", ".join(manifest.tables) or "none", time.perf_counter() - start)
+
+    # -- tables ------------------------------------------------------------------------------------
+
+    @property
+    def tables(self) -> dict[str, TableInfo]:
+        """name -> TableInfo (count read now)."""
+        manifest = DbManifest.read(self.db) or self.manifest
+        self.manifest = manifest
+        return {name: manifest.table_info(name, self._store(name).count())
+                for name in manifest.tables}
+
+    def _store(self, table: str) -> Store:
+        if table not in self.manifest.tables:
+            fresh = DbManifest.read(self.db)  # another process may have added it
+            if fresh is not None:
+                self.manifest = fresh
+        if table not in self.manifest.tables:
+            known = ", ".join(sorted(self.manifest.tables)) or "none"
+            raise InputDataError(f"index {self.db} has no table {table!r}; its tables: {known}")
+        if table not in self._stores:
+            entry = self.manifest.tables[table]
+            self._stores[table] = open_store(self.db, table, entry["backend"],
+                                             dim=self.manifest.dim,
+                                             index_type=entry.get("index_type"))
+        return self._stores[table]
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def embed_query(self, query: Query) -> np.ndarray:
+        """A text (``str``) or an image (path, bytes, file object, PIL image) -> (D,) unit vector."""
+        model = self.checkpoint.model
+        if isinstance(query, str):
+            if not query.strip():
+                raise InputDataError("the text query is empty; type a few words")
+            batch = self.checkpoint.tokenizer([query.strip()])
+            with torch.inference_mode():
+                vector = model.encode_text(batch.text_ids.to(self.device),
+                                           batch.padding_mask.to(self.device))
+            return vector.float().cpu().numpy()[0]
+        if isinstance(query, bytes):
+            query = io.BytesIO(query)
+        if isinstance(query, Path | Image.Image) or hasattr(query, "read"):
+            image = load_query_image(query, self.checkpoint.preprocess)
+            return encode_images(model, image[None], self.device)[0]
+        raise InputDataError(f"cannot search with a {type(query).__name__}: pass a text (str) or "
+                             "an image (Path, bytes, file object or PIL image)")
+
+    def search(self, query: Query, table: str, k: int = 10, offset: int = 0) -> list[Hit]:
+        """The ``k`` best items of ``table`` for ``query``, after skipping ``offset``.
+
+        A ``str`` is a text query; a Path, bytes, file object or PIL image is an image query.
+        """
+        store = self._store(table)
+        _check_page(k, offset)
+        return self._hits(table, store.search(self.embed_query(query)[None], k, offset)[0], offset)
+
+    def search_vector(self, vector: np.ndarray, table: str, k: int = 10,
+                      offset: int = 0) -> list[Hit]:
+        """Search with a (D,) unit vector of this model."""
+        store = self._store(table)
+        _check_page(k, offset)
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != store.dim:
+            raise IndexMismatchError(f"query vector has {vector.shape[0]} dims; table {table!r} "
+                                     f"holds {store.dim}-d vectors of {self.model_id}")
+        return self._hits(table, store.search(vector[None], k, offset)[0], offset)
+
+    def search_similar(self, table: str, item_id: str, target: str, k: int = 10,
+                       offset: int = 0) -> list[Hit]:
+        """Search ``target`` with the stored vector of item ``item_id`` of ``table`` ("more like
+        this"). When ``target`` is ``table`` the item itself is left out of the results."""
+        vector = self.get_vector(table, item_id)
+        if vector is None:
+            raise InputDataError(f"table {table!r} of {self.db} has no item {item_id!r}")
+        if target != table:
+            return self.search_vector(vector, target, k, offset)
+        hits = [h for h in self.search_vector(vector, target, k + 1, offset) if h.id != item_id]
+        hits = hits[:k]
+        return [Hit(offset + i + 1, h.score, h.table, h.modality, h.id, h.path, h.text, h.paths)
+                for i, h in enumerate(hits)]
+
+    def get(self, table: str, item_id: str) -> Hit | None:
+        """The item ``item_id`` of ``table`` (rank 0, score NaN), or None if it is not there."""
+        if not _SHA.fullmatch(item_id):
+            return None
+        rows = self._store(table).fetch([item_id], with_vectors=False).to_pylist()
+        if not rows:
+            return None
+        return _hit(table, 0, math.nan, rows[0])
+
+    def get_vector(self, table: str, item_id: str) -> np.ndarray | None:
+        """The stored (D,) vector of ``item_id``, or None."""
+        if not _SHA.fullmatch(item_id):
+            return None
+        rows = self._store(table).fetch([item_id], with_vectors=True)
+        if rows.num_rows == 0:
+            return None
+        return np.asarray(rows.column("vector")[0].as_py(), dtype=np.float32)
+
+    def _hits(self, table: str, matches: list[Match], offset: int) -> list[Hit]:
+        return [_hit(table, offset + i + 1, m.score, m.row) for i, m in enumerate(matches)]
+
+
+def _hit(table: str, rank: int, score: float, row: dict[str, Any]) -> Hit:
+    return Hit(rank=rank, score=float(score), table=table, modality=row["modality"],
+               id=row["sha256"], path=row["path"], text=row["text"],
+               paths=tuple(row["paths"] or ()))
+
+
+def _check_page(k: int, offset: int) -> None:
+    if k < 1 or offset < 0:
+        raise InputDataError(f"k must be >= 1 and offset >= 0, got k={k}, offset={offset}")

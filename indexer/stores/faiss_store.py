@@ -1,0 +1,421 @@
+"""FAISS index with its metadata beside it.
+
+Layout of ``<db>/faiss/<table>/``::
+
+    state.json            {"version": v, "count", "dim", "index_type", "built_as"}: the commit point
+    meta-<v>.parquet      one row per vector (META_COLUMNS), row i = FAISS id i
+    vectors-<v>.npy       (count, dim) float32, memory-mapped by readers (for search_similar)
+    index-<v>.faiss       IndexFlatIP, IndexHNSWFlat or IVF-PQ with exact re-ranking
+    pending/*.parquet     chunks written since the last commit (rows, or keys to delete)
+
+Writers only add files under ``pending/`` (each written to a temporary name and renamed), so a
+killed run loses at most the chunk in flight and several processes may write at once. Commit
+merges the pending chunks into version v + 1, writes every file to a temporary name, renames it,
+and switches ``state.json`` last: a crash leaves version v intact, and the next run commits again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from beit3.errors import IndexMismatchError, InputDataError
+from indexer.stores import (
+    FAISS_INDEX_TYPES,
+    META_COLUMNS,
+    Match,
+    Store,
+    import_optional,
+    row_schema,
+)
+
+__all__ = ["FaissStore", "build_faiss_index"]
+
+logger = logging.getLogger(__name__)
+
+_MIN_ROWS_FOR_IVF = 2_000  # below this an IVF-PQ cannot train; a flat index is exact and fast
+_ADD_BLOCK = 65_536
+
+
+def _faiss() -> Any:
+    return import_optional("faiss", "faiss-cpu")
+
+
+class FaissStore(Store):
+    """One FAISS table; see the module docstring."""
+
+    backend = "faiss"
+
+    def __init__(
+        self, db: Path, table: str, *, dim: int, create: bool = False, index_type: str = "flat",
+        nprobe: int = 32, ef_search: int = 128, k_factor: int = 8,
+    ) -> None:
+        if index_type not in FAISS_INDEX_TYPES:
+            raise InputDataError(f"unknown FAISS index type {index_type!r}; choose one of "
+                                 f"{', '.join(FAISS_INDEX_TYPES)}")
+        self.name = table
+        self.dim = dim
+        self.dir = Path(db) / "faiss" / table
+        self.pending_dir = self.dir / "pending"
+        self.nprobe, self.ef_search, self.k_factor = nprobe, ef_search, k_factor
+        self._loaded: tuple[int, pa.Table, np.ndarray, Any] | None = None
+        self._keys: dict[str, int] | None = None
+        state = self._read_state()
+        if state is None:
+            if not create:
+                raise InputDataError(f"{db}: no FAISS table {table!r}; build it with beit3 index")
+            self.pending_dir.mkdir(parents=True, exist_ok=True)
+            state = {"version": 0, "count": 0, "dim": dim, "index_type": index_type,
+                     "built_as": "flat", "built_on": 0}
+            _write_json(self.dir / "state.json", state)
+        if state["dim"] != dim:
+            raise IndexMismatchError(
+                f"{self.dir}: holds {state['dim']}-d vectors, the model gives {dim}-d; "
+                "use another --table or --db"
+            )
+        self.index_type = state["index_type"]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any] | None:
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
+
+    def _load(self) -> tuple[int, pa.Table, np.ndarray, Any]:
+        """(version, meta, vectors (mmap), index) of the committed state, cached per version."""
+        for attempt in range(3):
+            state = self._read_state()
+            assert state is not None, f"{self.dir}: state.json vanished"
+            version = state["version"]
+            if self._loaded is not None and self._loaded[0] == version:
+                return self._loaded
+            try:
+                self._loaded = self._load_version(version)
+                self._keys = None
+                return self._loaded
+            except FileNotFoundError:  # a commit replaced this version while we read it
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _load_version(self, version: int) -> tuple[int, pa.Table, np.ndarray, Any]:
+        if version == 0:
+            empty = row_schema(self.dim).empty_table().select(list(META_COLUMNS))
+            return 0, empty, np.zeros((0, self.dim), np.float32), None
+        import pyarrow.parquet as pq
+
+        faiss = _faiss()
+        meta = pq.read_table(self.dir / f"meta-{version}.parquet")
+        vectors = np.load(self.dir / f"vectors-{version}.npy", mmap_mode="r")
+        index = faiss.read_index(str(self.dir / f"index-{version}.faiss"))
+        return version, meta, vectors, _to_gpu(index)
+
+    def _key_map(self) -> dict[str, int]:
+        _, meta, _, _ = self._load()
+        if self._keys is None:
+            self._keys = {sha: i for i, sha in enumerate(meta.column("sha256").to_pylist())}
+        return self._keys
+
+    def count(self) -> int:
+        state = self._read_state()
+        return 0 if state is None else int(state["count"])
+
+    def read_meta(self) -> pa.Table:
+        return self._load()[1]
+
+    def fetch(self, shas: Sequence[str], with_vectors: bool = True) -> pa.Table:
+        _, meta, vectors, _ = self._load()
+        keys = self._key_map()
+        positions = sorted(keys[s] for s in set(shas) if s in keys)
+        rows = meta.take(pa.array(positions, pa.int64()))
+        if with_vectors:
+            block = np.asarray(vectors[positions], dtype=np.float32).reshape(-1, self.dim)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), self.dim)
+            rows = rows.append_column(pa.field("vector", arr.type), arr)
+        return rows
+
+    def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
+        _, meta, _, index = self._load()
+        queries = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if index is None or index.ntotal == 0 or offset >= index.ntotal:
+            return [[] for _ in queries]
+        want = min(k + offset, index.ntotal)
+        _set_search_params(index, nprobe=self.nprobe, ef_search=max(self.ef_search, want),
+                           k_factor=self.k_factor)
+        scores, ids = index.search(queries, want)
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            pairs = [(float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True)
+                     if i >= 0][offset:]
+            rows = meta.take(pa.array([i for _, i in pairs], pa.int64())).to_pylist()
+            results.append([Match(s, row) for (s, _), row in zip(pairs, rows, strict=True)])
+        return results
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, rows: pa.Table) -> None:
+        self._write_pending(rows, "rows")
+
+    def upsert(self, rows: pa.Table) -> None:
+        self._write_pending(rows, "rows")
+
+    def delete(self, shas: Sequence[str]) -> None:
+        if shas:
+            self._write_pending(pa.table({"sha256": pa.array(list(shas), pa.string())}), "delete")
+
+    def _write_pending(self, table: pa.Table, kind: str) -> None:
+        import pyarrow.parquet as pq
+
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}.{kind}.parquet"
+        tmp = self.pending_dir / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.pending_dir / name)
+
+    def _pending(self) -> list[Path]:
+        if not self.pending_dir.is_dir():
+            return []
+        return sorted(p for p in self.pending_dir.iterdir() if p.name.endswith(".parquet")
+                      and not p.name.startswith("."))
+
+    def recover(self) -> None:
+        if self._pending():
+            logger.info("%s: merging chunks left by an interrupted run", self.dir)
+            self.commit()
+
+    def commit(self) -> None:
+        with _locked(self.dir / "lock"):
+            pending = self._pending()
+            if pending:
+                self._commit(pending)
+
+    def _commit(self, pending: list[Path]) -> None:
+        import pyarrow.parquet as pq
+
+        start = time.perf_counter()
+        version, meta, vectors, index = self._load()
+        keys = dict(self._key_map())
+        keep = np.ones(meta.num_rows, dtype=bool)
+        updates: dict[int, dict[str, Any]] = {}
+        added: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+        for path in pending:
+            table = pq.read_table(path)
+            if path.name.endswith(".delete.parquet"):
+                for sha in table.column("sha256").to_pylist():
+                    added.pop(sha, None)
+                    if sha in keys:
+                        keep[keys[sha]] = False
+                continue
+            vecs = _vectors_of(table, self.dim)
+            for i, row in enumerate(table.select(list(META_COLUMNS)).to_pylist()):
+                pos = keys.get(row["sha256"])
+                if pos is not None and keep[pos]:
+                    updates[pos] = row  # same content, same vector: only the metadata changes
+                else:
+                    added[row["sha256"]] = (row, vecs[i])
+
+        if updates:
+            order = np.arange(meta.num_rows)
+            extra = pa.Table.from_pylist([updates[p] for p in sorted(updates)],
+                                         schema=meta.schema)
+            order[sorted(updates)] = meta.num_rows + np.arange(len(updates))
+            meta = pa.concat_tables([meta, extra]).take(pa.array(order))
+        kept_meta = meta.filter(pa.array(keep)) if not keep.all() else meta
+        new_meta = pa.Table.from_pylist([r for r, _ in added.values()], schema=meta.schema)
+        new_vectors = (np.stack([v for _, v in added.values()]) if added
+                       else np.zeros((0, self.dim), np.float32))
+        all_meta = pa.concat_tables([kept_meta, new_meta])
+        count = all_meta.num_rows
+
+        nxt = version + 1
+        vec_path = self.dir / f"vectors-{nxt}.npy"
+        all_vectors = _write_vectors(vec_path, vectors, keep, new_vectors)
+        _write_parquet(all_meta, self.dir / f"meta-{nxt}.parquet")
+        state = self._read_state() or {}
+        built_as, built_on = state.get("built_as", "flat"), state.get("built_on", 0)
+        # Adding to the existing index keeps FAISS ids = row numbers when no row moved; an IVF-PQ
+        # is retrained once the table doubled (its lists were fitted to the old data).
+        incremental = keep.all() and index is not None and (
+            (built_as == self.index_type and (built_as != "ivfpq" or count <= 2 * built_on))
+            or (built_as == "flat" and count < _MIN_ROWS_FOR_IVF)
+        )
+        if incremental:
+            index = _to_cpu(index)
+            for block in range(0, len(new_vectors), _ADD_BLOCK):
+                index.add(new_vectors[block:block + _ADD_BLOCK])
+        else:
+            index, built_as = build_faiss_index(all_vectors, self.index_type)
+            built_on = count
+        _write_index(index, self.dir / f"index-{nxt}.faiss")
+        _write_json(self.dir / "state.json", {
+            "version": nxt, "count": count, "dim": self.dim, "index_type": self.index_type,
+            "built_as": built_as, "built_on": built_on,
+        })
+        for path in pending:
+            path.unlink(missing_ok=True)
+        for name in (f"meta-{version}.parquet", f"vectors-{version}.npy",
+                     f"index-{version}.faiss"):
+            (self.dir / name).unlink(missing_ok=True)
+        logger.info("committed %s: %d rows (+%d, -%d, %d updated) as %s in %.1f s", self.name,
+                    count, len(added), int((~keep).sum()), len(updates), built_as,
+                    time.perf_counter() - start)
+
+
+def build_faiss_index(
+    vectors: np.ndarray, index_type: str, *, hnsw_m: int = 32, ef_construction: int = 40,
+    nlist: int | None = None, pq_m: int | None = None,
+) -> tuple[Any, str]:
+    """Build an inner-product index over (N, D) unit vectors.
+
+    Args:
+        vectors: (N, D) float32 (may be a memory map).
+        index_type: ``flat`` (exact), ``hnsw`` (graph, M = ``hnsw_m``) or ``ivfpq`` (inverted lists
+            over product-quantised codes, re-ranked exactly with the full vectors).
+        nlist / pq_m: IVF lists (default ~ 4 sqrt(N)) and PQ sub-quantisers (default D / 16).
+
+    Returns:
+        (the CPU index, the kind actually built: an IVF-PQ on fewer than 2,000 rows is flat).
+    """
+    faiss = _faiss()
+    count, dim = vectors.shape
+    if index_type == "ivfpq" and count < _MIN_ROWS_FOR_IVF:
+        logger.info("only %d rows: a flat index instead of IVF-PQ", count)
+        index_type = "flat"
+    if index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+    else:
+        nlist = nlist or max(16, min(65_536, int(4 * math.sqrt(count))))
+        nlist = min(nlist, count // 39)  # faiss wants >= 39 training points per list
+        pq_m = pq_m or _pq_subquantizers(dim)
+        # 8-bit codes need ~39 x 256 training points; small tables get smaller codebooks.
+        nbits = max(4, min(8, int(math.log2(count / 39))))
+        index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{nbits},RFlat",
+                                    faiss.METRIC_INNER_PRODUCT)
+        # Polysemous training (on by default) is ~20x the rest of the training time and only
+        # serves Hamming-filtered search, which the exact re-ranking makes pointless.
+        faiss.downcast_index(faiss.extract_index_ivf(index.base_index)).do_polysemous_training = False
+        sample = min(count, max(nlist * 64, 65_536))
+        rng = np.random.default_rng(0)
+        train = np.asarray(vectors[np.sort(rng.choice(count, sample, replace=False))],
+                           dtype=np.float32)
+        _train(index, train)
+    for block in range(0, count, _ADD_BLOCK):
+        index.add(np.ascontiguousarray(vectors[block:block + _ADD_BLOCK], dtype=np.float32))
+    return index, index_type
+
+
+def _pq_subquantizers(dim: int) -> int:
+    for m in (dim // 16, dim // 8, dim // 4, dim // 2, dim):
+        if m >= 1 and dim % m == 0:
+            return m
+    return dim
+
+
+def _train(index: Any, train: np.ndarray) -> None:
+    faiss = _faiss()
+    if faiss.get_num_gpus() > 0:  # train the coarse quantizer's k-means on the GPUs
+        ivf = faiss.extract_index_ivf(index)
+        clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(train.shape[1]))
+        ivf.clustering_index = clustering_index
+        index.train(train)
+        ivf.clustering_index = None
+        return
+    index.train(train)
+
+
+def _set_search_params(index: Any, *, nprobe: int, ef_search: int, k_factor: int) -> None:
+    faiss = _faiss()
+    cpu = _to_cpu(index) if index is not None else None
+    if isinstance(cpu, faiss.IndexHNSW):
+        index.hnsw.efSearch = ef_search
+    elif isinstance(cpu, faiss.IndexRefine):
+        index.k_factor = k_factor
+        faiss.extract_index_ivf(index.base_index).nprobe = nprobe
+
+
+def _to_gpu(index: Any) -> Any:
+    """Move flat / IVF indexes to all GPUs when faiss finds any (HNSW has no GPU version)."""
+    faiss = _faiss()
+    if faiss.get_num_gpus() == 0 or isinstance(index, faiss.IndexHNSW | faiss.IndexRefine):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def _to_cpu(index: Any) -> Any:
+    faiss = _faiss()
+    if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_gpu_to_cpu"):
+        with contextlib.suppress(Exception):  # already a CPU index
+            return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def _vectors_of(table: pa.Table, dim: int) -> np.ndarray:
+    column = table.column("vector").combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def _write_vectors(path: Path, old: np.ndarray, keep: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Write kept old rows then new rows to ``path`` (via a temporary name); returns a memmap."""
+    total = int(keep.sum()) + len(new)
+    tmp = path.parent / f".{path.name}.tmp"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                    shape=(total, old.shape[1] if old.ndim == 2 else new.shape[1]))
+    row = 0
+    for start in range(0, len(old), _ADD_BLOCK):
+        block = np.asarray(old[start:start + _ADD_BLOCK])[keep[start:start + _ADD_BLOCK]]
+        out[row:row + len(block)] = block
+        row += len(block)
+    out[row:] = new
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.parent / f".{path.name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_index(index: Any, path: Path) -> None:
+    faiss = _faiss()
+    tmp = path.parent / f".{path.name}.tmp"
+    faiss.write_index(_to_cpu(index), str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

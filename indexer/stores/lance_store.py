@@ -1,0 +1,188 @@
+"""LanceDB table on local disk: the embedded default store.
+
+Layout: ``<db>/lancedb/<table>.lance``. Every :meth:`LanceStore.append` is one Lance commit, so a
+killed run loses at most the chunk it was writing. Appends from several processes (torchrun ranks)
+are compatible commits in Lance's optimistic concurrency; a rare conflict is retried.
+
+Search is exact (brute force, dot product on unit vectors) unless the table has an ANN index
+(``index_type``), which :meth:`LanceStore.commit` builds or refreshes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from beit3.errors import IndexMismatchError, InputDataError
+from indexer.stores import META_COLUMNS, Match, Store, import_optional, row_schema
+
+__all__ = ["LANCE_INDEX_TYPES", "LanceStore"]
+
+logger = logging.getLogger(__name__)
+
+# Lance ANN index types we expose; None (no index) is exact search.
+LANCE_INDEX_TYPES = ("ivf_flat", "ivf_pq", "ivf_hnsw_sq")
+_MIN_ROWS_FOR_INDEX = 5_000  # below this, brute force is fast and an IVF index cannot train well
+_RETRIES = 8
+_IN_CHUNK = 500  # keys per "sha256 IN (...)" filter
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+class LanceStore(Store):
+    """One LanceDB table; see the module docstring."""
+
+    backend = "lancedb"
+
+    def __init__(
+        self, db: Path, table: str, *, dim: int, create: bool = False,
+        index_type: str | None = None, nprobes: int = 32, refine_factor: int | None = None,
+    ) -> None:
+        if index_type is not None and index_type not in LANCE_INDEX_TYPES:
+            raise InputDataError(
+                f"unknown LanceDB index type {index_type!r}; choose one of "
+                f"{', '.join(LANCE_INDEX_TYPES)} (or none for exact search)"
+            )
+        lancedb = import_optional("lancedb", "lancedb")
+        self.name = table
+        self.dim = dim
+        self.index_type = index_type
+        self.nprobes = nprobes
+        self.refine_factor = refine_factor
+        # Strong consistency: a long-lived reader (the app) sees every commit of an indexer
+        # running beside it; on local disk the check is one small read per query.
+        self._conn = lancedb.connect(str(Path(db) / "lancedb"),
+                                     read_consistency_interval=datetime.timedelta(0))
+        try:
+            self._table = self._conn.open_table(table)
+        except ValueError:
+            if not create:
+                raise InputDataError(
+                    f"{db}: no LanceDB table {table!r}; build it with beit3 index"
+                ) from None
+            self._table = self._conn.create_table(table, schema=row_schema(dim), exist_ok=True)
+        field = self._table.schema.field("vector")
+        stored_dim = field.type.list_size
+        if stored_dim != dim:
+            raise IndexMismatchError(
+                f"{db}: table {table!r} holds {stored_dim}-d vectors, the model gives {dim}-d; "
+                "use another --table or --db"
+            )
+
+    def count(self) -> int:
+        return self._table.count_rows()
+
+    def read_meta(self) -> pa.Table:
+        if self.count() == 0:
+            return row_schema(self.dim).empty_table().select(list(META_COLUMNS))
+        return self._table.search().select(list(META_COLUMNS)).limit(None).to_arrow()
+
+    def fetch(self, shas: Sequence[str], with_vectors: bool = True) -> pa.Table:
+        columns = list(META_COLUMNS) + (["vector"] if with_vectors else [])
+        parts = []
+        for start in range(0, len(shas), _IN_CHUNK):
+            part = shas[start:start + _IN_CHUNK]
+            query = self._table.search().where(_in_filter(part)).select(columns).limit(None)
+            parts.append(query.to_arrow())
+        if not parts:
+            return row_schema(self.dim).empty_table().select(columns)
+        return pa.concat_tables(parts)
+
+    def append(self, rows: pa.Table) -> None:
+        self._retry(lambda: self._table.add(rows))
+
+    def upsert(self, rows: pa.Table) -> None:
+        self._retry(lambda: (
+            self._table.merge_insert("sha256").when_matched_update_all()
+            .when_not_matched_insert_all().execute(rows)
+        ))
+
+    def delete(self, shas: Sequence[str]) -> None:
+        for start in range(0, len(shas), _IN_CHUNK):
+            where = _in_filter(shas[start:start + _IN_CHUNK])
+            self._retry(lambda where=where: self._table.delete(where))
+
+    def commit(self) -> None:
+        stats = self._table.stats()
+        fragments = stats["fragment_stats"]["num_fragments"]
+        if fragments > 16:
+            start = time.perf_counter()
+            self._table.optimize()
+            logger.info("compacted %s: %d fragments in %.1f s", self.name, fragments,
+                        time.perf_counter() - start)
+        count = self.count()
+        if self.index_type is None:
+            return
+        if count < _MIN_ROWS_FOR_INDEX:
+            logger.info("table %s has %d rows: exact search, no %s index yet", self.name, count,
+                        self.index_type)
+            return
+        if self._table.list_indices():
+            self._table.optimize()  # adds new rows to the existing index
+            return
+        start = time.perf_counter()
+        # With a config, create_index's first argument is the column (lancedb 0.40).
+        self._table.create_index("vector", replace=True,
+                                 config=lance_index_config(self.index_type, count, self.dim))
+        logger.info("built a LanceDB %s index on %d rows in %.1f s", self.index_type, count,
+                    time.perf_counter() - start)
+
+    def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
+        results = []
+        for vector in np.asarray(vectors, dtype=np.float32):
+            query = (self._table.search(vector, vector_column_name="vector")
+                     .distance_type("dot").limit(k).offset(offset)
+                     .select([*META_COLUMNS, "_distance"]))
+            if self._table.list_indices():
+                query = query.nprobes(self.nprobes)
+                if self.refine_factor:
+                    query = query.refine_factor(self.refine_factor)
+            table = query.to_arrow()
+            distances = table.column("_distance").to_pylist()
+            rows = table.select(list(META_COLUMNS)).to_pylist()
+            # Lance's "dot" distance is 1 - <q, v>; on unit vectors <q, v> is the cosine.
+            results.append([Match(1.0 - d, row) for d, row in zip(distances, rows, strict=True)])
+        return results
+
+    def _retry(self, write: Any) -> None:
+        for attempt in range(_RETRIES):
+            try:
+                write()
+                return
+            except (RuntimeError, OSError) as exc:
+                if "conflict" not in str(exc).lower() or attempt == _RETRIES - 1:
+                    raise
+                logger.debug("commit conflict on %s, retrying: %s", self.name, exc)
+                time.sleep(0.05 * (attempt + 1))
+
+
+def lance_index_config(index_type: str, count: int, dim: int) -> Any:
+    """A LanceDB index config sized for ``count`` rows (dot product on unit vectors).
+
+    Partitions ~ sqrt(N) keeps both the k-means training and the per-query scan small; PQ uses
+    dim / 16 sub-vectors (48 for 768-d), 8 bits each.
+    """
+    from lancedb.index import IvfFlat, IvfHnswSq, IvfPq
+
+    partitions = max(1, min(4096, int(math.sqrt(count))))
+    if index_type == "ivf_flat":
+        return IvfFlat(distance_type="dot", num_partitions=partitions)
+    if index_type == "ivf_pq":
+        return IvfPq(distance_type="dot", num_partitions=partitions,
+                     num_sub_vectors=max(1, dim // 16))
+    return IvfHnswSq(distance_type="dot", num_partitions=max(1, partitions // 16))
+
+
+def _in_filter(shas: Sequence[str]) -> str:
+    for sha in shas:
+        if not _HEX.fullmatch(sha):  # keys are hex digests; anything else must not reach SQL
+            raise InputDataError(f"invalid item id {sha!r}: expected a hex sha256")
+    return "sha256 IN (" + ", ".join(f"'{sha}'" for sha in shas) + ")"

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+from tests.data import caption, pairs, write_shapes
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory, tokenizer):
+    """beit3-tiny with other weights: another model id."""
+    import torch
+
+    from beit3 import create_model, save_checkpoint
+
+    torch.manual_seed(99)
+    path = tmp_path_factory.mktemp("other") / "tiny-other"
+    save_checkpoint(create_model("beit3-tiny"), path, preset="beit3-tiny", tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_db(tmp_path_factory, tiny_checkpoint):
+    """An index with the 32 shapes and their captions, built through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    write_shapes(root / "shapes")
+    (root / "caps.txt").write_text("\n".join(caption(c, s) for c, s in pairs()) + "\n")
+    db = root / "db"
+    images = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
+                                 "--model", str(tiny_checkpoint), "--workers", "0"])
+    assert images.exit_code == 0, images.output
+    assert "images: seen 32, indexed 32, unchanged 0, duplicates 0, removed 0, skipped 0" \
+        in images.stdout
+    texts = runner.invoke(cli, ["index", "texts", str(root / "caps.txt"), "--db", str(db),
+                                "--backend", "faiss"])
+    assert texts.exit_code == 0, texts.output
+    assert "texts: seen 32, indexed 32" in texts.stdout
+    return root, db
+
+
+def test_search_prints_rank_score_and_path(cli_db):
+    root, db = cli_db
+    result = runner.invoke(cli, ["search", "a red circle", "--db", str(db), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3
+    ranks, scores, paths = zip(*(line.split() for line in lines), strict=True)
+    assert ranks == ("1", "2", "3")
+    assert [float(s) for s in scores] == sorted((float(s) for s in scores), reverse=True)
+    assert all(p.startswith(str(root / "shapes")) and p.endswith(".png") for p in paths)
+
+
+def test_image_query_with_json_output(cli_db):
+    root, db = cli_db
+    image = root / "shapes" / "blue_cross_0.png"
+    same = runner.invoke(cli, ["search", str(image), "--image", "--db", str(db), "--k", "1",
+                               "--json"])
+    assert same.exit_code == 0, same.output
+    (hit,) = json.loads(same.stdout)
+    assert hit["path"] == str(image) and hit["score"] == pytest.approx(1.0, abs=1e-5)
+    texts = runner.invoke(cli, ["search", str(image), "--image", "--db", str(db), "--table",
+                                "texts", "--k", "4", "--offset", "2", "--json"])
+    hits = json.loads(texts.stdout)
+    assert [h["rank"] for h in hits] == [3, 4, 5, 6]
+    assert all(h["modality"] == "text" and h["text"].startswith("a ") for h in hits)
+
+
+def test_rerun_reports_nothing_to_embed(cli_db):
+    root, db = cli_db
+    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "seen 32, indexed 0, unchanged 32" in result.stdout
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(cli_db, tmp_path, other_checkpoint):
+    root, db = cli_db
+    result = runner.invoke(cli, ["search", "x", "--db", str(tmp_path)])
+    assert result.exit_code == 2
+    assert _error_line(result) == (f"error: {tmp_path} is not a beit3 index (no "
+                                   "beit3_index.json); build one with: beit3 index images "
+                                   "FOLDER --db DIR --model CKPT")
+
+    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
+                                 "--model", str(other_checkpoint)])
+    assert result.exit_code == 2
+    assert _error_line(result).startswith(f"error: index {db} was built by beit3-tiny@")
+
+    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db",
+                                 str(tmp_path / "new")])
+    assert result.exit_code == 2
+    assert "holds no index yet" in _error_line(result)
+
+    result = runner.invoke(cli, ["search", str(root / "caps.txt"), "--image", "--db", str(db)])
+    assert result.exit_code == 2
+    assert _error_line(result).startswith(f"error: {root / 'caps.txt'}: not a readable image")
+
+    result = runner.invoke(cli, ["search", "x", "--db", str(db), "--table", "nope"])
+    assert result.exit_code == 2
+    assert _error_line(result) == f"error: index {db} has no table 'nope'; its tables: images, texts"
+
+
+def test_missing_path_is_a_usage_error(tmp_path):
+    result = runner.invoke(cli, ["index", "images", str(tmp_path / "nope"), "--db",
+                                 str(tmp_path / "db")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
