@@ -216,7 +216,7 @@ def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offse
 
 def collect_hits(searcher: Any, db: str, query: Query, table: str, k: int, pages: int,
                  ) -> tuple[list, bool]:
-    """Hits of the first ``pages`` pages (the clicked item itself left out); and whether more exist."""
+    """Hits of the first ``pages`` pages, each shown once; and whether more exist."""
     hits: list = []
     total = searcher.tables[table].count
     more = True
@@ -226,9 +226,14 @@ def collect_hits(searcher: Any, db: str, query: Query, table: str, k: int, pages
         if len(batch) < k or (page + 1) * k >= total:
             more = False
             break
-    if query.kind == "item" and query.table == table:
-        hits = [h for h in hits if h.id != query.item_id]
-    return hits, more
+    # Leave out the clicked item itself, and any hit a previous page already showed.
+    seen = {query.item_id} if query.kind == "item" and query.table == table else set()
+    unique = []
+    for hit in hits:
+        if hit.id not in seen:
+            seen.add(hit.id)
+            unique.append(hit)
+    return unique, more
 
 
 def _run_safely(what: str, fn: Any, *args: Any) -> Any:

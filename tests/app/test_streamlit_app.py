@@ -156,6 +156,16 @@ def test_similar_searches_with_the_clicked_image(page, app_searcher):
     assert [r[1] for r in text_rows(page)] == [md_escape(h.text) for h in texts]
 
 
+def test_more_results_after_similar_shows_each_image_once(page, app_searcher):
+    search(page, QUERY)
+    first = app_searcher.search(QUERY, "images", k=1)[0]
+    page.button(key=f"similar-images-{first.id}").click().run()
+    page.button(key="more-images").click().run()
+    names = [name for name, _ in cards(page)]
+    assert len(names) == len(set(names)) >= 2 * PAGE - 1
+    assert f"**{md_escape(Path(first.path).name)}**" not in names
+
+
 def test_text_hit_searches_images_with_its_vector(page, app_searcher):
     search(page, QUERY)
     top_text = app_searcher.search(QUERY, "texts", k=1)[0]
@@ -243,6 +253,19 @@ def test_no_database_argument_says_how_to_start(monkeypatch):
     at = open_page(monkeypatch)
     no_traceback(at)
     assert "beit3 app --db DIR" in at.error[0].value
+
+
+def test_database_picker_switches_between_databases(monkeypatch, app_db, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    at = open_page(monkeypatch, "--db", str(app_db), "--db", str(other))
+    assert at.selectbox(key="db").options == ["db", "other"]
+    search(at, QUERY)
+    assert len(cards(at)) == PAGE
+    at.selectbox(key="db").set_value("other").run()
+    no_traceback(at)
+    assert at.error[0].value.startswith(f"The database `{other}` is empty")
+    assert not cards(at)
 
 
 def test_sidebar_shows_model_and_index_size(page, app_searcher):
