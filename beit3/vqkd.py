@@ -3,7 +3,7 @@
 A ViT encoder maps each patch to a vector; a task layer (Linear-Tanh-Linear) projects it to the
 codebook dimension; the vector is L2-normalised and replaced by its nearest code in an
 L2-normalised codebook (cosine similarity). A small ViT decoder reads the code map and
-reconstructs a *teacher's* per-patch features; the loss is 1 - cosine similarity plus the
+reconstructs a *teacher's* per-patch features (:mod:`beit3.pretrain.teachers`); the loss is 1 - cosine similarity plus the
 commitment term ||sg(code) - z||^2. The codebook is not trained by gradient: it is initialised by
 k-means on the first batch and follows an exponential moving average of the vectors assigned to
 each code; codes that fall out of use can be re-seeded from the current batch.
@@ -40,9 +40,7 @@ from beit3.model import trunc_normal_
 
 __all__ = [
     "VQKD",
-    "Beit3Teacher",
     "NormEMAQuantizer",
-    "PixelTeacher",
     "VqkdConfig",
     "VqkdOutput",
     "get_vqkd_preset",
@@ -284,20 +282,23 @@ class NormEMAQuantizer(nn.Module):
             (straight-through codes (B, N, d), code ids (B, N) long, commitment loss (0-dim),
             normalised z (B, N, d)).
         """
-        z = F.normalize(z.float(), dim=-1)
-        codebook = self.embedding.weight
-        # On the unit sphere, the nearest code is the one with the largest dot product.
-        codes = torch.argmax(z @ codebook.t(), dim=-1)  # (B, N)
-        z_q = F.embedding(codes, codebook)  # (B, N, d)
-        commit = self.beta * F.mse_loss(z_q.detach(), z)
-        return z + (z_q - z).detach(), codes, commit, z
+        with torch.autocast(z.device.type, enabled=False):  # the lookup stays in fp32
+            z = F.normalize(z.float(), dim=-1)
+            codebook = self.embedding.weight
+            # On the unit sphere, the nearest code is the one with the largest dot product.
+            codes = torch.argmax(z @ codebook.t(), dim=-1)  # (B, N)
+            z_q = F.embedding(codes, codebook)  # (B, N, d)
+            commit = self.beta * F.mse_loss(z_q.detach(), z)
+            return z + (z_q - z).detach(), codes, commit, z
 
     @torch.no_grad()
     def batch_stats(self, z: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
         """Per-code counts (K,) and sums of assigned vectors (K, d) of one batch (sum over ranks
         before :meth:`ema_update` when distributed)."""
         flat, ids = z.detach().reshape(-1, self.dim).float(), codes.reshape(-1)
-        counts = torch.bincount(ids, minlength=self.num_codes).float()
+        # index_add_ rather than bincount: bincount reads the max id back to the host (a sync).
+        counts = torch.zeros(self.num_codes, device=z.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float32))
         sums = torch.zeros(self.num_codes, self.dim, device=z.device).index_add_(0, ids, flat)
         return counts, sums
 
@@ -341,7 +342,8 @@ class NormEMAQuantizer(nn.Module):
         count = int(dead.sum())
         if count:
             samples = F.normalize(samples.detach().reshape(-1, self.dim).float(), dim=-1)
-            self.embedding.weight[dead] = _sample_rows(samples, count, generator)
+            weight = self.embedding.weight
+            weight[dead] = _sample_rows(samples, count, generator).to(weight.device)
             # Give re-seeded codes a usage just above the threshold so they get a fair chance.
             self.cluster_size[dead] = threshold
         return count
@@ -450,67 +452,6 @@ class VQKD(nn.Module):
         cosine = F.cosine_similarity(rec.float(), targets.float(), dim=-1, eps=1e-6)
         rec_loss = (1.0 - cosine).mean()
         return VqkdOutput(rec_loss + commit, rec_loss, commit, codes, z_norm)
-
-
-# Teachers ----------------------------------------------------------------------------------
-
-class PixelTeacher(nn.Module):
-    """Teacher without weights: the pixels of each patch, so VQ-KD trains offline from nothing.
-
-    Args:
-        patch_size: the tokenizer's patch size.
-        norm: ``"none"``: the preprocessed pixels (mean = std = 0.5, so colour survives the cosine
-            loss); ``"patch"``: each patch standardised on its own (MAE's normalised pixels:
-            texture only, flat patches become zero).
-    """
-
-    def __init__(self, patch_size: int, norm: str = "none") -> None:
-        super().__init__()
-        if norm not in ("none", "patch"):
-            raise ConfigError(f"pixel teacher norm must be 'none' or 'patch', got {norm!r}")
-        self.patch_size, self.norm = patch_size, norm
-
-    def out_dim(self, in_chans: int = 3) -> int:
-        return in_chans * self.patch_size**2
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, N, C * P * P), patches row-major, pixels (C, P, P)-ordered."""
-        p = self.patch_size
-        batch, chans, height, width = images.shape
-        x = images.float().reshape(batch, chans, height // p, p, width // p, p)
-        x = x.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // p) * (width // p), -1)
-        if self.norm == "patch":
-            x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
-        return x
-
-
-class Beit3Teacher(nn.Module):
-    """A frozen BEiT-3 backbone as teacher: the patch tokens of a vision-only pass (B, N, D).
-
-    Args:
-        backbone: a ``Beit3Model`` (e.g. ``load_checkpoint(dir).model.beit3``).
-    """
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone.eval().requires_grad_(False)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Beit3Teacher:
-        from beit3.checkpoint import load_checkpoint
-
-        return cls(load_checkpoint(path, device=device).model.beit3)
-
-    def out_dim(self, in_chans: int = 3) -> int:
-        return self.backbone.config.embed_dim
-
-    def train(self, mode: bool = True) -> Beit3Teacher:
-        return super().train(False)  # always frozen
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images=images).hidden_states[:, 1:]  # drop CLS
 
 
 # Saving and loading -------------------------------------------------------------------------

@@ -48,7 +48,8 @@ from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from beit3.vqkd import VQKD, load_vqkd
 
-__all__ = ["PretrainResult", "load_pretrained", "pretrain"]
+__all__ = ["PretrainResult", "StepOutput", "build_optimizer", "compile_layers", "load_pretrained",
+           "pretrain", "train_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,88 @@ def _step_parts(batches: dict[str, MaskedBatch], outputs: dict[str, Any],
     return stats
 
 
+def build_optimizer(model: torch.nn.Module, config: PretrainConfig, device: torch.device
+                    ) -> torch.optim.AdamW:
+    """AdamW over the official weight-decay groups; fused on CUDA unless configured off."""
+    fused = device.type == "cuda" if config.fused_optimizer is None else config.fused_optimizer
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                             betas=config.betas, eps=config.eps,
+                             **({"fused": True} if fused else {}))
+
+
+def compile_layers(model: Beit3ForPretraining) -> None:
+    """Compile each encoder layer in place (regional compilation: the layers share their graphs,
+    one per input layout (text, image, pair), so building is quick; state-dict keys stay as
+    they are, unlike ``torch.compile(model)``).
+
+    The layers' stochastic-depth rates are Python floats that ``bernoulli_`` specialises on, so
+    every distinct rate compiles its own graphs; the recompile limit is raised to fit them
+    (slower first steps; ``drop_path_rate=0`` avoids it).
+    """
+    import torch._dynamo.config as dynamo_config
+
+    layers = model.beit3.encoder.layers
+    rates = {float(layer.drop_path) for layer in layers}
+    needed = 3 * len(rates) + 2  # 3 layouts per rate, plus slack for a short last batch
+    if needed > dynamo_config.recompile_limit:
+        logger.warning("torch.compile: %d distinct drop-path rates give %d layer graphs to build "
+                       "(set drop_path_rate=0 for 3)", len(rates), 3 * len(rates))
+        dynamo_config.recompile_limit = needed
+    for layer in layers:
+        layer.compile()
+
+
+@dataclass
+class StepOutput:
+    """stats: part -> MaskedStats; codes: kind -> (B, N) visual codes; grad_norm: 0-dim."""
+
+    stats: dict[str, MaskedStats]
+    codes: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+
+
+def train_step(
+    forward: torch.nn.Module,
+    model: Beit3ForPretraining,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MaskedModelingLoss,
+    batches: dict[str, MaskedBatch],
+    vqkd: VQKD | None,
+    *,
+    world_size: int = 1,
+    bf16: bool = False,
+    grad_clip: float = 0.0,
+) -> StepOutput:
+    """One optimisation step on device-resident batches; reads nothing back to the host.
+
+    Args:
+        forward: the (possibly DDP-wrapped) :class:`~beit3.pretrain.distributed.StepModule`.
+        model: the underlying model (for clipping).
+        optimizer, loss_fn: as built by :func:`pretrain`.
+        batches: kind -> :class:`MaskedBatch` on the model's device.
+        vqkd: the visual tokenizer (None when no batch has images).
+        world_size: processes whose gradients are averaged.
+        bf16: bf16 autocast (CUDA).
+        grad_clip: max gradient norm (0 = no clipping; the norm is still returned).
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    codes: dict[str, torch.Tensor] = {}
+    with autocast:
+        if vqkd is not None:
+            codes = {k: vqkd.encode(b.images) for k, b in batches.items()
+                     if b.images is not None and b.image_positions is not None}
+        outputs = forward(batches)
+    stats = _step_parts(batches, outputs, codes)
+    counts = pdist.all_reduce_sum(torch.stack([s.count for s in stats.values()]))
+    loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world_size)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(stats, codes, grad_norm)
+
+
 class _Window:
     """Device-side sums of the metrics between two log steps (read only when logging)."""
 
@@ -169,7 +252,8 @@ class _Window:
             row = self.parts.index(part)
             self.sums[row] += torch.stack([s.loss_sum.detach(), s.count, s.correct]).double()
         for c in codes.values():
-            self.codes += torch.bincount(c.reshape(-1), minlength=self.codes.numel()).double()
+            flat = c.reshape(-1)  # index_add_, not bincount: no device-to-host sync
+            self.codes.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
     def read(self, weights: dict[str, float]) -> dict[str, float]:
         sums, codes = pdist.all_reduce_sum(self.sums.clone()), pdist.all_reduce_sum(self.codes.clone())
@@ -265,13 +349,12 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path differs by rank
 
     model.to(device)
+    if config.compile:
+        compile_layers(model)  # before FSDP wraps the layers, as torchtitan does
     sharding = _sharding(config, cfg)
     if sharding == "fsdp" and pdist.is_distributed():
         pdist.shard_fsdp(model)
-    fused = cuda if config.fused_optimizer is None else config.fused_optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=config.betas, eps=config.eps,
-                                  **({"fused": True} if fused else {}))
+    optimizer = build_optimizer(model, config, device)
     if step_dir is not None:
         pdist.load_optimizer_state(model, optimizer, step_dir)
 
@@ -285,17 +368,13 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                 ", ".join(f"{k} x{s.batch_size}" for k, s in streams.items()), start_step,
                 config.max_steps, "bf16" if use_bf16 else "fp32", sharding)
 
-    step_module = pdist.wrap_model(model, sharding, device,
-                                   _unused_parameters(set(streams), config))
-    forward = torch.compile(step_module) if config.compile else step_module
+    forward = pdist.wrap_model(model, sharding, device, _unused_parameters(set(streams), config))
     loss_fn = MaskedModelingLoss(config.text_weight, config.image_weight, config.pair_weight)
     world = info.world_size
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     window = _Window(device, codebook_size)
     metrics: dict[str, float] = {}
     num_vision = cfg.num_vision_tokens
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 \
-        else contextlib.nullcontext()
 
     def save(step: int) -> None:
         model_state, optim_state = pdist.full_state(model, optimizer)
@@ -318,23 +397,11 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                                     config.min_lr))
         batches = {kind: next(stream).to(device, non_blocking=cuda)
                    for kind, stream in streams.items()}
-        codes: dict[str, torch.Tensor] = {}
-        with autocast:
-            if vqkd is not None:
-                codes = {k: vqkd.encode(b.images) for k, b in batches.items()
-                         if b.images is not None and b.image_positions is not None}
-            outputs = forward(batches)
-        stats = _step_parts(batches, outputs, codes)
-        counts = pdist.all_reduce_sum(torch.stack([s.count for s in stats.values()]))
-        loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = train_step(forward, model, optimizer, loss_fn, batches, vqkd, world_size=world,
+                         bf16=use_bf16, grad_clip=config.grad_clip)
         step += 1
 
-        window.add(stats, codes)
+        window.add(out.stats, out.codes)
         window.steps += 1
         window.samples += sum(b.size for b in batches.values())
         window.tokens += sum(b.size * (num_vision if b.images is not None else 0)
@@ -346,8 +413,9 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower the "
                                          "learning rate or check the data")
             metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                         else grad_norm)
+            norm = out.grad_norm
+            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor")
+                                         else norm)
             log.log(step, force=True, **metrics)
         if step % config.save_every == 0 or step == config.max_steps:
             save(step)

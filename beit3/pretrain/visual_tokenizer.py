@@ -26,9 +26,10 @@ from beit3.errors import ConfigError
 from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import VisualTokenizerConfig
 from beit3.pretrain.data import BatchStream, ImageDataset, KeyedDataset, list_images
+from beit3.pretrain.teachers import Beit3Teacher, PixelTeacher
 from beit3.runtime import RunLogger, cosine_lr, init_distributed, set_lr, write_run_config
 from beit3.transforms import PreprocessConfig, TrainImageTransform
-from beit3.vqkd import VQKD, Beit3Teacher, PixelTeacher, VqkdConfig, get_vqkd_preset, save_vqkd
+from beit3.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
 
 __all__ = ["VisualTokenizerResult", "build_teacher", "train_visual_tokenizer"]
 

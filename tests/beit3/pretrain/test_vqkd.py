@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
+from beit3.pretrain.teachers import PixelTeacher
 from beit3.vqkd import (
     VQKD,
     NormEMAQuantizer,
-    PixelTeacher,
     get_vqkd_preset,
     import_official_vqkd,
     load_vqkd,
