@@ -331,21 +331,20 @@ class NormEMAQuantizer(nn.Module):
         self.embedding.initted.fill_(1.0)
 
     @torch.no_grad()
-    def reseed_dead_codes_(self, samples: Tensor, threshold: float,
+    def reseed_dead_codes_(self, samples: Tensor, counts: Tensor, min_count: float = 1.0,
                            generator: torch.Generator | None = None) -> int:
-        """Replace codes whose usage EMA is below ``threshold`` by random vectors of ``samples``.
+        """Replace the codes that received fewer than ``min_count`` vectors (``counts`` (K,),
+        e.g. summed over the last few hundred steps and all ranks) by random ``samples``.
 
         Returns:
             How many codes were re-seeded.
         """
-        dead = self.cluster_size < threshold
+        dead = counts.to(self.embedding.weight.device) < min_count
         count = int(dead.sum())
         if count:
             samples = F.normalize(samples.detach().reshape(-1, self.dim).float(), dim=-1)
             weight = self.embedding.weight
             weight[dead] = _sample_rows(samples, count, generator).to(weight.device)
-            # Give re-seeded codes a usage just above the threshold so they get a fair chance.
-            self.cluster_size[dead] = threshold
         return count
 
 

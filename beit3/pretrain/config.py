@@ -163,7 +163,9 @@ class VisualTokenizerConfig:
     (the preprocessed pixels of each patch: trains from nothing), ``"pixels-patchnorm"`` (each
     patch standardised), or a BEiT-3 checkpoint directory (its frozen vision encoder). Defaults
     follow BEiT v2: AdamW (0.9, 0.99), weight decay 1e-4, lr 2e-4 for a batch of 512
-    (5e-5 x 512 / 128), random resized crops down to 8% of the image.
+    (5e-5 x 512 / 128), random resized crops down to 8% of the image. Every ``reseed_every``
+    steps, codes that received fewer than ``dead_code_threshold`` vectors since the last check
+    (all ranks together) are re-seeded from the current batch (0 = never).
     """
 
     output_dir: str
@@ -184,8 +186,8 @@ class VisualTokenizerConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
     kmeans_iters: int = 10
-    reseed_every: int = 100
-    dead_code_threshold: float = 0.01
+    reseed_every: int = 200
+    dead_code_threshold: float = 1.0
     device: str = "auto"
     precision: Precision = "auto"
     num_workers: int = 4

@@ -49,7 +49,7 @@ from beit3.transforms import PreprocessConfig
 from beit3.vqkd import VQKD, load_vqkd
 
 __all__ = ["PretrainResult", "StepOutput", "build_optimizer", "compile_layers", "load_pretrained",
-           "pretrain", "train_step"]
+           "model_config", "pretrain", "train_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def _needs_images(config: PretrainConfig) -> bool:
                 or (config.image_data and config.image_batch_size))
 
 
-def _model_config(config: PretrainConfig) -> Beit3Config:
+def model_config(config: PretrainConfig) -> Beit3Config:
+    """The backbone config of a run: its preset, overrides, drop path and checkpointing."""
     overrides = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint,
                  **config.model_overrides}
     return create_config(config.preset, **overrides)
@@ -311,7 +312,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
 
     spm = _resolve_tokenizer(config)
     tokenizer = TextTokenizer(spm, max_len=config.pair_max_len)
-    cfg = _model_config(config)
+    cfg = model_config(config)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but {config.preset}'s "
                           f"text table has {cfg.vocab_size} rows; set model_overrides vocab_size")

@@ -153,9 +153,10 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
                 vq_config.codebook_size, vq_config.codebook_dim, sum(v.shape[0] for v in vectors))
 
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
-    usage = torch.zeros(vq_config.codebook_size, device=device)
+    usage = torch.zeros(vq_config.codebook_size, device=device)  # this log window
+    recent = torch.zeros(vq_config.codebook_size, device=device)  # since the last re-seeding
     sums = torch.zeros(3, device=device)
-    window_steps = 0
+    window_steps = reseeded_total = 0
     metrics: dict[str, float] = {}
     tokenizer_dir = output_dir / "tokenizer"
     model.train()
@@ -175,15 +176,15 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
         stats = pdist.all_reduce_sum(torch.cat([counts.unsqueeze(1), code_sums], dim=1))
         model.quantize.ema_update(stats[:, 0], stats[:, 1:])
         usage += stats[:, 0]
+        recent += stats[:, 0]
         sums += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.commit_loss.detach()])
         window_steps += 1
         if config.reseed_every and step % config.reseed_every == 0:
             if info.is_main:
-                reseeded = model.quantize.reseed_dead_codes_(out.z.cpu(), config.dead_code_threshold,
-                                                             generator)
-                if reseeded:
-                    logger.info("step %d: re-seeded %d dead codes", step, reseeded)
+                reseeded_total += model.quantize.reseed_dead_codes_(
+                    out.z.cpu(), recent, config.dead_code_threshold, generator)
             _broadcast_codebook(model)
+            recent.zero_()
         if step % config.log_every == 0 or step == config.max_steps:
             values = (pdist.all_reduce_sum(sums.clone()) / max(window_steps, 1)).tolist()
             world = dist.get_world_size() if pdist.is_distributed() else 1
@@ -193,6 +194,7 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
                        "commit_loss": values[2] / world,
                        "codebook_usage": float((usage > 0).float().mean()),
                        "codebook_perplexity": math.exp(entropy),
+                       "codes_reseeded": float(reseeded_total),
                        "lr": optimizer.param_groups[0]["lr"]}
             log.log(step, force=True, **metrics)
             usage.zero_()

@@ -32,7 +32,7 @@ def train_tiny_vqkd(out: Path, shapes_manifest: Path) -> Path:
     result = train_visual_tokenizer(VisualTokenizerConfig(
         output_dir=str(out), data=(str(shapes_manifest),), preset="vqkd-tiny",
         overrides={"codebook_size": 32}, batch_size=32, max_steps=60, lr=1e-3, warmup_steps=5,
-        crop_scale=(0.6, 1.0), num_workers=0, log_every=20, tensorboard=False))
+        crop_scale=(0.6, 1.0), num_workers=0, log_every=20, reseed_every=20, tensorboard=False))
     torch.set_num_threads(before)
     return result.path
 

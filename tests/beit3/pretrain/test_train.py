@@ -1,5 +1,6 @@
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,38 @@ def test_masks_depend_on_the_sample_not_the_batch(tmp_path, spm_path, shapes_man
             length = int((~part.padding_mask[row]).sum())
             assert torch.equal(part.text_ids[row, :length], big.text_ids[ref, :length])
     assert np.isclose(big.image_mask.float().mean().item(), 0.5)  # round(0.4 * 4) = 2 of 4
+
+
+def test_webdataset_shards_and_image_folders_feed_the_streams(tmp_path, spm_path,
+                                                              shapes_manifest, vqkd_dir):
+    import io
+    import tarfile
+
+    rows = [json.loads(line) for line in shapes_manifest.read_text().splitlines()]
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, row in enumerate(rows):
+            for name, data in ((f"{i:05d}.png", Path(row["image"]).read_bytes()),
+                               (f"{i:05d}.txt", row["text"].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows[:40]:
+        (images / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(r["text"] for r in rows) + "\n")
+    config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, vqkd_dir, max_steps=3,
+                         pair_data=(str(shard),), image_data=(str(images),),
+                         text_data=(str(texts),), save_every=2)
+    pretrain(config)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert {"loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim"} <= set(last)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer_state.pt",
+                       weights_only=True)
+    assert state["extra"]["streams"]["pair"] == {"epoch": 0, "position": 48}
+    # Resuming a streamed run skips the samples it already used.
+    pretrain(config.replace(max_steps=4, resume=str(tmp_path / "run" / "checkpoints" /
+                                                    "step-00000002")))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [3, 4]

@@ -42,6 +42,7 @@ def test_codebook_usage_after_short_training_on_shapes(vqkd_dir):
     first, last = records[0], records[-1]
     assert last["codebook_usage"] >= 0.6, last  # at least 20 of 32 codes in the last window
     assert last["codebook_perplexity"] > 10
+    assert last["codes_reseeded"] > 0  # codes unused for 20 steps were re-seeded
     assert last["rec_loss"] < 0.6 * first["rec_loss"]
     model = load_vqkd(vqkd_dir)
     assert model.quantize.is_initialized
@@ -114,12 +115,13 @@ def test_dead_codes_are_reseeded_from_the_batch():
     torch.manual_seed(0)
     q = NormEMAQuantizer(8, 4)
     q.kmeans_init_(torch.randn(64, 4))
-    q.cluster_size.copy_(torch.tensor([5.0, 0, 5, 0, 5, 5, 5, 0]))
+    before = q.embedding.weight.clone()
+    counts = torch.tensor([5.0, 0, 5, 0, 5, 5, 5, 0])  # vectors per code since the last check
     samples = F.normalize(torch.randn(32, 4), dim=-1)
-    assert q.reseed_dead_codes_(samples, threshold=0.01) == 3
+    assert q.reseed_dead_codes_(samples, counts) == 3
     for code in (1, 3, 7):  # each re-seeded code is one of the samples
         assert (samples @ q.embedding.weight[code]).max() > 1 - 1e-5
-    assert (q.cluster_size >= 0.01).all()
+    assert torch.equal(q.embedding.weight[counts > 0], before[counts > 0])
 
 
 def test_pixel_teacher_orders_patches_like_the_patch_embedding():
@@ -141,3 +143,20 @@ def test_presets_and_config_errors():
     with torch.device("meta"):
         base = VQKD(get_vqkd_preset("vqkd-base"))
     assert 94e6 < sum(p.numel() for p in base.parameters()) < 96e6  # ViT-B + 1-layer decoder
+
+
+def test_a_beit3_checkpoint_can_be_the_teacher(tmp_path, tiny_checkpoint, shapes_manifest):
+    from beit3.pretrain.config import VisualTokenizerConfig
+    from beit3.pretrain.visual_tokenizer import train_visual_tokenizer
+
+    result = train_visual_tokenizer(VisualTokenizerConfig(
+        output_dir=str(tmp_path), data=(str(shapes_manifest),), preset="vqkd-tiny",
+        teacher=str(tiny_checkpoint), batch_size=16, max_steps=3, num_workers=0,
+        tensorboard=False, log_every=1))
+    model = load_vqkd(result.path)
+    assert model.config.teacher_dim == 64  # beit3-tiny's width, set from the teacher
+    assert all(r["rec_loss"] < 1.5 for r in read_metrics(tmp_path))
+    with pytest.raises(ConfigError, match="teacher_dim is overridden"):
+        train_visual_tokenizer(VisualTokenizerConfig(
+            output_dir=str(tmp_path / "x"), data=(str(shapes_manifest),), preset="vqkd-tiny",
+            overrides={"teacher_dim": 32}, teacher=str(tiny_checkpoint), max_steps=1))
