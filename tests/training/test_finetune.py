@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from beit3 import ConfigError, InputDataError, load_checkpoint
+from beit3.runtime import find_latest
+from training import EvalConfig, FinetuneConfig, evaluate, finetune
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+
+
+def _scratch(shapes, name, **changes):
+    base = dict(train=str(shapes["train"]), output_dir=str(shapes["root"] / name),
+                preset="beit3-tiny", spm_vocab_size=300, batch_size=16, num_workers=0,
+                tensorboard=False, log_every=1, drop_path_rate=0.0)
+    return FinetuneConfig(**{**base, **changes})
+
+
+def test_tiny_model_overfits_64_pairs(shapes):
+    # Full-batch contrastive steps on the 64 shape pairs; lr / steps / crop were picked by
+    # trying seeds 0-5 (R@1 >= 0.94 for each; 50 steps or lr 2e-3 were unreliable).
+    config = _scratch(shapes, "overfit", batch_size=64, max_steps=100, lr=1e-3,
+                      weight_decay=0.0, crop_scale=(0.8, 1.0), log_every=50, save_every=1000,
+                      seed=0)
+    final = finetune(config)
+    losses = _losses(shapes["root"] / "overfit")
+    # The two jitter variants share a caption, so log(2) ~ 0.69 is the floor of the loss.
+    assert losses[50] < 1.5 and losses[100] < losses[50]
+    metrics = evaluate(EvalConfig(checkpoint=str(final), data=str(shapes["eval"]),
+                                  num_workers=0))
+    assert metrics["num_images"] == metrics["num_texts"] == 32
+    assert metrics["i2t_r1"] >= 0.9 and metrics["t2i_r1"] >= 0.9, metrics
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_a_stop_continues_the_same_steps_and_losses(shapes):
+    # drop path on, several batches per epoch and an epoch boundary: RNG, data position,
+    # optimizer and schedule must all carry over.
+    common = dict(max_steps=6, save_every=3, lr=1e-3, drop_path_rate=0.1, seed=3)
+    straight = finetune(_scratch(shapes, "straight", **common))
+
+    def stop_at_5(step, total):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(_scratch(shapes, "stopped", **common), progress=stop_at_5)
+    assert find_latest(shapes["root"] / "stopped").name == "step-00000003"
+    with pytest.raises(ConfigError, match="already holds a run .* --resume latest"):
+        finetune(_scratch(shapes, "stopped", **common))
+    resumed = finetune(_scratch(shapes, "stopped", resume="latest", **common))
+
+    want, got = _losses(shapes["root"] / "straight"), _losses(shapes["root"] / "stopped")
+    assert list(got) == list(want) == [1, 2, 3, 4, 5, 6]  # no step twice, none missing
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="batch_size"):
+        finetune(_scratch(shapes, "stopped", resume="latest", **{**common, "batch_size": 8}))
+
+
+def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing(
+        shapes, tiny_checkpoint):
+    run = shapes["root"] / "from_ckpt"
+    config = FinetuneConfig(
+        train=str(shapes["train"]), output_dir=str(run), init=str(tiny_checkpoint),
+        val=str(shapes["eval"]), eval_every=2, max_steps=4, batch_size=8, accum_steps=2,
+        use_checkpoint=True, num_workers=0, log_every=2, tensorboard=True,
+    )
+    final = finetune(config)
+    records = _records(run)
+    evals = [r for r in records if "val/average" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["val/i2t_r1"] <= 1 for r in evals)
+    best = json.loads((run / "best.json").read_text())
+    assert best["average"] == max(r["val/average"] for r in evals)
+    assert load_checkpoint(run / "best").model_id != load_checkpoint(tiny_checkpoint).model_id
+    # The final checkpoint is a plain, loadable model without the training-only knobs.
+    ckpt = load_checkpoint(final)
+    assert ckpt.config == load_checkpoint(tiny_checkpoint).config
+    assert not ckpt.config.use_checkpoint and ckpt.config.drop_path_rate == 0.0
+    resolved = json.loads((run / "run_config.json").read_text())
+    assert resolved["config"]["layer_decay"] == 0.65 and resolved["config"]["warmup_steps"] == 1
+    assert resolved["git_sha"] and resolved["config"]["global_batch_size"] == 8
+    assert any((run / "tensorboard").iterdir())
+    # Layer decay reached the optimizer: 2 layers, so embeddings train at 0.65^3 x lr.
+    state = torch.load(run / "checkpoints" / "step-00000004" / "trainer_state.pt",
+                       weights_only=True)
+    scales = sorted({round(g["lr_scale"], 6) for g in state["optimizer"]["param_groups"]})
+    assert scales == [round(0.65**k, 6) for k in (3, 2, 1, 0)]
+
+
+def test_from_scratch_trains_its_own_tokenizer_and_smoke_mode_is_fast(shapes):
+    final = finetune(_scratch(shapes, "smoke", max_steps=2))
+    ckpt = load_checkpoint(final)
+    assert ckpt.config.vocab_size == ckpt.tokenizer.vocab_size < 400
+    assert ckpt.tokenizer.decode(ckpt.tokenizer.encode("a red circle")) == "a red circle"
+    assert list(_losses(shapes["root"] / "smoke")) == [1, 2]
+
+
+def test_bad_settings_are_named(shapes, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of init"):
+        FinetuneConfig(train="x", output_dir="y")
+    with pytest.raises(ConfigError, match="shards have no known length; give the run length "
+                                          "with --max-steps"):
+        finetune(_scratch(shapes, "shards", train=str(tmp_path / "s-{0..1}.tar")))
+    with pytest.raises(InputDataError, match="no such file or folder"):
+        finetune(_scratch(shapes, "missing", train=str(tmp_path / "nope.jsonl"), max_steps=1))
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
+        finetune(_scratch(shapes, "bf16", precision="bf16", device="cpu", max_steps=1))

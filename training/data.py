@@ -1,0 +1,270 @@
+"""Training and evaluation inputs on top of ``beit3.data``.
+
+- :class:`TrainData`: an endless, resumable stream of :class:`beit3.data.PairBatch` from a
+  manifest, a caption folder or WebDataset shards, sharded across ranks. Its position is
+  (epoch, batches consumed this epoch); augmentation is seeded per (seed, epoch, sample), so a
+  resumed run sees exactly the batches the uninterrupted run would have.
+- :class:`ImageFiles`: each evaluation image once, for encoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from beit3.data import (
+    PairBatch,
+    PairDataset,
+    ResumableSampler,
+    WebDatasetPairs,
+    collate_pairs,
+    expand_shards,
+    read_pairs,
+)
+from beit3.errors import InputDataError
+from beit3.tokenizer import TextTokenizer
+from beit3.transforms import ImageTransform, PreprocessConfig, TrainImageTransform, load_image
+
+__all__ = ["ImageFiles", "TrainData", "is_shard_source", "read_source_texts"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_shard_source(source: str | Path) -> bool:
+    """True for WebDataset shards: a ``.tar`` file, a ``{000..009}`` pattern, or a folder that
+    holds ``.tar`` files (a folder of images is a caption folder instead)."""
+    text = str(source)
+    if text.endswith(".tar") or ("{" in text and ".tar" in text):
+        return True
+    path = Path(text)
+    return path.is_dir() and any(path.glob("*.tar"))
+
+
+def read_source_texts(source: str | Path, image_column: str | None = None,
+                      text_column: str | None = None) -> Iterator[str]:
+    """Every caption of a training source (to train a tokenizer on)."""
+    if not is_shard_source(source):
+        for record in read_pairs(source, image_column, text_column):
+            yield record.text
+        return
+    for shard in expand_shards(source):
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                ext = member.name.rsplit("/", 1)[-1].partition(".")[2].lower()
+                data = tar.extractfile(member) if member.isfile() and ext in ("txt", "json") else None
+                if data is None:
+                    continue
+                raw = data.read().decode("utf-8", "replace")
+                if ext == "txt":
+                    yield from (line for line in raw.splitlines() if line.strip())
+                    continue
+                try:
+                    meta = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                value = next((meta[k] for k in ("text", "caption", "captions") if k in meta), None)
+                values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+                yield from (v for v in values if isinstance(v, str) and v.strip())
+
+
+class _SeededPairs(PairDataset):
+    """PairDataset whose augmentation for sample i in epoch e depends only on (seed, e, i)."""
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        self.transform.rng.seed(f"{self.seed}:{self.epoch}:{i}")
+        return super().__getitem__(i)
+
+
+class _ShardStream(IterableDataset):
+    """WebDataset shards in a seeded per-epoch shard order, through a seeded shuffle buffer."""
+
+    def __init__(self, shards: Sequence[Path], transform: TrainImageTransform,
+                 tokenizer: TextTokenizer, rank: int, world_size: int, seed: int,
+                 buffer_size: int) -> None:
+        self.shards = list(shards)
+        self.transform, self.tokenizer = transform, tokenizer
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.buffer_size = buffer_size
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        order = torch.randperm(len(self.shards),
+                               generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
+        self.transform.rng = random.Random(f"augment:{tag}")
+        rng = random.Random(f"shuffle:{tag}")
+        stream = WebDatasetPairs([self.shards[i] for i in order.tolist()], self.transform,
+                                 self.tokenizer, self.rank, self.world_size)
+        buffer: list[dict[str, Any]] = []
+        for sample in stream:
+            if sample is None:  # a broken image, already reported by WebDatasetPairs
+                continue
+            if len(buffer) < self.buffer_size:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(len(buffer))
+            buffer[slot], sample = sample, buffer[slot]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class TrainData:
+    """Endless training batches for this rank, resumable at a batch boundary.
+
+    Args:
+        source: a .jsonl/.csv manifest, a folder of images with .txt captions, or WebDataset
+            shards (a .tar, a folder of .tar files, or ``shard-{000..099}.tar``).
+        tokenizer: the text tokenizer.
+        preprocess: image size and normalisation.
+        batch_size: pairs per batch on this rank.
+        rank, world_size: this process's share.
+        seed: data order and augmentation seed.
+        num_workers: DataLoader worker processes.
+        crop_scale: random-resized-crop area range (official 0.5-1).
+        hflip: horizontal flip probability.
+        shuffle_buffer: samples held for shuffling a shard stream.
+
+    Raises:
+        InputDataError: unreadable source, or fewer pairs per rank than one batch.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        tokenizer: TextTokenizer,
+        preprocess: PreprocessConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        image_column: str | None = None,
+        text_column: str | None = None,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: float = 0.5,
+        shuffle_buffer: int = 1000,
+        pin_memory: bool = False,
+    ) -> None:
+        self.source = str(source)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.batch = 0  # batches consumed in the current epoch
+        transform = TrainImageTransform(preprocess, scale=crop_scale, hflip=hflip)
+        self.is_stream = is_shard_source(source)
+        if self.is_stream:
+            shards = expand_shards(source)
+            if len(shards) < world_size:
+                raise InputDataError(
+                    f"{source}: {len(shards)} shards for {world_size} processes; every process "
+                    "needs at least one shard (split the data into more shards)"
+                )
+            usable = max(1, len(shards) // world_size)
+            if num_workers > usable:
+                logger.warning("%s: %d shards per process, so %d data workers instead of %d",
+                               source, usable, usable, num_workers)
+                num_workers = usable
+            self.dataset: Dataset | IterableDataset = _ShardStream(
+                shards, transform, tokenizer, rank, world_size, seed, shuffle_buffer)
+            self.sampler = None
+            self.num_pairs: int | None = None
+            self.batches_per_epoch: int | None = None
+        else:
+            records = read_pairs(source, image_column, text_column)
+            self.dataset = _SeededPairs(records, transform, tokenizer, seed=seed)
+            self.sampler = ResumableSampler(len(records), rank, world_size, seed=seed)
+            self.num_pairs = len(records)
+            self.batches_per_epoch = self.sampler.num_samples // batch_size
+            if self.batches_per_epoch == 0:
+                raise InputDataError(
+                    f"{source}: {len(records)} pairs give each of {world_size} processes "
+                    f"{self.sampler.num_samples}, fewer than one batch of {batch_size}; "
+                    "lower --batch-size"
+                )
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+            # An own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run's drop-path masks would drift from the uninterrupted run's.
+            generator=self.generator,
+        )
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        """Continue at ``batch`` (batches already consumed) of ``epoch``."""
+        self.epoch, self.batch = epoch, batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> Iterator[PairBatch | None]:
+        """Yield batches forever (None when every image of a batch was broken); the position
+        counts a batch as consumed when it is yielded."""
+        while True:
+            self.generator.manual_seed(self.seed + self.epoch)
+            self.dataset.epoch = self.epoch  # type: ignore[union-attr]
+            if self.sampler is not None:
+                self.sampler.set_position(self.epoch, self.batch * self.batch_size)
+                batches: Iterator[PairBatch | None] = iter(self.loader)
+            else:
+                # A stream cannot seek: replay this epoch's first batches and drop them.
+                batches = itertools.islice(iter(self.loader), self.batch, None)
+            produced = False
+            for batch in batches:
+                produced = True
+                self.batch += 1
+                yield batch
+            if not produced and self.batch == 0:
+                raise InputDataError(
+                    f"{self.source}: an epoch gave this process no full batch of "
+                    f"{self.batch_size} pairs; lower --batch-size or add data"
+                )
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+class ImageFiles(Dataset):
+    """Each image once, eval-transformed: item i -> (tensor or None if unreadable, i)."""
+
+    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
+        self.paths = list(paths)
+        self.transform = ImageTransform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
+        try:
+            return self.transform(load_image(self.paths[i])), i
+        except InputDataError as exc:
+            logger.warning("skipped: %s", exc)
+            return None, i
+
+    @staticmethod
+    def collate(items: Sequence[tuple[Tensor | None, int]]) -> tuple[Tensor | None, Tensor, Tensor]:
+        """-> (images (B', 3, H, W) or None, their indices (B',), indices of broken images)."""
+        good = [(x, i) for x, i in items if x is not None]
+        bad = torch.tensor([i for x, i in items if x is None], dtype=torch.long)
+        if not good:
+            return None, torch.empty(0, dtype=torch.long), bad
+        return (torch.stack([x for x, _ in good]),
+                torch.tensor([i for _, i in good], dtype=torch.long), bad)
+

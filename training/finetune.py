@@ -1,0 +1,512 @@
+"""Contrastive fine-tuning of the BEiT-3 dual encoder on image-text pairs (spec 6).
+
+One process or many (``torchrun``: DDP, or FSDP sharded per encoder layer). Per optimizer step:
+``accum_steps`` micro-batches, each a contrastive batch gathered across ranks (ClipLoss), AdamW
+with the official weight-decay and layer-decay groups, lr from warmup + cosine set per step, bf16
+autocast on CUDA. Output directory::
+
+    run_config.json          the resolved config, git SHA, versions
+    metrics.jsonl            one record per logged step (loss, lr, ...) and per evaluation (val/*)
+    tensorboard/             the same scalars
+    checkpoints/step-N/      resumable: a checkpoint directory + trainer_state.pt
+    tokenizer/               the sentencepiece model trained for a from-scratch run
+    best/, best.json         the checkpoint with the best mean val recall (with --val)
+    final/                   the finished model, ready for ``beit3 index``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from beit3.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from beit3.config import Beit3Config, get_preset
+from beit3.data import PairBatch, read_pairs
+from beit3.errors import ConfigError
+from beit3.factory import create_model
+from beit3.heads import Beit3ForRetrieval
+from beit3.runtime import (
+    DistInfo,
+    RunLogger,
+    autocast,
+    cosine_lr,
+    find_latest,
+    init_distributed,
+    load_train_state,
+    param_groups,
+    save_train_state,
+    set_lr,
+    write_run_config,
+)
+from beit3.tokenizer import PAD_ID, TextTokenizer, train_sentencepiece
+from beit3.transforms import PreprocessConfig
+from training.config import FinetuneConfig
+from training.data import TrainData, is_shard_source, read_source_texts
+from training.distributed import (
+    all_mean,
+    barrier,
+    full_state_dict,
+    gather_objects,
+    grad_sync,
+    rank_rng_state,
+    set_rank_rng_state,
+    sync_unsharded_grads,
+    wrap_model,
+)
+from training.evaluate import evaluate_model
+from training.loss import ClipLoss
+
+__all__ = ["finetune", "forward_backward"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer-dcp"  # FSDP: the sharded optimizer state (torch.distributed.checkpoint)
+WARMUP_FRACTION = 0.2  # official: 3 of 15 epochs (COCO), 5 of 20 (Flickr30K: 0.25)
+LAYER_DECAY_FROM_CHECKPOINT = 0.65  # official base recipe
+
+
+@dataclasses.dataclass
+class _Start:
+    model: Beit3ForRetrieval
+    tokenizer: TextTokenizer
+    preprocess: PreprocessConfig
+    preset: str
+    init_model_id: str | None
+    export_config: Beit3Config  # the config written into final/ and best/ (no training knobs)
+
+
+def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path:
+    """Fine-tune (or train from scratch) a retrieval model; runs under torchrun too.
+
+    Args:
+        config: the run.
+        progress: called on rank 0 as ``progress(step, total_steps)`` after every step.
+
+    Returns:
+        ``output_dir/final``, a checkpoint directory.
+
+    Raises:
+        ConfigError, InputDataError, CheckpointError: bad settings or inputs, named.
+    """
+    info = init_distributed(config.device)
+    if config.precision == "bf16" and info.device.type != "cuda":
+        raise ConfigError("precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
+                          "here); use fp32 or auto")
+    use_bf16 = info.device.type == "cuda" and config.precision in ("auto", "bf16")
+    out = Path(config.output_dir)
+    resume_dir = _resume_dir(config, out)
+    if is_shard_source(config.train) and config.max_steps is None:
+        raise ConfigError(f"{config.train}: WebDataset shards have no known length; "
+                          "give the run length with --max-steps")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    start = _build_start(config, info, out)
+    model = start.model
+    # Only masked image modeling uses the mask token; DDP insists every trained parameter
+    # gets a gradient.
+    model.beit3.vision_embed.mask_token.requires_grad_(False)
+    data = TrainData(
+        config.train, tokenizer=start.tokenizer, preprocess=start.preprocess,
+        batch_size=config.batch_size, rank=info.rank, world_size=info.world_size,
+        seed=config.seed, num_workers=config.num_workers, image_column=config.image_column,
+        text_column=config.text_column, crop_scale=config.crop_scale, hflip=config.hflip,
+        shuffle_buffer=config.shuffle_buffer, pin_memory=info.device.type == "cuda",
+    )
+    val_records = read_pairs(config.val, config.image_column, config.text_column) \
+        if config.val else None
+    total_steps = config.max_steps or math.ceil(
+        config.epochs * data.batches_per_epoch / config.accum_steps)  # type: ignore[operator]
+    warmup = config.warmup_steps if config.warmup_steps is not None \
+        else round(WARMUP_FRACTION * total_steps)
+    layer_decay = config.layer_decay if config.layer_decay is not None \
+        else (LAYER_DECAY_FROM_CHECKPOINT if config.init else 1.0)
+    strategy = _strategy(config, info, model.config)
+    resolved = config.replace(
+        max_steps=total_steps, warmup_steps=warmup, layer_decay=layer_decay, strategy=strategy,
+        precision="bf16" if use_bf16 else "fp32", spm=config.spm if config.init is None else None,
+        max_text_len=start.preprocess.max_text_len, img_size=model.config.img_size,
+        eval_batch_size=config.eval_batch_size or config.batch_size,
+    )
+    if info.is_main:
+        write_run_config(out, {
+            **dataclasses.asdict(resolved), "preset": start.preset,
+            "init_model_id": start.init_model_id, "world_size": info.world_size,
+            "device": str(info.device), "num_train_pairs": data.num_pairs,
+            "steps_per_epoch": data.batches_per_epoch // config.accum_steps
+            if data.batches_per_epoch else None,
+            "global_batch_size": config.batch_size * info.world_size,
+        })
+
+    # Resumed weights go in before wrapping (FSDP shards whatever the module holds).
+    if resume_dir is not None:
+        weights = _read_weights(resume_dir)
+        load_state_dict_checked(model, weights, source=str(resume_dir), preset=start.preset)
+    model.to(info.device)
+    wrapped = wrap_model(model, strategy, info)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay, layer_decay, model.config.depth),
+        lr=config.lr, betas=config.betas, eps=config.eps,
+    )
+    step, best = 0, {"average": -math.inf, "step": 0}
+    if resume_dir is not None:
+        extra = _restore(resume_dir, model, wrapped, optimizer, strategy, info)
+        _check_same_batches(extra, config, info, resume_dir)
+        step, best = extra["step"], extra["best"]
+        data.set_position(**extra["data"])
+    else:
+        torch.manual_seed(config.seed + info.rank)  # distinct drop-path masks per rank
+    if info.is_main:
+        _truncate_metrics(out, step)
+    run_log = RunLogger(out, info.is_main, config.log_every, config.tensorboard)
+    if info.is_main:
+        logger.info(
+            "fine-tuning %s%s: %s pairs, %d steps from step %d, global batch %d x %d accum on "
+            "%d process(es) (%s, %s)", start.preset,
+            f" from {config.init}" if config.init else " from scratch",
+            data.num_pairs if data.num_pairs is not None else "streamed", total_steps, step,
+            config.batch_size * info.world_size, config.accum_steps, info.world_size,
+            strategy, "bf16" if use_bf16 else "fp32")
+    loop = _Loop(config, info, start, data, wrapped, model, optimizer, strategy, use_bf16,
+                 run_log, val_records, total_steps, warmup, layer_decay, best)
+    try:
+        loop.run(step, progress)
+    finally:
+        run_log.close()
+    final = out / "final"
+    _export(wrapped, strategy, start, final, info)
+    barrier(info)
+    if info.is_main:
+        logger.info("finished %d steps in %.1f s; skipped %d samples with unreadable images; "
+                    "final model in %s", total_steps, loop.elapsed, loop.skipped, final)
+    return final
+
+
+class _Loop:
+    """The training loop and its periodic duties (logging, evaluation, checkpoints)."""
+
+    def __init__(self, config: FinetuneConfig, info: DistInfo, start: _Start, data: TrainData,
+                 wrapped: nn.Module, model: Beit3ForRetrieval, optimizer: torch.optim.Optimizer,
+                 strategy: str, use_bf16: bool, run_log: RunLogger,
+                 val_records: list | None, total_steps: int, warmup: int, layer_decay: float,
+                 best: dict[str, Any]) -> None:
+        self.config, self.info, self.start, self.data = config, info, start, data
+        self.wrapped, self.model, self.optimizer = wrapped, model, optimizer
+        self.strategy, self.use_bf16, self.run_log = strategy, use_bf16, run_log
+        self.val_records, self.total_steps, self.warmup = val_records, total_steps, warmup
+        self.best = best
+        self.criterion = ClipLoss(dist_info=info)
+        self.out = Path(config.output_dir)
+        self.skipped = 0
+        self.elapsed = 0.0
+
+    def run(self, step: int, progress: ProgressFn | None) -> None:
+        config, info = self.config, self.info
+        batches = self._batches()
+        self.wrapped.train()
+        began = time.monotonic()
+        window_start, window_samples = began, 0
+        while step < self.total_steps:
+            lr = cosine_lr(step, self.total_steps, self.warmup, config.lr, config.min_lr)
+            set_lr(self.optimizer, lr)
+            losses = []
+            for micro in range(config.accum_steps):
+                batch = next(batches)
+                last = micro == config.accum_steps - 1
+                with grad_sync(self.wrapped, self.strategy, enabled=last):
+                    loss = forward_backward(self.wrapped, self.criterion, batch, info.device,
+                                            self.use_bf16, scale=1 / config.accum_steps)
+                losses.append(loss)
+                window_samples += batch.images.shape[0]
+            if self.strategy == "fsdp":
+                sync_unsharded_grads(self.wrapped, info)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % config.log_every == 0 or step == self.total_steps:
+                loss_value = all_mean(torch.stack(losses).mean(), info)
+                samples = all_mean(torch.tensor(float(window_samples)), info) * info.world_size
+                now = time.monotonic()
+                self.run_log.log(
+                    step, force=True, loss=loss_value, lr=lr,
+                    logit_scale=float(self.model.logit_scale.detach().float().exp()),
+                    epoch=self._epoch(), samples_per_s=samples / max(now - window_start, 1e-9),
+                )
+                window_start, window_samples = now, 0
+            if progress is not None and info.is_main:
+                progress(step, self.total_steps)
+            if self.val_records is not None and (
+                    step == self.total_steps
+                    or (config.eval_every is not None and step % config.eval_every == 0)):
+                self._evaluate(step)
+            if step % config.save_every == 0 or step == self.total_steps:
+                self._save(step)
+        self.elapsed = time.monotonic() - began
+
+    def _batches(self) -> Iterator[PairBatch]:
+        """Training batches; a batch whose images were all unreadable is skipped on one process
+        and replaced by an empty batch under several (every rank must take the same steps)."""
+        size = self.data.batch_size
+        for batch in self.data:
+            if batch is None:
+                self.skipped += size
+                if self.info.world_size == 1:
+                    continue
+                batch = _empty_batch(self.start.preprocess.img_size)
+            else:
+                self.skipped += size - batch.images.shape[0]
+            yield batch
+
+    def _epoch(self) -> float:
+        per = self.data.batches_per_epoch
+        return self.data.epoch + (self.data.batch / per if per else 0.0)
+
+    def _evaluate(self, step: int) -> None:
+        config = self.config
+        eval_model = self.wrapped if self.strategy == "fsdp" else self.model
+        metrics = evaluate_model(
+            eval_model, self.start.tokenizer, self.start.preprocess, self.val_records or [],
+            dist_info=self.info, batch_size=config.eval_batch_size or config.batch_size,
+            num_workers=config.num_workers, use_bf16=self.use_bf16,
+        )
+        recalls = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_", "average"))}
+        self.run_log.log(step, force=True, **{f"val/{k}": v for k, v in recalls.items()})
+        if recalls["average"] > self.best["average"]:
+            self.best = {"average": recalls["average"], "step": step}
+            _export(self.wrapped, self.strategy, self.start, self.out / "best", self.info)
+            if self.info.is_main:
+                (self.out / "best.json").write_text(
+                    json.dumps({"step": step, **metrics}, indent=2) + "\n")
+                logger.info("new best mean recall %.4f at step %d", recalls["average"], step)
+
+    def _save(self, step: int) -> None:
+        extra = {
+            "data": self.data.position(), "best": self.best,
+            "rank_rng": gather_objects(rank_rng_state(self.info.device), self.info),
+            "batch": {"batch_size": self.config.batch_size, "world_size": self.info.world_size,
+                      "accum_steps": self.config.accum_steps},
+            "strategy": self.strategy,
+        }
+        if self.strategy == "fsdp":
+            _save_fsdp_state(self.out, step, self.wrapped, self.optimizer, self.start, extra,
+                             self.config.keep_checkpoints, self.info)
+        elif self.info.is_main:
+            save_train_state(self.out, step, model=self.model, optimizer=self.optimizer,
+                             preset=self.start.preset, tokenizer=self.start.tokenizer,
+                             preprocess=self.start.preprocess, extra=extra,
+                             keep=self.config.keep_checkpoints)
+        barrier(self.info)
+
+
+def forward_backward(model: nn.Module, criterion: nn.Module, batch: PairBatch,
+                     device: torch.device, use_bf16: bool, scale: float = 1.0) -> Tensor:
+    """One micro-batch: embed images and texts, contrastive loss, backward of ``scale x loss``.
+
+    Returns:
+        The detached loss (0-dim float32).
+    """
+    images = batch.images.to(device, non_blocking=True)
+    text_ids = batch.text_ids.to(device, non_blocking=True)
+    padding_mask = batch.padding_mask.to(device, non_blocking=True)
+    with autocast(device, enabled=use_bf16):
+        out = model(images=images, text_ids=text_ids, padding_mask=padding_mask)
+    loss = criterion(out.image_embeds, out.text_embeds, out.logit_scale)
+    (loss * scale).backward()
+    return loss.detach()
+
+
+def _empty_batch(img_size: int) -> PairBatch:
+    ids = torch.full((0, 2), PAD_ID, dtype=torch.long)
+    return PairBatch(torch.zeros(0, 3, img_size, img_size), ids, ids.eq(PAD_ID),
+                     torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+# Setup -------------------------------------------------------------------------------------
+
+def _strategy(config: FinetuneConfig, info: DistInfo, model_config: Beit3Config) -> str:
+    if info.world_size == 1:
+        if config.strategy not in ("auto", "none"):
+            logger.info("one process: strategy %s not needed, training unwrapped", config.strategy)
+        return "none"
+    if config.strategy == "auto":
+        return "fsdp" if model_config.depth >= 24 else "ddp"
+    if config.strategy == "none":
+        raise ConfigError(f"strategy none trains one process, but {info.world_size} were "
+                          "started; use ddp, fsdp or auto")
+    return config.strategy
+
+
+def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> _Start:
+    knobs = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint}
+    if config.init is not None:
+        ckpt = load_checkpoint(config.init, architecture="retrieval", **knobs)
+        if config.img_size is not None and config.img_size != ckpt.config.img_size:
+            raise ConfigError(
+                f"{config.init} is a {ckpt.config.img_size}px model; img_size {config.img_size} "
+                "would need resized position tables: convert the official .pth with "
+                "'beit3 convert --img-size' or fine-tune at the checkpoint's size"
+            )
+        preprocess, tokenizer = ckpt.preprocess, ckpt.tokenizer
+        if config.max_text_len is not None and config.max_text_len != preprocess.max_text_len:
+            preprocess = dataclasses.replace(preprocess, max_text_len=config.max_text_len)
+            tokenizer = TextTokenizer(tokenizer.path, max_len=config.max_text_len)
+        base = get_preset(ckpt.preset)
+        export = ckpt.config.replace(drop_path_rate=base.drop_path_rate,
+                                     use_checkpoint=base.use_checkpoint)
+        model = ckpt.model.train()
+        return _Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)  # type: ignore[arg-type]
+    assert config.preset is not None
+    max_len = config.max_text_len or 64
+    spm = Path(config.spm) if config.spm else _own_tokenizer(config, info, out)
+    tokenizer = TextTokenizer(spm, max_len=max_len)
+    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if config.img_size is not None:
+        overrides["img_size"] = config.img_size
+    model = create_model(config.preset, **overrides, **knobs)
+    base = get_preset(config.preset)
+    export = model.config.replace(drop_path_rate=base.drop_path_rate,
+                                  use_checkpoint=base.use_checkpoint)
+    preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
+    return _Start(model, tokenizer, preprocess, config.preset, None, export)  # type: ignore[arg-type]
+
+
+def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
+    """A sentencepiece model trained on the training captions (kept for resumption)."""
+    path = out / "tokenizer" / "sentencepiece.bpe.model"
+    if info.is_main and not path.is_file():
+        started = time.monotonic()
+        texts = read_source_texts(config.train, config.image_column, config.text_column)
+        train_sentencepiece(texts, path, vocab_size=config.spm_vocab_size)
+        logger.info("trained a sentencepiece tokenizer on the training captions (%.1f s): %s",
+                    time.monotonic() - started, path)
+    barrier(info)
+    return path
+
+
+def _resume_dir(config: FinetuneConfig, out: Path) -> Path | None:
+    if config.resume is None:
+        latest = find_latest(out)
+        if latest is not None:
+            raise ConfigError(
+                f"{out} already holds a run (last checkpoint {latest.name}); pass --resume "
+                "latest to continue it, or choose another --output-dir"
+            )
+        return None
+    if config.resume == "latest":
+        latest = find_latest(out)
+        if latest is None:
+            logger.info("--resume latest: %s has no checkpoint yet, starting fresh", out)
+        return latest
+    path = Path(config.resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
+                          f"use 'latest' or a directory under {out / 'checkpoints'}")
+    return path
+
+
+def _read_weights(step_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(step_dir / "model.safetensors"))
+
+
+def _restore(step_dir: Path, model: nn.Module, wrapped: nn.Module,
+             optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo) -> dict[str, Any]:
+    """Optimizer, step, RNG and the saved extras of a step directory (weights are in already)."""
+    saved = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    extra = saved.get("extra", {})
+    saved_strategy = extra.get("strategy", "none")
+    if (saved_strategy == "fsdp") != (strategy == "fsdp"):
+        raise ConfigError(f"{step_dir} was written by a {saved_strategy} run; resume it with "
+                          f"the same strategy (this run: {strategy})")
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = {"optimizer": get_optimizer_state_dict(wrapped, optimizer)}
+        dcp.load(state, checkpoint_id=str(step_dir / OPTIMIZER_DIR))
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
+    else:
+        load_train_state(step_dir, model, optimizer)
+    rng = extra.get("rank_rng") or []
+    if len(rng) == info.world_size:
+        set_rank_rng_state(rng[info.rank], info.device)
+    return {**extra, "step": int(saved["step"]),
+            "best": extra.get("best", {"average": -math.inf, "step": 0})}
+
+
+def _check_same_batches(extra: dict[str, Any], config: FinetuneConfig, info: DistInfo,
+                        step_dir: Path) -> None:
+    saved = extra.get("batch", {})
+    now = {"batch_size": config.batch_size, "world_size": info.world_size,
+           "accum_steps": config.accum_steps}
+    if saved and saved != now:
+        raise ConfigError(
+            f"{step_dir} was trained with {saved}, this run has {now}; the data position "
+            "and schedule only carry over with the same batch size, processes and accumulation"
+        )
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop records after ``step`` from metrics.jsonl, so a resumed run's log reads as one run."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _export(wrapped: nn.Module, strategy: str, start: _Start, path: Path,
+            info: DistInfo) -> None:
+    """Write the model as a plain checkpoint directory (collective under FSDP)."""
+    state = full_state_dict(wrapped, strategy)
+    if info.is_main:
+        with torch.device("meta"):
+            clean = Beit3ForRetrieval(start.export_config)
+        load_state_dict_checked(clean, state, source="the trained model", preset=start.preset,
+                                assign=True)
+        save_checkpoint(clean, path, preset=start.preset, tokenizer=start.tokenizer,
+                        preprocess=start.preprocess)
+    barrier(info)
+
+
+def _save_fsdp_state(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                     start: _Start, extra: dict[str, Any], keep: int, info: DistInfo) -> None:
+    """FSDP version of ``beit3.runtime.save_train_state``: same layout, the optimizer state
+    sharded in ``optimizer-dcp/`` (each rank writes its shard); ``trainer_state.pt`` last."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    directory = out / "checkpoints" / f"step-{step:08d}"
+    _export(wrapped, "fsdp", start, directory, info)
+    dcp.save({"optimizer": get_optimizer_state_dict(wrapped, optimizer)},
+             checkpoint_id=str(directory / OPTIMIZER_DIR))
+    barrier(info)
+    if info.is_main:
+        state = {"step": step, "optimizer": None, "rng": None, "extra": extra,
+                 "time": time.time()}
+        tmp = directory / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.rename(directory / STATE_FILE)
+        complete = sorted(p for p in (out / "checkpoints").glob("step-*")
+                          if (p / STATE_FILE).is_file())
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved training state at step %d to %s", step, directory)
+
