@@ -267,8 +267,9 @@ class BatchStream:
                 raise InputDataError(
                     f"the {collate.kind} stream has {len(dataset)} samples "  # type: ignore[arg-type]
                     f"({self.sampler.num_samples} per process), fewer than its batch size "
-                    f"{batch_size}; lower --{collate.kind}-batch-size or add data")
+                    f"{batch_size}; lower {collate.kind}_batch_size or add data")
         self._iter: Iterator[MaskedBatch | None] | None = None
+        self._loader: DataLoader | None = None
 
     def _open(self) -> Iterator[MaskedBatch | None]:
         common = {"batch_size": self.batch_size, "collate_fn": self.collate, "drop_last": True,
@@ -286,7 +287,12 @@ class BatchStream:
             return iterator
         assert self.sampler is not None, "map-style streams have a sampler"
         self.sampler.set_position(self.epoch, self.position)
-        return iter(DataLoader(self.dataset, sampler=_KeyedSampler(self.sampler), **common))
+        if self._loader is None:
+            # One loader for the whole run: its workers persist across epochs, and the sampler
+            # (iterated in this process) is moved to the next epoch / resume point in between.
+            self._loader = DataLoader(self.dataset, sampler=_KeyedSampler(self.sampler),
+                                      persistent_workers=self.num_workers > 0, **common)
+        return iter(self._loader)
 
     def __iter__(self) -> BatchStream:
         return self

@@ -199,3 +199,18 @@ def test_webdataset_shards_and_image_folders_feed_the_streams(tmp_path, spm_path
     pretrain(config.replace(max_steps=4, resume=str(tmp_path / "run" / "checkpoints" /
                                                     "step-00000002")))
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [3, 4]
+
+
+def test_worker_processes_give_the_same_batches_across_epochs(tmp_path, spm_path,
+                                                              shapes_manifest):
+    config = tiny_config(tmp_path, spm_path, shapes_manifest, None, pair_batch_size=32)
+    draws = []
+    for workers in (0, 2):
+        stream = build_streams(config.replace(num_workers=workers), spm_path, img_size=32,
+                               grid_size=2, use_images=True)["pair"]
+        draws.append([next(stream) for _ in range(6)])  # 4 batches per epoch: crosses one
+        assert stream.state_dict() == {"epoch": 1, "position": 64}
+    for a, b in zip(*draws, strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.images, b.images)
+        assert torch.equal(a.text_ids, b.text_ids) and torch.equal(a.image_mask, b.image_mask)
+    assert not torch.equal(draws[0][0].index, draws[0][4].index)  # epoch 1 reshuffles
