@@ -272,8 +272,11 @@ class BatchStream:
         self._loader: DataLoader | None = None
 
     def _open(self) -> Iterator[MaskedBatch | None]:
+        # Its own generator: a loader draws a base seed per iterator, which must not advance the
+        # global RNG (drop path), or a resumed run would diverge from an uninterrupted one.
         common = {"batch_size": self.batch_size, "collate_fn": self.collate, "drop_last": True,
-                  "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+                  "num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                  "generator": torch.Generator().manual_seed(self.seed)}
         if self.streaming:
             assert self.transform is not None, "streaming needs the transform to seed"
             source = _KeyedShards(self.dataset, self.transform, self.seed,  # type: ignore[arg-type]

@@ -347,7 +347,8 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                 raise CheckpointError(f"resume: {step_dir} is not a step directory")
             state = load_train_state(step_dir, model, optimizer=None)
             start_step, extra = state["step"], state["extra"]
-    torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path differs by rank
+    if not pdist.set_rng_state(extra.get("rng", []), info.rank):
+        torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path per rank
 
     model.to(device)
     if config.compile:
@@ -379,6 +380,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
 
     def save(step: int) -> None:
         model_state, optim_state = pdist.full_state(model, optimizer)
+        rng = pdist.rng_states()
         if info.is_main:
             shadow = model if not (sharding == "fsdp" and pdist.is_distributed()) \
                 else pdist.shadow_model(model, model_state)
@@ -386,7 +388,8 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                              optimizer=pdist.StateDictHolder(optim_state), preset=config.preset,
                              tokenizer=tokenizer, preprocess=PreprocessConfig(
                                  img_size=cfg.img_size, max_text_len=config.pair_max_len),
-                             extra={"streams": {k: s.state_dict() for k, s in streams.items()}},
+                             extra={"streams": {k: s.state_dict() for k, s in streams.items()},
+                                    "rng": rng},
                              keep=config.keep_checkpoints)
         if pdist.is_distributed():
             dist.barrier()
@@ -426,12 +429,14 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     final = output_dir / "final"
     model_id = ""
     if start_step < config.max_steps or not final.exists():
-        model_state, _ = pdist.full_state(model, optimizer)
+        model_state = pdist.full_model_state(model)
         if info.is_main:
             shadow = pdist.shadow_model(model, model_state)
             model_id = save_checkpoint(shadow, final, preset=config.preset, tokenizer=tokenizer,
                                        preprocess=PreprocessConfig(
                                            img_size=cfg.img_size, max_text_len=config.pair_max_len))
+    else:  # resumed a finished run: nothing to train
+        model_id = read_checkpoint_config(final).get("model_id", "")
     log.close()
     if pdist.is_distributed():
         dist.barrier()

@@ -88,7 +88,8 @@ def test_tiny_pretraining_learns_all_three_kinds(tmp_path, spm_path, shapes_mani
 
 
 def test_resume_continues_the_same_curve(tmp_path, spm_path, shapes_manifest, vqkd_dir):
-    common = {"max_steps": 6, "save_every": 3, "log_every": 1}
+    # Drop path on: the resumed run must also continue each rank's random stream.
+    common = {"max_steps": 6, "save_every": 3, "log_every": 1, "drop_path_rate": 0.2}
     straight = tiny_config(tmp_path / "a", spm_path, shapes_manifest, vqkd_dir, **common)
     pretrain(straight)
 
@@ -109,7 +110,8 @@ def test_resume_continues_the_same_curve(tmp_path, spm_path, shapes_manifest, vq
                     weights_only=True)
     fb = torch.load(tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.pt",
                     weights_only=True)
-    assert fa["extra"] == fb["extra"]  # same data positions
+    assert fa["extra"]["streams"] == fb["extra"]["streams"]  # same data positions
+    assert torch.equal(fa["extra"]["rng"][0]["cpu"], fb["extra"]["rng"][0]["cpu"])
 
 
 def test_images_without_a_visual_tokenizer_are_refused(tmp_path, spm_path, shapes_manifest):
