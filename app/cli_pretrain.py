@@ -8,6 +8,7 @@ Multi-GPU: ``torchrun --nproc_per_node 8 -m app.cli pretrain ...``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,9 +34,11 @@ def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
 
 
 def _progress_bar(desc: str) -> tuple[Any, Any]:
+    """A progress(step, total) callback drawing a tqdm bar (on rank 0 only under torchrun)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    rank = int(os.environ.get("RANK", "0"))
+    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, disable=True if rank else None)
 
     def progress(step: int, total: int) -> None:
         bar.total = total

@@ -12,6 +12,9 @@ The VQ-KD forward is reported separately (it is work, but not model FLOPs).
 
 On CUDA the batch per kind starts at --batch (default 128) and halves on out-of-memory.
 Peaks: H200 bf16 dense 989 TFLOP/s (datasheet), ~790 TFLOP/s measured (matmul microbenchmark).
+``--no-tokenizer`` replaces the VQ-KD forward by random targets (the model alone); with
+``--compile`` use ``--drop-path 0`` for the quickest build (per-rate graphs otherwise; see
+``beit3.pretrain.train.compile_layers``).
 """
 
 from __future__ import annotations
