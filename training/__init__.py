@@ -12,7 +12,7 @@ Both run on one process or under ``torchrun`` (DDP; FSDP for large models).
 from training.config import EvalConfig, FinetuneConfig
 from training.data import TrainData, is_shard_source
 from training.evaluate import evaluate, evaluate_model, format_table
-from training.finetune import finetune, forward_backward
+from training.finetune import build_optimizer, finetune, forward_backward
 from training.loss import ClipLoss
 from training.metrics import RECALL_KS, average_recall, recall_at_k, retrieval_recall
 
@@ -23,6 +23,7 @@ __all__ = [
     "FinetuneConfig",
     "TrainData",
     "average_recall",
+    "build_optimizer",
     "evaluate",
     "evaluate_model",
     "finetune",

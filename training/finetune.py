@@ -66,7 +66,7 @@ from training.distributed import (
 from training.evaluate import evaluate_model
 from training.loss import ClipLoss
 
-__all__ = ["finetune", "forward_backward"]
+__all__ = ["build_optimizer", "finetune", "forward_backward"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,8 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         load_state_dict_checked(model, weights, source=str(resume_dir), preset=start.preset)
     model.to(info.device)
     wrapped = wrap_model(model, strategy, info)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay, layer_decay, model.config.depth),
-        lr=config.lr, betas=config.betas, eps=config.eps,
-    )
+    optimizer = build_optimizer(model, config.replace(layer_decay=layer_decay), info.device,
+                                strategy)
     step, best = 0, {"average": -math.inf, "step": 0}
     if resume_dir is not None:
         extra = _restore(resume_dir, model, wrapped, optimizer, strategy, info)
@@ -237,7 +235,8 @@ class _Loop:
 
             if step % config.log_every == 0 or step == self.total_steps:
                 loss_value = all_mean(torch.stack(losses).mean(), info)
-                samples = all_mean(torch.tensor(float(window_samples)), info) * info.world_size
+                samples = all_mean(torch.tensor(float(window_samples), device=info.device),
+                                   info) * info.world_size
                 now = time.monotonic()
                 self.run_log.log(
                     step, force=True, loss=loss_value, lr=lr,
@@ -308,6 +307,18 @@ class _Loop:
                              preprocess=self.start.preprocess, extra=extra,
                              keep=self.config.keep_checkpoints)
         barrier(self.info)
+
+
+def build_optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device,
+                    strategy: str = "none") -> torch.optim.AdamW:
+    """AdamW over the official groups (no decay for 1-D tensors, biases, cls token, vision
+    positions, logit_scale; lr scale layer_decay^(L + 1 - layer id)); fused kernels on CUDA
+    (not under FSDP, whose parameters are DTensors)."""
+    groups = param_groups(model, config.weight_decay, config.layer_decay,
+                          model.config.depth)  # type: ignore[union-attr]
+    fused = device.type == "cuda" and strategy != "fsdp"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                             fused=fused or None)
 
 
 def forward_backward(model: nn.Module, criterion: nn.Module, batch: PairBatch,
