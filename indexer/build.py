@@ -132,8 +132,8 @@ def load_index_model(
         if manifest is None:
             raise InputDataError(f"{db} holds no index yet (no {DbManifest.path_of(db).name}): "
                                  "pass --model CKPT to choose the model")
-        model = manifest.checkpoint
-        if not Path(model).is_dir():
+        model = manifest.checkpoint_path(db)
+        if not model.is_dir():
             raise CheckpointError(
                 f"index {db} was built with the checkpoint {model}, which no longer exists; "
                 f"pass --model with a copy of it ({manifest.model_id})"
@@ -225,10 +225,10 @@ class _Run:
             store = open_store(self.db, self.table, backend, dim=self.dim, create=True,
                                index_type=index_type)
             if manifest is None:
-                manifest = DbManifest(model_id=self.model_id,
-                                      checkpoint=str(self.ckpt.path.resolve()), dim=self.dim)
-            elif not Path(manifest.checkpoint).is_dir():
-                manifest.checkpoint = str(self.ckpt.path.resolve())  # the recorded copy moved
+                manifest = DbManifest(model_id=self.model_id, checkpoint="", dim=self.dim)
+                manifest.set_checkpoint(self.db, self.ckpt.path)
+            elif not manifest.checkpoint_path(self.db).is_dir():
+                manifest.set_checkpoint(self.db, self.ckpt.path)  # the recorded copy moved
             manifest.tables[self.table] = {"modality": self.modality, "backend": backend,
                                            "index_type": index_type}
             manifest.write(self.db)

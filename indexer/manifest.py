@@ -41,7 +41,7 @@ class DbManifest:
     """Contents of ``beit3_index.json``."""
 
     model_id: str
-    checkpoint: str
+    checkpoint: str  # relative to the database directory (or absolute)
     dim: int
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -75,12 +75,21 @@ class DbManifest:
         tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
 
+    def checkpoint_path(self, db: str | Path) -> Path:
+        """The recorded checkpoint directory (stored relative to ``db``, so that a folder holding
+        both can move)."""
+        path = Path(self.checkpoint)
+        return path if path.is_absolute() else Path(os.path.normpath(Path(db).absolute() / path))
+
+    def set_checkpoint(self, db: str | Path, checkpoint: str | Path) -> None:
+        self.checkpoint = os.path.relpath(Path(checkpoint).absolute(), Path(db).absolute())
+
     def check_model(self, db: str | Path, model_id: str, *, action: str) -> None:
         """Raise IndexMismatchError unless ``model_id`` built this index."""
         if model_id != self.model_id:
             raise IndexMismatchError(
                 f"index {db} was built by {self.model_id}; the {action} model is {model_id}; "
-                "re-index into a new --db, or pass --model " + self.checkpoint
+                f"re-index into a new --db, or pass --model {self.checkpoint_path(db)}"
             )
 
     def table_info(self, name: str, count: int) -> TableInfo:

@@ -305,12 +305,16 @@ def build_faiss_index(
         pq_m = pq_m or _pq_subquantizers(dim)
         # 8-bit codes need ~39 x 256 training points; small tables get smaller codebooks.
         nbits = max(4, min(8, int(math.log2(count / 39))))
-        index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{nbits},RFlat",
+        # Over ~1k lists an HNSW graph on the centroids assigns vectors ~100x faster than a scan.
+        coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
+        index = faiss.index_factory(dim, f"{coarse},PQ{pq_m}x{nbits},RFlat",
                                     faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index.base_index))
         # Polysemous training (on by default) is ~20x the rest of the training time and only
         # serves Hamming-filtered search, which the exact re-ranking makes pointless.
-        faiss.downcast_index(faiss.extract_index_ivf(index.base_index)).do_polysemous_training = False
-        sample = min(count, max(nlist * 64, 65_536))
+        ivf.do_polysemous_training = False
+        ivf.cp.niter = 10  # k-means iterations for the lists: 25 (default) gains nothing here
+        sample = min(count, max(nlist * 40, 65_536))  # faiss asks for >= 39 per list
         rng = np.random.default_rng(0)
         train = np.asarray(vectors[np.sort(rng.choice(count, sample, replace=False))],
                            dtype=np.float32)

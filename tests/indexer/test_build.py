@@ -237,3 +237,31 @@ def test_bad_texts_are_skipped_with_one_line_reasons(tmp_path, tiny_checkpoint):
     txt.write_bytes(b"fine\n\xc3\x28 broken\n")
     report = index_texts(txt, tmp_path / "db", table="txt")
     assert report.skipped_reasons == [(f"{txt}:2", "invalid UTF-8 (byte 0xc3 at column 1)")]
+
+
+def test_index_and_checkpoint_can_move_together(tmp_path, shapes_dir, tiny_checkpoint):
+    project = tmp_path / "project"
+    ckpt = shutil.copytree(tiny_checkpoint, project / "model")
+    index_images([shapes_dir / "red_circle_0.png"], project / "index", ckpt, num_workers=0)
+    project.rename(tmp_path / "moved")
+    searcher = Searcher(tmp_path / "moved" / "index")
+    assert searcher.checkpoint.path == tmp_path / "moved" / "model"
+    assert searcher.search("a red circle", "images", k=1)[0].path == str(shapes_dir /
+                                                                          "red_circle_0.png")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_embeddings_match_cpu(tmp_path, shapes_dir, tiny_checkpoint):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    index_images([shapes_dir], tmp_path / "cpu", tiny_checkpoint, device="cpu", num_workers=0)
+    index_images([shapes_dir], tmp_path / "gpu", tiny_checkpoint, device="cuda", num_workers=2)
+    cpu, gpu = rows(tmp_path / "cpu", "images"), rows(tmp_path / "gpu", "images")
+    assert cpu.keys() == gpu.keys()
+    for sha in cpu:  # bf16 autocast on GPU: close, not equal
+        assert float(np.dot(cpu[sha]["vector"], gpu[sha]["vector"])) > 0.99
+    hits = Searcher(tmp_path / "gpu", device="cuda").search(shapes_dir / "red_circle_0.png",
+                                                            "images", k=1)
+    assert hits[0].path == str(shapes_dir / "red_circle_0.png")

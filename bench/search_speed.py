@@ -1,0 +1,320 @@
+"""Vector search speed and recall: FAISS flat / HNSW / IVF-PQ and LanceDB, on clustered vectors.
+
+Data: unit vectors of 768 dims from a Gaussian mixture whose clusters are low-rank (each cluster
+spans a random 48-d subspace plus a little isotropic noise), closer to real embeddings than
+uniform random vectors, on which every ANN method's recall is meaningless. Queries are fresh
+draws from the same mixture. The reference is exact search (FAISS IndexFlatIP) in the same run:
+recall@10 is measured against it and every method's p50 latency is also printed as a speed-up
+over it.
+
+Latency is per single query (batch 1, one after the other), as an interactive search sees it.
+Build time includes training and adding; memory is the growth of this process's RSS while
+building (plus the on-disk size for LanceDB).
+
+    python bench/search_speed.py                      # 100k and 1M, all methods (~15 min, 2 cores)
+    python bench/search_speed.py --sizes 100k --methods faiss-hnsw,lance-ivf
+    python bench/search_speed.py --sizes 1M --methods faiss-ivfpq --nprobe 64 --k-factor 16
+
+Each ANN index is built once and then timed at several search settings (--ef-search, --nprobe,
+--k-factor, --lance-nprobes take comma-separated lists); the last lines name, per size, the
+fastest setting with recall@10 >= 0.95.
+
+Default parameters and why (2-core AVX2 CPU, see shared/reference/environment.md):
+- faiss runs on 1 OpenMP thread (--threads): on this shared 2-core machine two spinning OpenMP
+  threads made PQ training and single-query search ~10x slower, and environment.md's 210 s HNSW
+  build on 100k came from that; with one thread it builds in ~15 s.
+- HNSW: M=32, efConstruction=40 (the store's defaults); efSearch 64/128/256.
+- IVF-PQ (the store's builder): nlist ~ 4 sqrt(N) (4000 at 1M) with an HNSW coarse quantizer
+  above 1k lists, 10 k-means iterations on 40 points per list, PQ 48x8 (16-d sub-vectors),
+  polysemous training off (it multiplied training time by ~20 for nothing here), exact
+  re-ranking of k_factor x k candidates with the full vectors (RFlat).
+- LanceDB: exact search, and IVF_FLAT with ~sqrt(N) partitions (its IVF_PQ defaults took 708 s
+  on 100k here). Lance's brute force is slow (~0.3 s/query at 100k), so it gets 10 queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+os.environ.setdefault("LANCE_LOG", "error")  # its IVF builder warns once per empty partition
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer.stores.faiss_store import build_faiss_index  # noqa: E402
+
+METHODS = ("faiss-flat", "faiss-hnsw", "faiss-ivfpq", "lance-flat", "lance-ivf")
+DEFAULT_METHODS = METHODS
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * scale)
+
+
+def mixture(count: int, dim: int, *, clusters: int = 1000, rank: int = 48, seed: int = 0,
+            block: int = 100_000) -> np.ndarray:
+    """(count, dim) float32 unit vectors from a mixture of low-rank Gaussian clusters."""
+    rng = np.random.default_rng(seed)
+    params = np.random.default_rng(12345)  # the mixture itself is fixed; only draws vary
+    centres = params.standard_normal((clusters, dim), dtype=np.float32)
+    bases = params.standard_normal((clusters, rank, dim), dtype=np.float32)
+    bases *= 0.8 / np.sqrt(rank)
+    out = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, block):
+        n = min(block, count - start)
+        which = np.sort(rng.integers(0, clusters, n))  # sorted: each cluster is one slice
+        z = rng.standard_normal((n, rank), dtype=np.float32)
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        x *= 0.1
+        x += centres[which]
+        bounds = np.searchsorted(which, np.arange(clusters + 1))
+        for c in range(clusters):
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi > lo:
+                x[lo:hi] += z[lo:hi] @ bases[c]  # (n_c, rank) @ (rank, dim)
+        out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def exact_top_k(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(data.shape[1])
+    index.add(data)
+    return index.search(queries, k)[1]
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+
+
+def time_queries(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
+                 ) -> tuple[list[float], np.ndarray]:
+    search(queries[0])  # warm-up
+    latencies, ids = [], []
+    for q in queries:
+        start = time.perf_counter()
+        ids.append(search(q))
+        latencies.append(time.perf_counter() - start)
+    return latencies, np.stack(ids)
+
+
+class Result:
+    def __init__(self, method: str, size: int, build_s: float, mem_mib: float,
+                 latencies: list[float], recall: float, note: str = "") -> None:
+        self.method, self.size, self.build_s, self.mem_mib = method, size, build_s, mem_mib
+        ms = sorted(x * 1000 for x in latencies)
+        self.p50 = statistics.median(ms)
+        self.p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
+        self.n = len(ms)
+        self.recall, self.note = recall, note
+
+
+def bench_faiss(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+                args: argparse.Namespace) -> list[Result]:
+    """Build once, then time the search settings of the sweep (one Result per setting)."""
+    import faiss
+
+    gc.collect()
+    rss = _rss_mib()
+    start = time.perf_counter()
+    index, built = build_faiss_index(data, kind, hnsw_m=args.hnsw_m,
+                                     ef_construction=args.ef_construction,
+                                     nlist=args.nlist or None, pq_m=args.pq_m)
+    build_s = time.perf_counter() - start
+    mem = _rss_mib() - rss
+    n = len(queries) if kind != "flat" else min(len(queries), args.flat_queries)
+    settings: list[tuple[str, Callable[[], None]]] = [("exact", lambda: None)]
+    if built == "hnsw":
+        def set_ef(ef: int) -> None:
+            index.hnsw.efSearch = ef
+
+        settings = [(f"M={args.hnsw_m} efC={args.ef_construction} efS={ef}",
+                     lambda ef=ef: set_ef(ef)) for ef in _ints(args.ef_search)]
+    elif built == "ivfpq":
+        ivf = faiss.extract_index_ivf(index.base_index)
+        pq = faiss.downcast_index(ivf).pq
+
+        def set_ivf(nprobe: int, k_factor: int) -> None:
+            ivf.nprobe = nprobe
+            index.k_factor = k_factor
+
+        settings = [(f"nlist={ivf.nlist} nprobe={p} PQ{pq.M}x{pq.nbits} refine x{f}",
+                     lambda p=p, f=f: set_ivf(p, f))
+                    for p in _ints(args.nprobe) for f in _ints(args.k_factor)]
+    results = []
+    for note, apply in settings:
+        apply()
+        latencies, ids = time_queries(lambda q: index.search(q[None], 10)[1][0], queries[:n])
+        results.append(Result(f"faiss-{kind}", len(data), build_s, mem, latencies,
+                              recall_at(ids, truth[:n]), note))
+    return results
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def bench_lance(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+                args: argparse.Namespace, workdir: Path) -> list[Result]:
+    import pyarrow as pa
+
+    from indexer.stores.lance_store import LanceStore, lance_index_config
+
+    db = workdir / f"lance-{kind}-{len(data)}"
+    shutil.rmtree(db, ignore_errors=True)
+    dim = data.shape[1]
+    gc.collect()
+    rss = _rss_mib()
+    start = time.perf_counter()
+    store = LanceStore(db, "t", dim=dim, create=True,
+                       index_type="ivf_flat" if kind == "ivf" else None,
+                       nprobes=_ints(args.lance_nprobes)[0])
+    block = 100_000
+    schema = store._table.schema  # noqa: SLF001 - a benchmark fills the table directly
+    for first in range(0, len(data), block):
+        n = min(block, len(data) - first)
+        sha = pa.array([f"{i:064x}" for i in range(first, first + n)])
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(data[first:first + n].ravel()), dim)
+        none = pa.nulls(n, pa.string())
+        columns = {"sha256": sha, "vector": vectors, "modality": pa.array(["image"] * n),
+                   "path": none, "paths": pa.nulls(n, pa.list_(pa.string())),
+                   "mtimes": pa.nulls(n, pa.list_(pa.float64())), "text": none,
+                   "size": pa.nulls(n, pa.int64()), "mtime": pa.nulls(n, pa.float64()),
+                   "model_id": pa.array(["bench"] * n)}
+        store.append(pa.table([columns[f.name] for f in schema], schema=schema))
+    note = "exact"
+    if kind == "ivf":
+        partitions = args.lance_partitions or None
+        config = lance_index_config("ivf_flat", len(data), dim)
+        if partitions:
+            config.num_partitions = partitions
+        store._table.create_index("vector", replace=True, config=config)  # noqa: SLF001
+        note = f"IVF_FLAT partitions={config.num_partitions} nprobes={{nprobes}}"
+    build_s = time.perf_counter() - start
+    mem = _rss_mib() - rss
+    disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file()) / 2**20
+    n = min(len(queries), args.lance_flat_queries if kind == "flat" else args.lance_ivf_queries)
+
+    def search(q: np.ndarray) -> np.ndarray:
+        return np.array([int(m.row["sha256"], 16) for m in store.search(q[None], 10)[0]])
+
+    results = []
+    for nprobes in _ints(args.lance_nprobes) if kind == "ivf" else [0]:
+        store.nprobes = nprobes
+        latencies, ids = time_queries(search, queries[:n])
+        label = note.replace("{nprobes}", str(nprobes))
+        results.append(Result(f"lance-{kind}", len(data), build_s, mem, latencies,
+                              recall_at(ids, truth[:n]), f"{label}; {disk:,.0f} MiB on disk"))
+    shutil.rmtree(db, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100k,1M", help="comma-separated, e.g. 100k,1M")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--queries", type=int, default=500, help="queries for ANN methods")
+    parser.add_argument("--flat-queries", type=int, default=100)
+    parser.add_argument("--lance-flat-queries", type=int, default=10)
+    parser.add_argument("--lance-ivf-queries", type=int, default=200)
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--ef-search", default="64,128,256", help="HNSW efSearch values to time")
+    parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(N))")
+    parser.add_argument("--nprobe", default="32,64,128", help="IVF-PQ nprobe values to time")
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (dim/16)")
+    parser.add_argument("--k-factor", default="8,16", help="IVF-PQ re-ranking factors to time")
+    parser.add_argument("--lance-partitions", type=int, default=0)
+    parser.add_argument("--lance-nprobes", default="16,32", help="LanceDB IVF nprobes to time")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="faiss OpenMP threads (0: all cores). Default 1: on a shared 2-core "
+                             "machine 2 spinning OpenMP threads ran 10x slower than one")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import logging
+
+    import faiss
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-bench-"))
+    print(f"# search_speed: dim {args.dim}, cores {os.cpu_count()}, faiss {faiss.__version__} "
+          f"({faiss.omp_get_max_threads()} threads), workdir {workdir}", flush=True)
+    results: list[Result] = []
+    t0 = time.perf_counter()
+    for size in (_size(s) for s in args.sizes.split(",")):
+        start = time.perf_counter()
+        data = mixture(size, args.dim, seed=1)
+        queries = mixture(args.queries, args.dim, seed=2)
+        truth = exact_top_k(data, queries, 10)
+        print(f"# {size:,} vectors: generated + exact top-10 of {len(queries)} queries in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        for method in methods:
+            family, kind = method.split("-")
+            if family == "faiss":
+                rows = bench_faiss(kind, data, queries, truth, args)
+            else:
+                rows = bench_lance(kind, data, queries, truth, args, workdir)
+            for result in rows:
+                results.append(result)
+                _print_row(result, results)
+        del data
+        gc.collect()
+    print(f"# total {time.perf_counter() - t0:.0f} s")
+    _print_choice(results)
+
+
+def _header_once(_seen: list[bool] = []) -> None:  # noqa: B006 - print the header once
+    if not _seen:
+        print(f"{'method':12s} {'size':>9s} {'build s':>8s} {'mem MiB':>8s} {'p50 ms':>8s} "
+              f"{'p99 ms':>8s} {'x flat':>7s} {'recall@10':>9s} {'n':>5s}  parameters")
+        _seen.append(True)
+
+
+def _print_row(r: Result, results: list[Result]) -> None:
+    _header_once()
+    flat = next((x for x in results if x.method == "faiss-flat" and x.size == r.size), None)
+    speedup = f"{flat.p50 / r.p50:7.1f}" if flat else "      -"
+    print(f"{r.method:12s} {r.size:>9,} {r.build_s:8.1f} {r.mem_mib:8.0f} {r.p50:8.2f} "
+          f"{r.p99:8.2f} {speedup} {r.recall:9.3f} {r.n:5d}  {r.note}", flush=True)
+
+
+def _print_choice(results: list[Result]) -> None:
+    for size in sorted({r.size for r in results}):
+        ok = [r for r in results if r.size == size and r.recall >= 0.95]
+        if ok:
+            best = min(ok, key=lambda r: r.p50)
+            goal = "meets" if best.p50 <= 2.0 else "misses"
+            print(f"# {size:,}: fastest at recall@10 >= 0.95: {best.method} "
+                  f"(p50 {best.p50:.2f} ms, recall {best.recall:.3f}; {goal} the 2 ms goal)")
+
+
+if __name__ == "__main__":
+    main()
