@@ -17,6 +17,7 @@ autocast on CUDA. Output directory::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -398,7 +399,9 @@ def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
     path = out / "tokenizer" / "sentencepiece.bpe.model"
     if info.is_main and not path.is_file():
         started = time.monotonic()
-        texts = read_source_texts(config.train, config.image_column, config.text_column)
+        # The first 2M captions are plenty (and spare a full pass over large shard sets).
+        texts = itertools.islice(
+            read_source_texts(config.train, config.image_column, config.text_column), 2_000_000)
         train_sentencepiece(texts, path, vocab_size=config.spm_vocab_size)
         logger.info("trained a sentencepiece tokenizer on the training captions (%.1f s): %s",
                     time.monotonic() - started, path)

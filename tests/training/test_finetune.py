@@ -121,3 +121,22 @@ def test_bad_settings_are_named(shapes, tmp_path):
         finetune(_scratch(shapes, "missing", train=str(tmp_path / "nope.jsonl"), max_steps=1))
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         finetune(_scratch(shapes, "bf16", precision="bf16", device="cpu", max_steps=1))
+
+
+def test_finetune_starts_from_a_pretraining_checkpoint(shapes, tokenizer):
+    from beit3 import create_model, save_checkpoint
+
+    pretrained = create_model("beit3-tiny", architecture="pretraining", vocab_size=400)
+    path = shapes["root"] / "pretrained"
+    model_id = save_checkpoint(pretrained, path, preset="beit3-tiny", tokenizer=tokenizer)
+    run = shapes["root"] / "from_pretraining"
+    final = finetune(FinetuneConfig(train=str(shapes["train"]), output_dir=str(run),
+                                    init=str(path), max_steps=1, batch_size=8, num_workers=0,
+                                    tensorboard=False))
+    ckpt = load_checkpoint(final)
+    assert ckpt.architecture == "retrieval" and ckpt.config.vocab_size == 400
+    assert json.loads((run / "run_config.json").read_text())["config"]["init_model_id"] == model_id
+    # The backbone came over (one small step moves it only slightly); the heads are new.
+    before = pretrained.beit3.text_embed.weight
+    after = ckpt.model.beit3.text_embed.weight
+    assert (after - before).abs().max() < 1e-3
