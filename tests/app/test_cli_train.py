@@ -1,5 +1,7 @@
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -7,6 +9,16 @@ from beit3 import load_checkpoint
 from tests.data import write_shapes
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """See tests/training/conftest.py: one thread is as fast for tiny and immune to busy-wait
+    slowdowns on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _caption_folder(folder):
