@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from beit3.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from beit3.checkpoint import load_checkpoint, load_state_dict_checked
 from beit3.config import Beit3Config, get_preset
 from beit3.data import PairBatch, read_pairs
 from beit3.errors import ConfigError
@@ -41,9 +40,7 @@ from beit3.runtime import (
     RunLogger,
     autocast,
     cosine_lr,
-    find_latest,
     init_distributed,
-    load_train_state,
     param_groups,
     save_train_state,
     set_lr,
@@ -56,36 +53,32 @@ from training.data import TrainData, is_shard_source, read_source_texts
 from training.distributed import (
     all_mean,
     barrier,
-    full_state_dict,
     gather_objects,
     grad_sync,
     rank_rng_state,
-    set_rank_rng_state,
     sync_unsharded_grads,
     wrap_model,
 )
 from training.evaluate import evaluate_model
 from training.loss import ClipLoss
+from training.state import (
+    Start,
+    check_same_batches,
+    export_model,
+    read_weights,
+    restore,
+    resume_dir,
+    save_fsdp_state,
+    truncate_metrics,
+)
 
 __all__ = ["build_optimizer", "finetune", "forward_backward"]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
-STATE_FILE = "trainer_state.pt"
-OPTIMIZER_DIR = "optimizer-dcp"  # FSDP: the sharded optimizer state (torch.distributed.checkpoint)
 WARMUP_FRACTION = 0.2  # official: 3 of 15 epochs (COCO), 5 of 20 (Flickr30K: 0.25)
 LAYER_DECAY_FROM_CHECKPOINT = 0.65  # official base recipe
-
-
-@dataclasses.dataclass
-class _Start:
-    model: Beit3ForRetrieval
-    tokenizer: TextTokenizer
-    preprocess: PreprocessConfig
-    preset: str
-    init_model_id: str | None
-    export_config: Beit3Config  # the config written into final/ and best/ (no training knobs)
 
 
 def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path:
@@ -107,7 +100,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
                           "here); use fp32 or auto")
     use_bf16 = info.device.type == "cuda" and config.precision in ("auto", "bf16")
     out = Path(config.output_dir)
-    resume_dir = _resume_dir(config, out)
+    resume_from = resume_dir(config, out)
     if is_shard_source(config.train) and config.max_steps is None:
         raise ConfigError(f"{config.train}: WebDataset shards have no known length; "
                           "give the run length with --max-steps")
@@ -151,23 +144,23 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         })
 
     # Resumed weights go in before wrapping (FSDP shards whatever the module holds).
-    if resume_dir is not None:
-        weights = _read_weights(resume_dir)
-        load_state_dict_checked(model, weights, source=str(resume_dir), preset=start.preset)
+    if resume_from is not None:
+        weights = read_weights(resume_from)
+        load_state_dict_checked(model, weights, source=str(resume_from), preset=start.preset)
     model.to(info.device)
     wrapped = wrap_model(model, strategy, info)
     optimizer = build_optimizer(model, config.replace(layer_decay=layer_decay), info.device,
                                 strategy)
     step, best = 0, {"average": -math.inf, "step": 0}
-    if resume_dir is not None:
-        extra = _restore(resume_dir, model, wrapped, optimizer, strategy, info)
-        _check_same_batches(extra, config, info, resume_dir)
+    if resume_from is not None:
+        extra = restore(resume_from, model, wrapped, optimizer, strategy, info)
+        check_same_batches(extra, config, info, resume_from)
         step, best = extra["step"], extra["best"]
         data.set_position(**extra["data"])
     else:
         torch.manual_seed(config.seed + info.rank)  # distinct drop-path masks per rank
     if info.is_main:
-        _truncate_metrics(out, step)
+        truncate_metrics(out, step)
     run_log = RunLogger(out, info.is_main, config.log_every, config.tensorboard)
     if info.is_main:
         logger.info(
@@ -184,7 +177,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     finally:
         run_log.close()
     final = out / "final"
-    _export(wrapped, strategy, start, final, info)
+    export_model(wrapped, strategy, start, final, info)
     barrier(info)
     if info.is_main:
         logger.info("finished %d steps in %.1f s; skipped %d samples with unreadable images; "
@@ -195,7 +188,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
 class _Loop:
     """The training loop and its periodic duties (logging, evaluation, checkpoints)."""
 
-    def __init__(self, config: FinetuneConfig, info: DistInfo, start: _Start, data: TrainData,
+    def __init__(self, config: FinetuneConfig, info: DistInfo, start: Start, data: TrainData,
                  wrapped: nn.Module, model: Beit3ForRetrieval, optimizer: torch.optim.Optimizer,
                  strategy: str, use_bf16: bool, run_log: RunLogger,
                  val_records: list | None, total_steps: int, warmup: int, layer_decay: float,
@@ -285,7 +278,7 @@ class _Loop:
         self.run_log.log(step, force=True, **{f"val/{k}": v for k, v in recalls.items()})
         if recalls["average"] > self.best["average"]:
             self.best = {"average": recalls["average"], "step": step}
-            _export(self.wrapped, self.strategy, self.start, self.out / "best", self.info)
+            export_model(self.wrapped, self.strategy, self.start, self.out / "best", self.info)
             if self.info.is_main:
                 (self.out / "best.json").write_text(
                     json.dumps({"step": step, **metrics}, indent=2) + "\n")
@@ -300,7 +293,7 @@ class _Loop:
             "strategy": self.strategy,
         }
         if self.strategy == "fsdp":
-            _save_fsdp_state(self.out, step, self.wrapped, self.optimizer, self.start, extra,
+            save_fsdp_state(self.out, step, self.wrapped, self.optimizer, self.start, extra,
                              self.config.keep_checkpoints, self.info)
         elif self.info.is_main:
             save_train_state(self.out, step, model=self.model, optimizer=self.optimizer,
@@ -360,7 +353,7 @@ def _strategy(config: FinetuneConfig, info: DistInfo, model_config: Beit3Config)
     return config.strategy
 
 
-def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> _Start:
+def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
     knobs = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint}
     if config.init is not None:
         ckpt = load_checkpoint(config.init, architecture="retrieval", **knobs)
@@ -378,7 +371,7 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> _Start:
         export = ckpt.config.replace(drop_path_rate=base.drop_path_rate,
                                      use_checkpoint=base.use_checkpoint)
         model = ckpt.model.train()
-        return _Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)  # type: ignore[arg-type]
+        return Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)  # type: ignore[arg-type]
     assert config.preset is not None
     max_len = config.max_text_len or 64
     spm = Path(config.spm) if config.spm else _own_tokenizer(config, info, out)
@@ -391,7 +384,7 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> _Start:
     export = model.config.replace(drop_path_rate=base.drop_path_rate,
                                   use_checkpoint=base.use_checkpoint)
     preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
-    return _Start(model, tokenizer, preprocess, config.preset, None, export)  # type: ignore[arg-type]
+    return Start(model, tokenizer, preprocess, config.preset, None, export)  # type: ignore[arg-type]
 
 
 def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
@@ -407,120 +400,3 @@ def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
                     time.monotonic() - started, path)
     barrier(info)
     return path
-
-
-def _resume_dir(config: FinetuneConfig, out: Path) -> Path | None:
-    if config.resume is None:
-        latest = find_latest(out)
-        if latest is not None:
-            raise ConfigError(
-                f"{out} already holds a run (last checkpoint {latest.name}); pass --resume "
-                "latest to continue it, or choose another --output-dir"
-            )
-        return None
-    if config.resume == "latest":
-        latest = find_latest(out)
-        if latest is None:
-            logger.info("--resume latest: %s has no checkpoint yet, starting fresh", out)
-        return latest
-    path = Path(config.resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
-                          f"use 'latest' or a directory under {out / 'checkpoints'}")
-    return path
-
-
-def _read_weights(step_dir: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(step_dir / "model.safetensors"))
-
-
-def _restore(step_dir: Path, model: nn.Module, wrapped: nn.Module,
-             optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo) -> dict[str, Any]:
-    """Optimizer, step, RNG and the saved extras of a step directory (weights are in already)."""
-    saved = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    extra = saved.get("extra", {})
-    saved_strategy = extra.get("strategy", "none")
-    if (saved_strategy == "fsdp") != (strategy == "fsdp"):
-        raise ConfigError(f"{step_dir} was written by a {saved_strategy} run; resume it with "
-                          f"the same strategy (this run: {strategy})")
-    if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        state = {"optimizer": get_optimizer_state_dict(wrapped, optimizer)}
-        dcp.load(state, checkpoint_id=str(step_dir / OPTIMIZER_DIR))
-        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
-    else:
-        load_train_state(step_dir, model, optimizer)
-    rng = extra.get("rank_rng") or []
-    if len(rng) == info.world_size:
-        set_rank_rng_state(rng[info.rank], info.device)
-    return {**extra, "step": int(saved["step"]),
-            "best": extra.get("best", {"average": -math.inf, "step": 0})}
-
-
-def _check_same_batches(extra: dict[str, Any], config: FinetuneConfig, info: DistInfo,
-                        step_dir: Path) -> None:
-    saved = extra.get("batch", {})
-    now = {"batch_size": config.batch_size, "world_size": info.world_size,
-           "accum_steps": config.accum_steps}
-    if saved and saved != now:
-        raise ConfigError(
-            f"{step_dir} was trained with {saved}, this run has {now}; the data position "
-            "and schedule only carry over with the same batch size, processes and accumulation"
-        )
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop records after ``step`` from metrics.jsonl, so a resumed run's log reads as one run."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _export(wrapped: nn.Module, strategy: str, start: _Start, path: Path,
-            info: DistInfo) -> None:
-    """Write the model as a plain checkpoint directory (collective under FSDP)."""
-    state = full_state_dict(wrapped, strategy)
-    if info.is_main:
-        with torch.device("meta"):
-            clean = Beit3ForRetrieval(start.export_config)
-        load_state_dict_checked(clean, state, source="the trained model", preset=start.preset,
-                                assign=True)
-        save_checkpoint(clean, path, preset=start.preset, tokenizer=start.tokenizer,
-                        preprocess=start.preprocess)
-    barrier(info)
-
-
-def _save_fsdp_state(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                     start: _Start, extra: dict[str, Any], keep: int, info: DistInfo) -> None:
-    """FSDP version of ``beit3.runtime.save_train_state``: same layout, the optimizer state
-    sharded in ``optimizer-dcp/`` (each rank writes its shard); ``trainer_state.pt`` last."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    directory = out / "checkpoints" / f"step-{step:08d}"
-    _export(wrapped, "fsdp", start, directory, info)
-    dcp.save({"optimizer": get_optimizer_state_dict(wrapped, optimizer)},
-             checkpoint_id=str(directory / OPTIMIZER_DIR))
-    barrier(info)
-    if info.is_main:
-        state = {"step": step, "optimizer": None, "rng": None, "extra": extra,
-                 "time": time.time()}
-        tmp = directory / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.rename(directory / STATE_FILE)
-        complete = sorted(p for p in (out / "checkpoints").glob("step-*")
-                          if (p / STATE_FILE).is_file())
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("saved training state at step %d to %s", step, directory)
-
