@@ -13,8 +13,9 @@ _DB = typer.Option("--db", file_okay=False, help="Index directory.")
 _MODEL = typer.Option("--model", exists=True, file_okay=False,
                       help="Checkpoint directory (default: the one the index was built with).")
 _BACKEND = typer.Option("--backend", help="lancedb (default for a new table) or faiss.")
-_INDEX_TYPE = typer.Option("--index-type", help="faiss: flat|hnsw|ivfpq; lancedb: "
-                           "ivf_flat|ivf_pq|ivf_hnsw_sq (default: exact search).")
+_INDEX_TYPE = typer.Option("--index-type", help="faiss: flat (default)|hnsw|ivfpq; lancedb: "
+                           "auto (default: IVF_FLAT from 20k rows)|exact|ivf_flat|ivf_pq|"
+                           "ivf_hnsw_sq.")
 _DEVICE = typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")
 
 

@@ -242,9 +242,9 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", default="64,128,256", help="HNSW efSearch values to time")
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(N))")
-    parser.add_argument("--nprobe", default="32,64,128", help="IVF-PQ nprobe values to time")
+    parser.add_argument("--nprobe", default="16,32,64", help="IVF-PQ nprobe values to time")
     parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (dim/16)")
-    parser.add_argument("--k-factor", default="8,16", help="IVF-PQ re-ranking factors to time")
+    parser.add_argument("--k-factor", default="16,32", help="IVF-PQ re-ranking factors to time")
     parser.add_argument("--lance-partitions", type=int, default=0)
     parser.add_argument("--lance-nprobes", default="16,32", help="LanceDB IVF nprobes to time")
     parser.add_argument("--threads", type=int, default=1,

@@ -71,8 +71,9 @@ def index_images(
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``...
         progress: called as ``progress(stage, done, total)`` on rank 0. Without it the summary
             line is logged at INFO; with it, the caller shows the returned report.
-        index_type: FAISS ``flat`` (default), ``hnsw`` or ``ivfpq``; LanceDB None (exact search,
-            default), ``ivf_flat``, ``ivf_pq`` or ``ivf_hnsw_sq``. Fixed when the table is created.
+        index_type: FAISS ``flat`` (default, exact), ``hnsw`` or ``ivfpq``; LanceDB ``auto``
+            (default: exact search up to 20k rows, then an IVF_FLAT index), ``exact``,
+            ``ivf_flat``, ``ivf_pq`` or ``ivf_hnsw_sq``. Fixed when the table is created.
         chunk_size: rows per write; a killed run loses at most one chunk per rank.
 
     Returns:
@@ -219,8 +220,7 @@ class _Run:
                 )
             backend, index_type = entry["backend"], entry.get("index_type")
         backend = backend or "lancedb"
-        if backend == "faiss":
-            index_type = index_type or "flat"
+        index_type = index_type or ("flat" if backend == "faiss" else "auto")
         if self.ctx.is_main:
             store = open_store(self.db, self.table, backend, dim=self.dim, create=True,
                                index_type=index_type)

@@ -104,11 +104,17 @@ def test_stores_check_dimension_and_names(tmp_path):
         open_store(tmp_path, "t", "lancedb", dim=64).fetch(["x' OR 1=1 --"])
 
 
-def test_lancedb_ivf_index_is_built_at_commit_and_finds_neighbours(tmp_path):
+@pytest.mark.parametrize("index_type", ["ivf_flat", "auto"])
+def test_lancedb_ivf_index_is_built_at_commit_and_finds_neighbours(tmp_path, index_type):
+    from indexer.stores.lance_store import LanceStore
+
     data = clustered(6000, 64)
-    store = open_store(tmp_path, "t", "lancedb", dim=64, create=True, index_type="ivf_flat")
-    for start in range(0, 6000, 2000):
-        store.append(table(start, data[start:start + 2000]))
+    store = LanceStore(tmp_path, "t", dim=64, create=True, index_type=index_type,
+                       auto_index_rows=5000)
+    store.append(table(0, data[:4000]))
+    store.commit()
+    assert not store._table.list_indices()  # noqa: SLF001 - 4000 rows: exact search still
+    store.append(table(4000, data[4000:]))
     store.commit()
     assert store._table.list_indices()  # noqa: SLF001 - the point of the test
     queries = data[:50]
