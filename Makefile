@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install test lint system-deps demo demo-data demo-model bench gpu-check clean
 

@@ -69,12 +69,17 @@ class Checkpoint:
     path: Path
 
 
+# Settings of a run, not of the weights: a saved checkpoint keeps the preset's values, and
+# load_checkpoint(..., drop_path_rate=0.1) sets them again for the next run.
+RUNTIME_FIELDS = frozenset({"drop_path_rate", "use_checkpoint", "attention"})
+
+
 def _overrides(config: Beit3Config, preset: str) -> dict[str, Any]:
     base = get_preset(preset)
     return {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if getattr(config, f.name) != getattr(base, f.name)
+        if f.name not in RUNTIME_FIELDS and getattr(config, f.name) != getattr(base, f.name)
     }
 
 
@@ -143,7 +148,8 @@ def save_checkpoint(
         model_id = compute_model_id(preset, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps({
             "format_version": FORMAT_VERSION, "architecture": architecture, "preset": preset,
-            "overrides": overrides, "model_id": model_id,
+            "overrides": overrides, "architecture_args": dict(getattr(model, "architecture_args", {})),
+            "model_id": model_id,
         }, indent=2) + "\n")
         tokenizer.save(tmp / "tokenizer")
         preprocess.save(tmp / "preprocess.json")
@@ -240,8 +246,11 @@ def load_checkpoint(
         raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
 
     same = architecture == saved_arch
+    # Constructor arguments beyond the config (e.g. the MIM head's codebook size) belong to the
+    # saved architecture; another architecture gets its defaults.
+    arch_args = meta.get("architecture_args", {}) if same else {}
     with torch.device("meta") if same else contextlib.nullcontext():
-        model = factory(config)
+        model = factory(config, **arch_args)
     if same:
         load_state_dict_checked(model, state, source=str(path), preset=preset, assign=True)
     else:

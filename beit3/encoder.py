@@ -43,6 +43,11 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = Multiway(nn.LayerNorm(embed_dim, eps=eps))
         self.ffn = Multiway(FeedForward(embed_dim, ffn_dim, eps))
         self.drop_path = drop_path
+        # A tensor, not a Python float, so torch.compile builds one graph for every layer's rate.
+        # Made on the CPU even under a meta-device context: it is not in the state dict, so a
+        # checkpoint load cannot fill it in.
+        self.register_buffer("drop_prob", torch.tensor(float(drop_path), device="cpu"),
+                             persistent=False)
 
     def forward(self, vision: Tensor | None, text: Tensor | None, attn_mask: Tensor | None,
                 first_token_only: bool = False) -> Parts:
@@ -74,9 +79,8 @@ class EncoderLayer(nn.Module):
             # Stochastic depth drops a whole sample's branch: one draw per sample, shared by
             # its vision and text tokens (timm drop_path, rescaled by 1 / keep).
             ref = next(p for p in parts if p is not None)
-            keep_prob = 1.0 - self.drop_path
-            keep = torch.empty(ref.shape[0], 1, 1, device=ref.device, dtype=ref.dtype)
-            keep = keep.bernoulli_(keep_prob).div_(keep_prob)
+            draw = torch.rand(ref.shape[0], 1, 1, device=ref.device)
+            keep = (draw >= self.drop_prob).to(ref.dtype) / (1.0 - self.drop_prob).to(ref.dtype)
         out = []
         for x, b in zip(parts, branch, strict=True):
             if x is None or b is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +16,13 @@ from beit3.pretrain.model import Beit3ForPretraining
 __all__ = ["architecture_of", "create_model", "get_architecture", "list_architectures",
            "register_architecture"]
 
-_ARCHITECTURES: dict[str, Callable[[Beit3Config], nn.Module]] = {
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "retrieval": Beit3ForRetrieval,
     "pretraining": Beit3ForPretraining,  # backbone + mlm_head + mim_head (beit3/pretrain)
 }
 
 
-def register_architecture(name: str, factory: Callable[[Beit3Config], nn.Module]) -> None:
+def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
     """Make ``name`` buildable and loadable. The model's backbone must live at ``.beit3``."""
     if name in _ARCHITECTURES and _ARCHITECTURES[name] is not factory:
         raise ConfigError(f"architecture {name!r} is already registered")
@@ -32,7 +33,7 @@ def list_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def get_architecture(name: str) -> Callable[[Beit3Config], nn.Module]:
+def get_architecture(name: str) -> Callable[..., nn.Module]:
     if name not in _ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; known: {sorted(_ARCHITECTURES)}")
     return _ARCHITECTURES[name]
@@ -47,6 +48,13 @@ def architecture_of(model: nn.Module) -> str:
 
 
 def create_model(preset: str, architecture: str = "retrieval", **overrides: Any) -> nn.Module:
-    """Build a freshly initialised model, e.g. ``create_model("beit3-tiny", drop_path_rate=0.1)``."""
-    return get_architecture(architecture)(create_config(preset, **overrides))
+    """Build a freshly initialised model, e.g. ``create_model("beit3-tiny", drop_path_rate=0.1)``.
+
+    Keys that are Beit3Config fields override the preset; any other keyword goes to the
+    architecture's constructor (e.g. ``codebook_size`` of the pretraining model).
+    """
+    fields = {f.name for f in dataclasses.fields(Beit3Config)}
+    config = create_config(preset, **{k: v for k, v in overrides.items() if k in fields})
+    return get_architecture(architecture)(config, **{k: v for k, v in overrides.items()
+                                                     if k not in fields})
 

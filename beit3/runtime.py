@@ -147,6 +147,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = name.removeprefix("module.").removeprefix("_orig_mod.")  # DDP / compile wrappers
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in NO_WEIGHT_DECAY
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0

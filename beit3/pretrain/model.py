@@ -54,6 +54,11 @@ class Beit3ForPretraining(nn.Module):
         self.mim_head = nn.Linear(config.embed_dim, codebook_size)
         self.init_heads()
 
+    @property
+    def architecture_args(self) -> dict[str, int]:
+        """Constructor arguments besides the config; saved in config.json by save_checkpoint."""
+        return {"codebook_size": self.codebook_size}
+
     @torch.no_grad()
     def init_heads(self) -> None:
         for head in (self.mlm_head, self.mim_head):

@@ -25,7 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from beit3.checkpoint import load_state_dict_checked, read_checkpoint_config, save_checkpoint
+from beit3.checkpoint import (
+    load_checkpoint,
+    load_state_dict_checked,
+    read_checkpoint_config,
+    save_checkpoint,
+)
 from beit3.config import Beit3Config, create_config
 from beit3.errors import CheckpointError, ConfigError
 from beit3.pretrain import distributed as pdist
@@ -103,24 +108,12 @@ def _load_init(model: Beit3ForPretraining, path: Path) -> None:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Beit3ForPretraining:
-    """Load a pretraining checkpoint directory with its heads (any codebook size), in eval mode.
-
-    ``beit3.load_checkpoint(path)`` builds the registered ``pretraining`` architecture, whose MIM
-    head has the default 8192 codes; this reads the head size from the weights instead.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = read_checkpoint_config(path)
-    state = load_file(str(path / "model.safetensors"))
-    if "mim_head.weight" not in state:
-        raise CheckpointError(f"{path} has no pretraining heads (architecture "
-                              f"{meta['architecture']}); load it with beit3.load_checkpoint")
-    config = create_config(meta["preset"], **meta["overrides"])
-    with torch.device("meta"):
-        model = Beit3ForPretraining(config, codebook_size=state["mim_head.weight"].shape[0])
-    load_state_dict_checked(model, state, source=str(path), preset=meta["preset"], assign=True)
-    return model.to(device).eval()
+    """Load a pretraining checkpoint directory with its heads, in eval mode."""
+    model = load_checkpoint(path, device=device).model
+    if not isinstance(model, Beit3ForPretraining):
+        raise CheckpointError(f"{path} is not a pretraining checkpoint (it has no MLM/MIM heads); "
+                              "load it with beit3.load_checkpoint")
+    return model
 
 
 def _sharding(config: PretrainConfig, cfg: Beit3Config) -> str:

@@ -36,7 +36,8 @@ def test_overrides_and_fp16_storage(tmp_path, tokenizer):
     model_id = save_checkpoint(model, tmp_path / "c", preset="beit3-tiny", tokenizer=tokenizer,
                                dtype=torch.float16)
     ckpt = load_checkpoint(tmp_path / "c")
-    assert ckpt.config.img_size == 64 and ckpt.config.drop_path_rate == 0.1
+    assert ckpt.config.img_size == 64
+    assert ckpt.config.drop_path_rate == 0.0  # a run setting, not saved
     assert ckpt.model_id == model_id
     a, b = model.state_dict(), ckpt.model.state_dict()
     assert all(b[k].dtype == torch.float32 for k in b)
@@ -181,3 +182,17 @@ def test_bad_official_files_are_clear_errors(tmp_path, spm_path):
     torch.save({"model": {"foo": torch.zeros(1)}}, other)
     with pytest.raises(CheckpointError, match="not a BEiT-3 checkpoint"):
         import_official(other, tmp_path / "out", spm=spm_path)
+
+
+def test_run_settings_are_not_saved_and_architecture_args_are(tmp_path, tokenizer):
+    model = create_model("beit3-tiny", "pretraining", drop_path_rate=0.2, use_checkpoint=True,
+                         codebook_size=32)
+    save_checkpoint(model, tmp_path / "p", preset="beit3-tiny", tokenizer=tokenizer)
+    meta = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert meta["overrides"] == {}
+    assert meta["architecture_args"] == {"codebook_size": 32}
+    ckpt = load_checkpoint(tmp_path / "p", drop_path_rate=0.1)
+    assert ckpt.model.mim_head.weight.shape == (32, 64)
+    assert ckpt.config.drop_path_rate == 0.1
+    retrieval = load_checkpoint(tmp_path / "p", architecture="retrieval")
+    assert torch.equal(retrieval.model.beit3.text_embed.weight, model.beit3.text_embed.weight)
