@@ -105,10 +105,12 @@ def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
         "encode_text": (lambda: ours.encode_text(ids, pad), lambda: ref.encode_text(ids, pad)),
     }
     if compile_ours:
-        compiled = torch.compile(ours, mode="reduce-overhead" if device == "cuda" else "default")
+        mode = "reduce-overhead" if device == "cuda" else "default"  # CUDA graphs on GPU
+        backbone = torch.compile(ours.beit3, mode=mode)
+        encode_image = torch.compile(ours.encode_image, mode=mode)
         modes = {
-            "image": (lambda: compiled.beit3(images=images).hidden_states, modes["image"][1]),
-            "encode_image": (lambda: compiled.encode_image(images), modes["encode_image"][1]),
+            "image": (lambda: backbone(images=images).hidden_states, modes["image"][1]),
+            "encode_image": (lambda: encode_image(images), modes["encode_image"][1]),
         }
     return cfg, ours, modes
 

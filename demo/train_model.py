@@ -1,0 +1,255 @@
+"""Train the bundled demo model from the bundled emoji data, with the project's own recipe.
+
+    python demo/train_model.py                 # the demo model -> demo/model (about 40 min, 2 cores)
+    python demo/train_model.py --compare       # also: the same compute spent from scratch
+
+Stages (each is skipped when its output already exists in --work, so an interrupted run
+continues where it stopped):
+  1. manifests   train / val / test JSONL from demo/data/emoji (train: name + aliases as captions;
+                 val / test: the CLDR name only)
+  2. spm         a sentencepiece model on the train split's names and aliases (case-folded)
+  3. vqkd        a VQ-KD visual tokenizer on the train images, reconstructing patch pixels
+  4. pretrain    masked data modeling (one loss) on train images, texts and pairs
+  5. finetune    the dual encoder on train pairs, best of the val evaluations kept
+  6. evaluate    recall@1/5/10 both ways on the test split (emoji never seen in fine-tuning)
+  7. export      the best checkpoint in fp16 -> --out
+With --compare: a randomly initialised model of the same architecture is fine-tuned for as many
+seconds as stages 3-5 took together (the same compute budget), and evaluated the same way;
+``compare.json`` holds both rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see shared/reference/environment.md
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from beit3 import (  # noqa: E402
+    TextTokenizer,
+    create_model,
+    load_checkpoint,
+    save_checkpoint,
+    train_sentencepiece,
+)
+from beit3.pretrain import PretrainConfig, VisualTokenizerConfig, pretrain  # noqa: E402
+from beit3.pretrain.visual_tokenizer import train_visual_tokenizer  # noqa: E402
+from beit3.transforms import PreprocessConfig  # noqa: E402
+from training import EvalConfig, FinetuneConfig, evaluate, finetune  # noqa: E402
+
+logger = logging.getLogger("demo.train_model")
+
+DATA = ROOT / "demo" / "data" / "emoji"
+# The demo architecture: beit3-small's layout, narrowed to train on 2 CPU cores within the hour.
+# 48-px images in 8-px patches (36 patches + CLS), 6 layers of width 192.
+PRESET = "beit3-small"
+MODEL = {"embed_dim": 192, "depth": 6, "num_heads": 3, "img_size": 48, "patch_size": 8,
+         "max_text_positions": 34}
+MAX_TEXT_LEN = 32
+SPM_VOCAB = 2000
+# Emoji have a meaningful left and right ("left arrow"): no flips; crops stay mild.
+CROP = (0.7, 1.0)
+
+
+def _recipe(smoke: bool) -> dict:
+    scale = 0.02 if smoke else 1.0
+    steps = lambda n: max(2, int(n * scale))  # noqa: E731
+    return {
+        "vqkd": {"max_steps": steps(600), "batch_size": 64, "lr": 1e-3, "warmup_steps": steps(50),
+                 "overrides": {"img_size": 48, "patch_size": 8, "embed_dim": 128, "depth": 3,
+                               "num_heads": 4, "decoder_embed_dim": 128, "decoder_depth": 1,
+                               "decoder_num_heads": 4, "codebook_size": 256, "codebook_dim": 16,
+                               "teacher_dim": 3 * 8 * 8}},
+        "pretrain": {"max_steps": steps(1200), "lr": 1e-3, "warmup_steps": steps(100),
+                     "batch": 48, "drop_path_rate": 0.1, "min_mask_block": 4},
+        "finetune": {"max_steps": steps(900), "lr": 5e-4, "batch_size": 128,
+                     "layer_decay": 0.85, "eval_every": steps(150), "drop_path_rate": 0.1},
+        "scratch_lr": 1e-3,
+    }
+
+
+def write_manifests(work: Path) -> dict[str, Path]:
+    """Split captions.jsonl into train (name + aliases) / val / test (name) manifests."""
+    rows = [json.loads(line) for line in (DATA / "captions.jsonl").read_text().splitlines() if line]
+    out = {}
+    for split in ("train", "val", "test"):
+        path = work / f"{split}.jsonl"
+        with path.open("w") as f:
+            for row in rows:
+                if row["split"] != split:
+                    continue
+                captions = [row["text"]] + (row["aliases"] if split == "train" else [])
+                f.write(json.dumps({"image": str(DATA / row["image"]),
+                                    "captions": captions}) + "\n")
+        out[split] = path
+    return out
+
+
+def _timed(state: dict, name: str, work: Path, fn):
+    """Run a stage once: its result and duration are kept in work/recipe.json."""
+    if name in state:
+        logger.info("stage %s: done earlier (%.0f s), skipped", name, state[name]["seconds"])
+        return state[name]["result"]
+    logger.info("stage %s ...", name)
+    start = time.monotonic()
+    result = fn()
+    state[name] = {"seconds": round(time.monotonic() - start, 1), "result": result}
+    (work / "recipe.json").write_text(json.dumps(state, indent=2) + "\n")
+    logger.info("stage %s: %.0f s", name, state[name]["seconds"])
+    return result
+
+
+def _evaluate(checkpoint: str, manifest: Path, out: Path) -> dict:
+    metrics = evaluate(EvalConfig(checkpoint=checkpoint, data=str(manifest),
+                                  output_dir=str(out), num_workers=0, batch_size=128))
+    return {k: metrics[k] for k in metrics if k.startswith(("i2t", "t2i", "average"))}
+
+
+def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    random.seed(0)
+    torch.manual_seed(0)
+    work.mkdir(parents=True, exist_ok=True)
+    state_file = work / "recipe.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    recipe = _recipe(smoke)
+    manifests = write_manifests(work)
+    train = manifests["train"]
+
+    def spm() -> str:
+        texts = []
+        for line in train.read_text().splitlines():
+            texts.extend(json.loads(line)["captions"])
+        return str(train_sentencepiece(texts, work / "spm", vocab_size=SPM_VOCAB, lowercase=True))
+
+    spm_path = _timed(state, "spm", work, spm)
+    tokenizer = TextTokenizer(spm_path, max_len=MAX_TEXT_LEN)
+    model_overrides = {**MODEL, "vocab_size": tokenizer.vocab_size}
+
+    def vqkd() -> str:
+        v = recipe["vqkd"]
+        result = train_visual_tokenizer(VisualTokenizerConfig(
+            output_dir=str(work / "vqkd"), data=(str(train),), preset="vqkd-base",
+            overrides=v["overrides"], teacher="pixels", batch_size=v["batch_size"],
+            max_steps=v["max_steps"], lr=v["lr"], warmup_steps=v["warmup_steps"],
+            crop_scale=CROP, hflip=0.0, device="cpu", num_workers=0, tensorboard=False,
+            log_every=50, save_every=10_000))
+        logger.info("VQ-KD codebook usage %.2f", result.metrics.get("codebook_usage", float("nan")))
+        return str(result.path)
+
+    vqkd_path = _timed(state, "vqkd", work, vqkd)
+
+    def pretrain_stage() -> str:
+        p = recipe["pretrain"]
+        result = pretrain(PretrainConfig(
+            output_dir=str(work / "pretrain"), preset=PRESET, model_overrides=model_overrides,
+            tokenizer=spm_path, visual_tokenizer=vqkd_path, pair_data=(str(train),),
+            text_data=(str(train),), image_data=(str(train),), text_batch_size=p["batch"],
+            image_batch_size=p["batch"], pair_batch_size=p["batch"], text_max_len=MAX_TEXT_LEN,
+            pair_max_len=MAX_TEXT_LEN, crop_scale=CROP, hflip=0.0, num_workers=0,
+            min_mask_block=p["min_mask_block"], max_steps=p["max_steps"], lr=p["lr"],
+            warmup_steps=p["warmup_steps"], drop_path_rate=p["drop_path_rate"], device="cpu",
+            log_every=50, save_every=200, tensorboard=False, resume="latest"))
+        return str(result.checkpoint)
+
+    pretrained = _timed(state, "pretrain", work, pretrain_stage)
+    f = recipe["finetune"]
+    base_ft = dict(
+        train=str(train), val=str(manifests["val"]),
+        batch_size=f["batch_size"], max_steps=f["max_steps"], lr=f["lr"], weight_decay=0.05,
+        layer_decay=f["layer_decay"], drop_path_rate=f["drop_path_rate"], crop_scale=CROP,
+        hflip=0.0, device="cpu", num_workers=0, eval_every=f["eval_every"], log_every=50,
+        save_every=300, tensorboard=False, resume="latest", seed=0)
+
+    def finetune_stage() -> str:
+        finetune(FinetuneConfig(**base_ft, output_dir=str(work / "finetune"), init=pretrained))
+        return str(work / "finetune" / "best")
+
+    best = _timed(state, "finetune", work, finetune_stage)
+    test = _timed(state, "evaluate", work,
+                  lambda: _evaluate(best, manifests["test"], work / "eval-test"))
+
+    def export() -> str:
+        ckpt = load_checkpoint(best)
+        model_id = save_checkpoint(ckpt.model, out, preset=ckpt.preset, tokenizer=ckpt.tokenizer,
+                                   preprocess=ckpt.preprocess, dtype=torch.float16)
+        (out / "metrics.json").write_text(json.dumps({"test": test, "model_id": model_id},
+                                                     indent=2) + "\n")
+        return model_id
+
+    model_id = _timed(state, "export", work, export)
+    summary = {"model_id": model_id, "test": test,
+               "seconds": {k: v["seconds"] for k, v in state.items()}}
+    if compare:
+        summary["compare"] = _compare(state, work, base_ft, tokenizer, model_overrides, manifests,
+                                      recipe, test)
+    return summary
+
+
+def _compare(state: dict, work: Path, base_ft: dict, tokenizer: TextTokenizer,
+             model_overrides: dict, manifests: dict[str, Path], recipe: dict, test: dict) -> dict:
+    """The same seconds of compute as vqkd + pretrain + finetune, spent on fine-tuning only."""
+    budget = sum(state[k]["seconds"] for k in ("vqkd", "pretrain", "finetune"))
+    ft_steps = recipe["finetune"]["max_steps"]
+    # Time per fine-tuning step, from the pretrained run (same architecture and batch); the val
+    # evaluations are part of it in both runs.
+    per_step = state["finetune"]["seconds"] / ft_steps
+    steps = max(ft_steps, int(budget / per_step))
+
+    def scratch_init() -> str:
+        torch.manual_seed(0)
+        model = create_model(PRESET, **model_overrides)
+        path = work / "scratch-init"
+        save_checkpoint(model, path, preset=PRESET, tokenizer=tokenizer,
+                        preprocess=PreprocessConfig(img_size=model_overrides["img_size"],
+                                                    max_text_len=MAX_TEXT_LEN))
+        return str(path)
+
+    init = _timed(state, "scratch-init", work, scratch_init)
+
+    def scratch() -> str:
+        settings = {**base_ft, "max_steps": steps, "lr": recipe["scratch_lr"],
+                    "layer_decay": 1.0, "eval_every": max(1, steps // 6)}
+        finetune(FinetuneConfig(**settings, output_dir=str(work / "scratch"), init=init))
+        return str(work / "scratch" / "best")
+
+    best = _timed(state, "scratch", work, scratch)
+    scratch_test = _timed(state, "scratch-evaluate", work,
+                          lambda: _evaluate(best, manifests["test"], work / "eval-scratch"))
+    result = {
+        "budget_seconds": round(budget, 1),
+        "pretrain_then_finetune": {"seconds": round(budget, 1), "test": test},
+        "finetune_from_scratch": {"seconds": state["scratch"]["seconds"], "steps": steps,
+                                  "test": scratch_test},
+    }
+    (work / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "demo" / "model")
+    parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "demo-train")
+    parser.add_argument("--compare", action="store_true",
+                        help="also fine-tune from scratch with the same compute budget")
+    parser.add_argument("--smoke", action="store_true", help="2%% of the steps (a quick check)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    summary = run(args.work, args.out, args.smoke, args.compare, args.threads)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
