@@ -143,8 +143,11 @@ def thumbnail(path: str | Path, size: int = THUMB_SIZE) -> Image.Image | None:
                         color=THUMB_BACKGROUND)
 
 
-def hit_name(path: str | None, item_id: Any) -> str:
-    """The file name shown under a thumbnail (the id when the hit has no path)."""
+def hit_name(path: str | None, item_id: Any, label: str | None = None) -> str:
+    """The name shown under a thumbnail: the image's label from a manifest when it has one,
+    else its file name (the id when the hit has no path)."""
+    if label:
+        return label
     return Path(path).name if path else str(item_id)
 
 

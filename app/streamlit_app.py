@@ -358,7 +358,7 @@ def draw_image_hits(searcher: Any, db: str, query: Query, table: str, k: int,
         return
     grid = st.grid("auto", min_column_width=140, gap="small", border=True, key="image-grid")
     for hit in hits:
-        name = hit_name(hit.path, hit.id)
+        name = hit_name(hit.path, hit.id, hit.text)
         with grid.cell():
             thumb = indexed_thumbnail(hit.path)
             if thumb is None:

@@ -150,7 +150,8 @@ def load_index_model(
 
 @dataclass
 class _Found:
-    """An item found by this run: its key (path or file:line), content hash, size, mtime."""
+    """An item found by this run: its key (path or file:line), content hash, size, mtime, and
+    its text (a text item's content; an image's label from a manifest, or None)."""
 
     key: str
     sha: str
@@ -250,7 +251,8 @@ class _Run:
         for item in scan.items:
             known = by_path.get(item.path)
             if known is not None and known[1] == item.size and known[2] == item.mtime:
-                found.append(_Found(item.path, known[0], item.size, item.mtime))
+                found.append(_Found(item.path, known[0], item.size, item.mtime,
+                                    scan.labels.get(item.path)))
             else:
                 to_hash.append(item)
         self.progress("hash", 0, len(to_hash))
@@ -265,7 +267,8 @@ class _Run:
             if isinstance(digest, tuple):
                 skipped.append((item.path, digest[1]))
             else:
-                found.append(_Found(item.path, digest, item.size, item.mtime))
+                found.append(_Found(item.path, digest, item.size, item.mtime,
+                                    scan.labels.get(item.path)))
         found.sort(key=lambda f: f.key)
         plan = _plan(found, stored, modality="image", model_id=self.model_id,
                      in_scope=scan.in_scope, still_exists=os.path.exists, refresh_mtime=True)
@@ -463,7 +466,8 @@ def _plan(
         }
         if old is None:
             plan.to_embed.append(sha)
-        elif old["paths"] != paths or old["mtimes"] != mtimes:
+        elif (old["paths"], old["mtimes"], old.get("text")) != (paths, mtimes,
+                                                                plan.rows[sha]["text"]):
             plan.updates.append(sha)
     plan.deletes = [sha for sha in stored_by_sha if sha not in target]
     return plan

@@ -6,6 +6,7 @@ goes on. Only a source the caller named that does not exist at all raises InputD
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -57,6 +58,7 @@ class ImageScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     folders: list[str] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
+    labels: dict[str, str] = field(default_factory=dict)  # path -> a manifest's text column
 
     def in_scope(self, path: str) -> bool:
         return path in self.files or any(path.startswith(f + os.sep) for f in self.folders)
@@ -77,9 +79,11 @@ def scan_images(sources: Sequence[str | Path]) -> ImageScan:
             for file in _walk(path, scan.skipped):
                 _add_file(file, found, scan.skipped)
         elif os.path.isfile(path) and Path(path).suffix.lower() in MANIFEST_EXTENSIONS:
-            for file in _manifest_paths(Path(path), scan.skipped):
+            for file, label in _manifest_paths(Path(path), scan.skipped):
                 scan.files.add(file)
                 _add_file(file, found, scan.skipped)
+                if label:
+                    scan.labels.setdefault(file, label)
         elif os.path.lexists(path):
             scan.files.add(path)
             _add_file(path, found, scan.skipped)
@@ -122,14 +126,19 @@ def _add_file(path: str, found: dict[str, FileItem], skipped: list[tuple[str, st
     found[path] = FileItem(path, st.st_size, st.st_mtime)
 
 
-def _manifest_paths(manifest: Path, skipped: list[tuple[str, str]]) -> list[str]:
+def _manifest_paths(manifest: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(absolute image path, label) per record; the label is the record's text column (e.g. a
+    caption) when it has one, else ""."""
     base = manifest.parent
+    labels: dict[str, str] = {}
+    with contextlib.suppress(InputDataError):  # a CSV without a text column: images only
+        labels = dict(_manifest_values(manifest, TEXT_COLUMNS, None, []))
     out = []
     for where, value in _manifest_values(manifest, IMAGE_COLUMNS, None, skipped):
         if not value.strip():
             skipped.append((where, "empty image path"))
             continue
-        out.append(os.path.abspath(base / value.strip()))
+        out.append((os.path.abspath(base / value.strip()), " ".join(labels.get(where, "").split())))
     return out
 
 

@@ -265,3 +265,24 @@ def test_cuda_bf16_embeddings_match_cpu(tmp_path, shapes_dir, tiny_checkpoint):
     hits = Searcher(tmp_path / "gpu", device="cuda").search(shapes_dir / "red_circle_0.png",
                                                             "images", k=1)
     assert hits[0].path == str(shapes_dir / "red_circle_0.png")
+
+
+@pytest.mark.parametrize("backend", ["lancedb", "faiss"])
+def test_manifest_captions_label_images_and_relabel_without_embedding(
+        tmp_path, shapes_dir, tiny_checkpoint, backend):
+    import json
+
+    manifest = tmp_path / "labels.jsonl"
+    names = sorted(p.name for p in shapes_dir.iterdir())[:3]
+    manifest.write_text("".join(json.dumps({"image": f"shapes/{n}", "text": n.split(".")[0]
+                                            .replace("_", " ")}) + "\n" for n in names))
+    db = tmp_path / "db"
+    first = index_images([manifest], db, tiny_checkpoint, backend=backend, num_workers=0)
+    assert first.indexed == 3
+    hit = Searcher(db).search(shapes_dir / names[0], "images", k=1)[0]
+    assert hit.text == names[0].split(".")[0].replace("_", " ")
+    manifest.write_text(manifest.read_text().replace('"text": "', '"text": "new '))
+    again = index_images([manifest], db, tiny_checkpoint, num_workers=0)
+    assert again.indexed == 0
+    assert again.unchanged == 3
+    assert Searcher(db).get("images", hit.id).text.startswith("new ")
