@@ -56,13 +56,41 @@ def register(cli: typer.Typer) -> None:
             DEFAULT_MAX_UPLOAD_MB),
     ) -> None:
         """Serve the search app: type a description or drop an image, get images and texts."""
-        import subprocess
-
         command = streamlit_command(db, host=host, port=port, model=model,
                                     max_upload_mb=max_upload_mb)
         typer.echo(f"beit3 app: http://{host}:{port}  ({', '.join(map(str, db))}; Ctrl+C stops)")
+        _serve(command)
+
+    @cli.command("demo")
+    def demo_command(
+        db: Annotated[Path | None, typer.Option(
+            metavar="DIR", file_okay=False,
+            help="Where to build the demo index; default ~/.cache/beit3-search/demo-<model>.")
+        ] = None,
+        port: Annotated[int, typer.Option(metavar="PORT", min=1, max=65535)] = 8501,
+        host: Annotated[str, typer.Option(metavar="ADDR")] = "127.0.0.1",
+        serve: Annotated[bool, typer.Option(help="Start the app when the index is ready.")] = True,
+    ) -> None:
+        """Index the bundled emoji images and names with the bundled model, then serve the app."""
+        from app.cli_index import _progress_bars
+        from app.demo import build_demo_index
+
+        progress, close = _progress_bars()
         try:
-            status = subprocess.call(command)
-        except KeyboardInterrupt:
-            status = 0
-        raise typer.Exit(status)
+            path, images, texts = build_demo_index(db, progress=progress)
+        finally:
+            close()
+        typer.echo(f"images: {images}\ntexts: {texts}\nindex: {path}")
+        if serve:
+            typer.echo(f"beit3 demo: open http://{host}:{port}  (Ctrl+C stops)")
+            _serve(streamlit_command([path], host=host, port=port))
+
+
+def _serve(command: list[str]) -> None:
+    import subprocess
+
+    try:
+        status = subprocess.call(command)
+    except KeyboardInterrupt:
+        status = 0
+    raise typer.Exit(status)

@@ -36,12 +36,15 @@ __all__ = [
     "cosine_lr",
     "find_latest",
     "gather_features",
+    "gather_rng_states",
     "init_distributed",
     "load_train_state",
     "param_groups",
+    "rank_rng_state",
     "resolve_device",
     "save_train_state",
     "set_lr",
+    "set_rank_rng_state",
     "write_run_config",
 ]
 
@@ -108,6 +111,36 @@ def gather_features(x: Tensor) -> Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(_GatherLayer.apply(x), dim=0)
+
+
+def rank_rng_state() -> dict[str, Tensor]:
+    """This process's torch RNG (drop path draws), CPU and current CUDA device."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def gather_rng_states() -> list[dict[str, Tensor]]:
+    """Every rank's :func:`rank_rng_state`, in rank order (a collective when distributed): each
+    rank draws its own drop-path masks, so a resume must restore each rank's own stream."""
+    state = rank_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rank_rng_state(states: list[dict[str, Tensor]], rank: int) -> bool:
+    """Restore this rank's RNG from :func:`gather_rng_states`; False (nothing restored) when the
+    saved run had another number of processes."""
+    if not states or rank >= len(states):
+        return False
+    torch.set_rng_state(states[rank]["cpu"])
+    if "cuda" in states[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+    return True
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

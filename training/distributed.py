@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,11 +16,8 @@ __all__ = [
     "all_mean",
     "barrier",
     "full_state_dict",
-    "gather_objects",
     "gather_rows",
     "grad_sync",
-    "rank_rng_state",
-    "set_rank_rng_state",
     "shard_range",
     "sync_unsharded_grads",
     "wrap_model",
@@ -71,29 +67,6 @@ def all_mean(value: Tensor, info: DistInfo | None) -> float:
         dist.all_reduce(value)
         value /= info.world_size
     return float(value.item())
-
-
-def gather_objects(obj: Any, info: DistInfo | None) -> list[Any]:
-    if not _active(info):
-        return [obj]
-    assert info is not None
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rank_rng_state(device: torch.device) -> dict[str, Tensor]:
-    """This process's torch RNG (drop path), CPU and its CUDA device."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rank_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # Wrapping ----------------------------------------------------------------------------------

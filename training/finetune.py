@@ -40,6 +40,7 @@ from beit3.runtime import (
     RunLogger,
     autocast,
     cosine_lr,
+    gather_rng_states,
     init_distributed,
     param_groups,
     save_train_state,
@@ -53,9 +54,7 @@ from training.data import TrainData, is_shard_source, read_source_texts
 from training.distributed import (
     all_mean,
     barrier,
-    gather_objects,
     grad_sync,
-    rank_rng_state,
     sync_unsharded_grads,
     wrap_model,
 )
@@ -287,7 +286,7 @@ class _Loop:
     def _save(self, step: int) -> None:
         extra = {
             "data": self.data.position(), "best": self.best,
-            "rank_rng": gather_objects(rank_rng_state(self.info.device), self.info),
+            "rank_rng": gather_rng_states(),
             "batch": {"batch_size": self.config.batch_size, "world_size": self.info.world_size,
                       "accum_steps": self.config.accum_steps},
             "strategy": self.strategy,

@@ -24,11 +24,11 @@ from beit3.checkpoint import load_state_dict_checked, save_checkpoint
 from beit3.config import Beit3Config
 from beit3.errors import ConfigError
 from beit3.heads import Beit3ForRetrieval
-from beit3.runtime import DistInfo, find_latest, load_train_state
+from beit3.runtime import DistInfo, find_latest, load_train_state, set_rank_rng_state
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
-from training.distributed import barrier, full_state_dict, set_rank_rng_state
+from training.distributed import barrier, full_state_dict
 
 __all__ = ["Start", "check_same_batches", "export_model", "read_weights", "restore", "resume_dir",
            "save_fsdp_state", "truncate_metrics"]
@@ -102,7 +102,7 @@ def restore(step_dir: Path, model: nn.Module, wrapped: nn.Module,
         load_train_state(step_dir, model, optimizer)
     rng = extra.get("rank_rng") or []
     if len(rng) == info.world_size:
-        set_rank_rng_state(rng[info.rank], info.device)
+        set_rank_rng_state(rng, info.rank)
     return {**extra, "step": int(saved["step"]),
             "best": extra.get("best", {"average": -math.inf, "step": 0})}
 

@@ -21,7 +21,7 @@ from beit3.pretrain.data import MaskedBatch
 from beit3.pretrain.model import Beit3ForPretraining, PretrainingOutput
 
 __all__ = ["StepModule", "all_reduce_sum", "full_model_state", "full_state", "load_optimizer_state",
-           "rng_states", "set_rng_state", "wrap_model"]
+           "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,29 +98,6 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
-
-
-def rng_states() -> list[dict[str, Tensor]]:
-    """Every rank's torch (and CUDA) RNG state, in rank order (a collective when distributed):
-    drop path draws differ by rank, so a resume restores each rank's own stream."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not is_distributed():
-        return [state]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
-def set_rng_state(states: list[dict[str, Tensor]], rank: int) -> bool:
-    """Restore this rank's RNG from :func:`rng_states`; False if the run had fewer ranks."""
-    if rank >= len(states):
-        return False
-    torch.set_rng_state(states[rank]["cpu"])
-    if "cuda" in states[rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
-    return True
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,

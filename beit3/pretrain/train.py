@@ -42,11 +42,13 @@ from beit3.runtime import (
     RunLogger,
     cosine_lr,
     find_latest,
+    gather_rng_states,
     init_distributed,
     load_train_state,
     param_groups,
     save_train_state,
     set_lr,
+    set_rank_rng_state,
     write_run_config,
 )
 from beit3.tokenizer import TextTokenizer
@@ -340,7 +342,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                 raise CheckpointError(f"resume: {step_dir} is not a step directory")
             state = load_train_state(step_dir, model, optimizer=None)
             start_step, extra = state["step"], state["extra"]
-    if not pdist.set_rng_state(extra.get("rng", []), info.rank):
+    if not set_rank_rng_state(extra.get("rng", []), info.rank):
         torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path per rank
 
     model.to(device)
@@ -373,7 +375,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
 
     def save(step: int) -> None:
         model_state, optim_state = pdist.full_state(model, optimizer)
-        rng = pdist.rng_states()
+        rng = gather_rng_states()
         if info.is_main:
             shadow = model if not (sharding == "fsdp" and pdist.is_distributed()) \
                 else pdist.shadow_model(model, model_state)
