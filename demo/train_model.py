@@ -5,8 +5,8 @@
 
 Stages (each is skipped when its output already exists in --work, so an interrupted run
 continues where it stopped):
-  1. manifests   train / val / test JSONL from demo/data/emoji (train: name + aliases as captions;
-                 val / test: the CLDR name only)
+  1. manifests   train / val / test JSONL from demo/data/emoji (train: the CLDR name, its aliases
+                 and a few phrasings of it as captions; val / test: the CLDR name only)
   2. spm         a sentencepiece model on the train split's names and aliases (case-folded)
   3. vqkd        a VQ-KD visual tokenizer on the train images, reconstructing patch pixels
   4. pretrain    masked data modeling (one loss) on train images, texts and pairs
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,14 +74,35 @@ def _recipe(smoke: bool) -> dict:
                                "teacher_dim": 3 * 8 * 8}},
         "pretrain": {"max_steps": steps(1200), "lr": 1e-3, "warmup_steps": steps(100),
                      "batch": 48, "drop_path_rate": 0.1, "min_mask_block": 4},
-        "finetune": {"max_steps": steps(900), "lr": 5e-4, "batch_size": 128,
+        "finetune": {"max_steps": steps(1200), "lr": 5e-4, "batch_size": 128,
                      "layer_decay": 0.85, "eval_every": steps(150), "drop_path_rate": 0.1},
         "scratch_lr": 1e-3,
     }
 
 
+_TONE = re.compile(r" ?\b(?:light|medium-light|medium|medium-dark|dark) skin tones?\b")
+
+
+def caption_variants(name: str) -> list[str]:
+    """Ways people phrase a CLDR name: "flag: Japan" -> "flag of Japan", "Japan flag";
+    "keycap: 5" -> "keycap 5"; "waving hand medium skin tone" -> "waving hand"; and "a <name>"."""
+    out = []
+    if name.startswith("flag: "):
+        place = name[len("flag: "):]
+        out += [f"flag of {place}", f"{place} flag"]
+    elif name.startswith("keycap: "):
+        out.append("keycap " + name[len("keycap: "):])
+    else:
+        out.append(f"a {name}")
+    plain = " ".join(_TONE.sub("", name).split())
+    if plain and plain != name:
+        out.append(plain)
+    return out
+
+
 def write_manifests(work: Path) -> dict[str, Path]:
-    """Split captions.jsonl into train (name + aliases) / val / test (name) manifests."""
+    """Split captions.jsonl into train (name, aliases and phrasings of the name) / val / test (the
+    name only) manifests."""
     rows = [json.loads(line) for line in (DATA / "captions.jsonl").read_text().splitlines() if line]
     out = {}
     for split in ("train", "val", "test"):
@@ -89,7 +111,9 @@ def write_manifests(work: Path) -> dict[str, Path]:
             for row in rows:
                 if row["split"] != split:
                     continue
-                captions = [row["text"]] + (row["aliases"] if split == "train" else [])
+                captions = [row["text"]]
+                if split == "train":
+                    captions += row["aliases"] + caption_variants(row["text"])
                 f.write(json.dumps({"image": str(DATA / row["image"]),
                                     "captions": captions}) + "\n")
         out[split] = path
