@@ -61,15 +61,27 @@ def _cpu_peak(impl: str, mode: str, args: argparse.Namespace, weights: Path) -> 
     """Extra resident memory (MiB) of one forward on CPU, measured in a fresh process: CPU
     tensors have no allocator statistics and ru_maxrss is per process (and fork() after OpenMP
     has started deadlocks), so each (implementation, mode) gets its own interpreter."""
-    cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-           "--text-len", str(args.text_len), "--threads", str(args.threads),
-           "--child", f"{impl}:{mode}:{weights}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+        "--text-len",
+        str(args.text_len),
+        "--threads",
+        str(args.threads),
+        "--child",
+        f"{impl}:{mode}:{weights}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
-           compile_ours: bool = False):
+def _build(
+    args: argparse.Namespace, device: str, weights: Path | None = None, compile_ours: bool = False
+):
     cfg = create_config(args.preset)
     with torch.device("meta"):
         ours = Beit3ForRetrieval(cfg)
@@ -80,7 +92,9 @@ def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
         ours.init_heads()
         state = ours.state_dict()
     else:
-        state = load_file(str(weights))
+        # Cloned, so the weights are resident before the forward is measured (a safetensors
+        # load is memory-mapped: its pages would be counted as the forward's memory).
+        state = {k: v.clone() for k, v in load_file(str(weights)).items()}
         ours.load_state_dict(state, assign=True)
     ref = build_reference(cfg, state)
     ours, ref = ours.to(device).eval(), ref.to(device).eval()
@@ -90,15 +104,22 @@ def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
     ids = torch.randint(4, 60000, (b, length), generator=gen).to(device)
     pad = torch.zeros(b, length, dtype=torch.bool, device=device)
     modes = {
-        "image": (lambda: ours.beit3(images=images).hidden_states,
-                  lambda: ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"]),
-        "text": (lambda: ours.beit3(text_ids=ids, padding_mask=pad).hidden_states,
-                 lambda: ref.beit3(textual_tokens=ids, visual_tokens=None,
-                                   text_padding_position=pad)["encoder_out"]),
+        "image": (
+            lambda: ours.beit3(images=images).hidden_states,
+            lambda: ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"],
+        ),
+        "text": (
+            lambda: ours.beit3(text_ids=ids, padding_mask=pad).hidden_states,
+            lambda: ref.beit3(textual_tokens=ids, visual_tokens=None, text_padding_position=pad)[
+                "encoder_out"
+            ],
+        ),
         "image+text": (
             lambda: ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states,
-            lambda: ref.beit3(textual_tokens=ids, visual_tokens=images,
-                              text_padding_position=pad)["encoder_out"]),
+            lambda: ref.beit3(textual_tokens=ids, visual_tokens=images, text_padding_position=pad)[
+                "encoder_out"
+            ],
+        ),
         # The retrieval surface: L2-normalised embeddings (ours computes only the pooled token
         # in the last layer; the official code computes every token and then takes token 0).
         "encode_image": (lambda: ours.encode_image(images), lambda: ref.encode_image(images)),
@@ -117,9 +138,12 @@ def _build(args: argparse.Namespace, device: str, weights: Path | None = None,
 
 def _wrap(fn, device: str, dtype: torch.dtype | None):
     def call():
-        with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
             return fn()
+
     return call
 
 
@@ -131,8 +155,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile ours (CUDA graphs on GPU); image modes only")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile ours (CUDA graphs on GPU); image modes only",
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -156,11 +183,19 @@ def main() -> None:
         weights = Path(tempfile.mkdtemp()) / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(weights))
     precision = ("bf16 autocast" if dtype else "fp32") + (", ours compiled" if args.compile else "")
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"# {args.preset}, batch {b}, image {cfg.img_size} + {length} text tokens, {precision}, "
-          f"{name}, torch {torch.__version__}")
-    print(f"{'mode':13s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
-          f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s}")
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
+    print(
+        f"# {args.preset}, batch {b}, image {cfg.img_size} + {length} text tokens, {precision}, "
+        f"{name}, torch {torch.__version__}"
+    )
+    print(
+        f"{'mode':13s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
+        f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s}"
+    )
     total_ours = total_ref = 0.0
     for mode, (f_ours, f_ref) in modes.items():
         run_ours, run_ref = _wrap(f_ours, device, dtype), _wrap(f_ref, device, dtype)
@@ -172,10 +207,13 @@ def main() -> None:
         diff = (run_ours().float() - run_ref().float()).abs().max().item()
         total_ours += t_ours
         total_ref += t_ref
-        print(f"{mode:13s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
-              f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e}")
-    print(f"{'all':13s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} "
-          f"{total_ref / total_ours:7.2f}x")
+        print(
+            f"{mode:13s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
+            f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e}"
+        )
+    print(
+        f"{'all':13s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} {total_ref / total_ours:7.2f}x"
+    )
 
 
 if __name__ == "__main__":
