@@ -42,6 +42,7 @@ demo-data: install
 	$(BIN)/python demo/build_dataset.py
 
 lint: install
+	$(BIN)/ruff format --check beit3 indexer training app tests bench demo
 	$(BIN)/ruff check beit3 indexer training app tests bench demo
 	$(BIN)/lint-imports
 

@@ -74,18 +74,27 @@ def db_labels(dbs: Sequence[Path]) -> dict[str, Path]:
 def describe_db_problem(db: Path) -> str | None:
     """Why ``db`` cannot be a database, as a message for the page; None when it may be one."""
     if not db.exists():
-        return (f"There is no database at `{db}`. Build one with "
-                f"`beit3 index images PHOTOS/ --db {db}`, then restart the app.")
+        return (
+            f"There is no database at `{db}`. Build one with "
+            f"`beit3 index images PHOTOS/ --db {db}`, then restart the app."
+        )
     if not db.is_dir():
         return f"`{db}` is a file, not a database folder. Pass the folder `beit3 index` wrote."
     if not any(db.iterdir()):
-        return (f"The database `{db}` is empty. Add images with "
-                f"`beit3 index images PHOTOS/ --db {db}`, then restart the app.")
+        return (
+            f"The database `{db}` is empty. Add images with "
+            f"`beit3 index images PHOTOS/ --db {db}`, then restart the app."
+        )
     return None
 
 
-def decode_upload(data: bytes, name: str, *, max_mb: int, max_pixels: int = MAX_UPLOAD_PIXELS,
-                  ) -> Image.Image:
+def decode_upload(
+    data: bytes,
+    name: str,
+    *,
+    max_mb: int,
+    max_pixels: int = MAX_UPLOAD_PIXELS,
+) -> Image.Image:
     """Turn uploaded bytes into an RGB image, or say in one sentence why not.
 
     Checks the byte size and the pixel count (read from the header, before decoding) so a huge
@@ -97,8 +106,10 @@ def decode_upload(data: bytes, name: str, *, max_mb: int, max_pixels: int = MAX_
     from beit3 import InputDataError, load_image
 
     if len(data) > max_mb * 1024 * 1024:
-        raise InputDataError(f"{name} is {len(data) / 2**20:.1f} MB; the upload limit is "
-                             f"{max_mb} MB. Resize or compress it and try again.")
+        raise InputDataError(
+            f"{name} is {len(data) / 2**20:.1f} MB; the upload limit is "
+            f"{max_mb} MB. Resize or compress it and try again."
+        )
     if not data:
         raise InputDataError(f"{name} is an empty file, not an image.")
     try:
@@ -107,20 +118,26 @@ def decode_upload(data: bytes, name: str, *, max_mb: int, max_pixels: int = MAX_
             header = Image.open(io.BytesIO(data))  # lazy: reads the size, decodes nothing
             width, height = header.size
     except Image.DecompressionBombError:
-        raise InputDataError(f"{name} has too many pixels to be opened safely. "
-                             "Resize it and try again.") from None
+        raise InputDataError(
+            f"{name} has too many pixels to be opened safely. Resize it and try again."
+        ) from None
     except Exception:  # noqa: BLE001 - any failure to read a header means "not an image"
-        raise InputDataError(f"{name} is not an image we can read (PNG, JPEG, WebP, GIF, BMP "
-                             "or TIFF). Pick an image file and try again.") from None
+        raise InputDataError(
+            f"{name} is not an image we can read (PNG, JPEG, WebP, GIF, BMP "
+            "or TIFF). Pick an image file and try again."
+        ) from None
     if width * height > max_pixels:
         raise InputDataError(
             f"{name} is {width}\u00d7{height} pixels ({width * height / 1e6:.0f} MP); the limit is "
-            f"{max_pixels / 1e6:.0f} MP. Resize it and try again.")
+            f"{max_pixels / 1e6:.0f} MP. Resize it and try again."
+        )
     try:
         return load_image(data)
     except InputDataError:
-        raise InputDataError(f"{name} looks like an image but cannot be decoded (corrupt or "
-                             "truncated). Try another file.") from None
+        raise InputDataError(
+            f"{name} looks like an image but cannot be decoded (corrupt or "
+            "truncated). Try another file."
+        ) from None
 
 
 def content_key(data: bytes) -> str:
@@ -139,8 +156,9 @@ def thumbnail(path: str | Path, size: int = THUMB_SIZE) -> Image.Image | None:
         image = load_image(Path(path), draft_size=size)
     except InputDataError:
         return None
-    return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC,
-                        color=THUMB_BACKGROUND)
+    return ImageOps.pad(
+        image, (size, size), method=Image.Resampling.BICUBIC, color=THUMB_BACKGROUND
+    )
 
 
 def hit_name(path: str | None, item_id: Any, label: str | None = None) -> str:
@@ -169,7 +187,9 @@ def md_escape(text: str) -> str:
 _WORDS = re.compile(r"[A-Za-z]+")
 
 
-def examples_from_texts(texts: Iterable[str | None], limit: int = 3, max_chars: int = 40) -> list[str]:
+def examples_from_texts(
+    texts: Iterable[str | None], limit: int = 3, max_chars: int = 40
+) -> list[str]:
     """Example queries taken from indexed texts: short, distinct, in the order given."""
     out: list[str] = []
     for text in texts:
@@ -187,8 +207,11 @@ def examples_from_names(paths: Iterable[str | None], limit: int = 3) -> list[str
     for path in paths:
         if not path:
             continue
-        words = [w.lower() for w in _WORDS.findall(Path(path).stem)
-                 if len(w) > 1 and w.lower() not in ("img", "image", "dsc", "photo", "jpg", "png")]
+        words = [
+            w.lower()
+            for w in _WORDS.findall(Path(path).stem)
+            if len(w) > 1 and w.lower() not in ("img", "image", "dsc", "photo", "jpg", "png")
+        ]
         phrase = " ".join(words[:4])
         if phrase and phrase not in out:
             out.append(phrase)

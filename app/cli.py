@@ -90,18 +90,23 @@ def presets() -> None:
 def convert(
     pth: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Official .pth file.")],
     output: Annotated[Path, typer.Argument(file_okay=False, help="Checkpoint directory to write.")],
-    spm: Annotated[Path, typer.Option(exists=True, dir_okay=False,
-                                      help="Sentencepiece model (beit3.spm).")],
+    spm: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="Sentencepiece model (beit3.spm).")
+    ],
     preset: Annotated[str | None, typer.Option(help="Target preset; inferred if omitted.")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Interpolate positions to this size.")] = None,
-    allow_pickle: Annotated[bool, typer.Option(
-        help="Allow pickled objects (trusted files only).")] = False,
+    img_size: Annotated[
+        int | None, typer.Option(help="Interpolate positions to this size.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Allow pickled objects (trusted files only).")
+    ] = False,
 ) -> None:
     """Convert an official BEiT-3 .pth checkpoint into a checkpoint directory."""
     from beit3 import import_official
 
-    model_id = import_official(pth, output, spm=spm, preset=preset, img_size=img_size,
-                               allow_pickle=allow_pickle)
+    model_id = import_official(
+        pth, output, spm=spm, preset=preset, img_size=img_size, allow_pickle=allow_pickle
+    )
     typer.echo(f"wrote {output} ({model_id})")
 
 

@@ -10,12 +10,19 @@ from typing import Annotated, Any
 import typer
 
 _DB = typer.Option("--db", file_okay=False, help="Index directory.")
-_MODEL = typer.Option("--model", exists=True, file_okay=False,
-                      help="Checkpoint directory (default: the one the index was built with).")
+_MODEL = typer.Option(
+    "--model",
+    exists=True,
+    file_okay=False,
+    help="Checkpoint directory (default: the one the index was built with).",
+)
 _BACKEND = typer.Option("--backend", help="lancedb (default for a new table) or faiss.")
-_INDEX_TYPE = typer.Option("--index-type", help="faiss: flat (default)|hnsw|ivfpq; lancedb: "
-                           "auto (default: IVF_FLAT from 20k rows)|exact|ivf_flat|ivf_pq|"
-                           "ivf_hnsw_sq.")
+_INDEX_TYPE = typer.Option(
+    "--index-type",
+    help="faiss: flat (default)|hnsw|ivfpq; lancedb: "
+    "auto (default: IVF_FLAT from 20k rows)|exact|ivf_flat|ivf_pq|"
+    "ivf_hnsw_sq.",
+)
 _DEVICE = typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")
 
 
@@ -28,8 +35,9 @@ def _progress_bars() -> tuple[Any, Any]:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="item", dynamic_ncols=True,
-                                     leave=False, disable=None)
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit="item", dynamic_ncols=True, leave=False, disable=None
+            )
         bar.total = total
         bar.update(done - bar.n)
 
@@ -43,14 +51,19 @@ def _progress_bars() -> tuple[Any, Any]:
 
 def register(cli: typer.Typer) -> None:
     """Add ``index images``, ``index texts`` and ``search`` to ``cli``."""
-    index_cli = typer.Typer(help="Embed image folders or text files into an index.",
-                            no_args_is_help=True)
+    index_cli = typer.Typer(
+        help="Embed image folders or text files into an index.", no_args_is_help=True
+    )
     cli.add_typer(index_cli, name="index")
 
     @index_cli.command("images")
     def index_images_cmd(
-        paths: Annotated[list[Path], typer.Argument(
-            exists=True, help="Image folders (recursive), image files, or JSONL/CSV manifests.")],
+        paths: Annotated[
+            list[Path],
+            typer.Argument(
+                exists=True, help="Image folders (recursive), image files, or JSONL/CSV manifests."
+            ),
+        ],
         db: Annotated[Path, _DB],
         model: Annotated[Path | None, _MODEL] = None,
         backend: Annotated[str | None, _BACKEND] = None,
@@ -65,17 +78,30 @@ def register(cli: typer.Typer) -> None:
 
         progress, close = _progress_bars()
         try:
-            report = index_images(paths, db, model, backend=backend, table=table,
-                                  batch_size=batch_size, num_workers=workers, device=device,
-                                  progress=progress, index_type=index_type)
+            report = index_images(
+                paths,
+                db,
+                model,
+                backend=backend,
+                table=table,
+                batch_size=batch_size,
+                num_workers=workers,
+                device=device,
+                progress=progress,
+                index_type=index_type,
+            )
         finally:
             close()
         typer.echo(str(report))
 
     @index_cli.command("texts")
     def index_texts_cmd(
-        file: Annotated[Path, typer.Argument(
-            exists=True, dir_okay=False, help="One text per line, or a JSONL/CSV file.")],
+        file: Annotated[
+            Path,
+            typer.Argument(
+                exists=True, dir_okay=False, help="One text per line, or a JSONL/CSV file."
+            ),
+        ],
         db: Annotated[Path, _DB],
         model: Annotated[Path | None, _MODEL] = None,
         column: Annotated[str | None, typer.Option(help="JSONL field / CSV column.")] = None,
@@ -90,9 +116,18 @@ def register(cli: typer.Typer) -> None:
 
         progress, close = _progress_bars()
         try:
-            report = index_texts(file, db, model, column=column, table=table, backend=backend,
-                                 batch_size=batch_size, device=device, progress=progress,
-                                 index_type=index_type)
+            report = index_texts(
+                file,
+                db,
+                model,
+                column=column,
+                table=table,
+                backend=backend,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                index_type=index_type,
+            )
         finally:
             close()
         typer.echo(str(report))
@@ -101,8 +136,9 @@ def register(cli: typer.Typer) -> None:
     def search_cmd(
         query: Annotated[str, typer.Argument(help="Words, or with --image an image file.")],
         db: Annotated[Path, _DB],
-        table: Annotated[str | None, typer.Option(
-            help="Table to search (default: images if the index has it).")] = None,
+        table: Annotated[
+            str | None, typer.Option(help="Table to search (default: images if the index has it).")
+        ] = None,
         image: Annotated[bool, typer.Option("--image", help="QUERY is an image file.")] = False,
         k: Annotated[int, typer.Option("--k", min=1)] = 10,
         offset: Annotated[int, typer.Option(min=0)] = 0,
@@ -125,4 +161,6 @@ def register(cli: typer.Typer) -> None:
             typer.echo(json.dumps([h.to_dict() for h in hits], indent=1))
             return
         for h in hits:
-            typer.echo(f"{h.rank:4d}  {h.score:7.4f}  {h.path if h.modality == 'image' else h.text}")
+            typer.echo(
+                f"{h.rank:4d}  {h.score:7.4f}  {h.path if h.modality == 'image' else h.text}"
+            )

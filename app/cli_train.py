@@ -11,9 +11,14 @@ from typing import Annotated
 
 import typer
 
-_Data = Annotated[Path, typer.Argument(
-    exists=True, help="Pairs: .jsonl/.csv manifest or a folder of images with .txt captions "
-    "(finetune also takes WebDataset .tar shards).")]
+_Data = Annotated[
+    Path,
+    typer.Argument(
+        exists=True,
+        help="Pairs: .jsonl/.csv manifest or a folder of images with .txt captions "
+        "(finetune also takes WebDataset .tar shards).",
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -30,8 +35,9 @@ def _progress(description: str, unit: str) -> Iterator[Callable[[int, int], None
 
     def update(done: int, total: int) -> None:
         if not bars:  # a resumed run starts part-way
-            bars.append(tqdm(total=total, initial=done - 1, desc=description, unit=unit,
-                             dynamic_ncols=True))
+            bars.append(
+                tqdm(total=total, initial=done - 1, desc=description, unit=unit, dynamic_ncols=True)
+            )
         bars[0].update(done - bars[0].n)
 
     try:
@@ -47,23 +53,39 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command()
     def finetune(
-        train: Annotated[str, typer.Argument(help="Training pairs: .jsonl/.csv manifest, a "
-                                             "folder of images with .txt captions, or WebDataset "
-                                             "shards (x.tar, a folder of .tar, s-{000..009}.tar).")],
+        train: Annotated[
+            str,
+            typer.Argument(
+                help="Training pairs: .jsonl/.csv manifest, a "
+                "folder of images with .txt captions, or WebDataset "
+                "shards (x.tar, a folder of .tar, s-{000..009}.tar)."
+            ),
+        ],
         output_dir: Annotated[Path, typer.Option(file_okay=False, help="Run directory.")],
-        init: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
-                        help="Checkpoint directory to start from.")] = None,
-        preset: Annotated[str | None, typer.Option(help="Train from scratch (e.g. beit3-tiny).")] = None,
-        spm: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=(
-            "Sentencepiece model for --preset; default: train one on the captions."))] = None,
+        init: Annotated[
+            Path | None,
+            typer.Option(exists=True, file_okay=False, help="Checkpoint directory to start from."),
+        ] = None,
+        preset: Annotated[
+            str | None, typer.Option(help="Train from scratch (e.g. beit3-tiny).")
+        ] = None,
+        spm: Annotated[
+            Path | None,
+            typer.Option(
+                exists=True,
+                dir_okay=False,
+                help=("Sentencepiece model for --preset; default: train one on the captions."),
+            ),
+        ] = None,
         val: Annotated[Path | None, typer.Option(exists=True, help="Held-out pairs.")] = None,
         epochs: float = 15.0,
         max_steps: Annotated[int | None, typer.Option(help="Overrides --epochs.")] = None,
         batch_size: Annotated[int, typer.Option(help="Pairs per process.")] = 64,
         accum_steps: int = 1,
         lr: float = 1e-4,
-        layer_decay: Annotated[float | None, typer.Option(
-            help="Default 0.65 from a checkpoint, 1 from scratch.")] = None,
+        layer_decay: Annotated[
+            float | None, typer.Option(help="Default 0.65 from a checkpoint, 1 from scratch.")
+        ] = None,
         weight_decay: float = 0.05,
         warmup_steps: Annotated[int | None, typer.Option(help="Default: 20% of steps.")] = None,
         drop_path: float = 0.2,
@@ -74,7 +96,9 @@ def register(cli: typer.Typer) -> None:
         save_every: int = 1000,
         eval_every: Annotated[int | None, typer.Option(help="Steps between --val evals.")] = None,
         log_every: int = 10,
-        tensorboard: Annotated[bool, typer.Option(help="Also log to output_dir/tensorboard.")] = True,
+        tensorboard: Annotated[
+            bool, typer.Option(help="Also log to output_dir/tensorboard.")
+        ] = True,
         num_workers: int = 4,
         seed: int = 42,
         resume: Annotated[str | None, typer.Option(help="'latest' or a step directory.")] = None,
@@ -87,14 +111,35 @@ def register(cli: typer.Typer) -> None:
         from training import finetune as run
 
         config = FinetuneConfig(
-            train=train, output_dir=str(output_dir), init=_str(init), preset=preset,
-            spm=_str(spm), val=_str(val), epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, accum_steps=accum_steps, lr=lr, layer_decay=layer_decay,
-            weight_decay=weight_decay, warmup_steps=warmup_steps, drop_path_rate=drop_path,
-            img_size=img_size, precision=precision, use_checkpoint=activation_checkpointing,
-            strategy=strategy, save_every=save_every, eval_every=eval_every,
-            log_every=log_every, tensorboard=tensorboard, num_workers=num_workers, seed=seed, resume=resume,
-            device=device, image_column=image_column, text_column=text_column,
+            train=train,
+            output_dir=str(output_dir),
+            init=_str(init),
+            preset=preset,
+            spm=_str(spm),
+            val=_str(val),
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            accum_steps=accum_steps,
+            lr=lr,
+            layer_decay=layer_decay,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            drop_path_rate=drop_path,
+            img_size=img_size,
+            precision=precision,
+            use_checkpoint=activation_checkpointing,
+            strategy=strategy,
+            save_every=save_every,
+            eval_every=eval_every,
+            log_every=log_every,
+            tensorboard=tensorboard,
+            num_workers=num_workers,
+            seed=seed,
+            resume=resume,
+            device=device,
+            image_column=image_column,
+            text_column=text_column,
         )
         with _progress("finetune", "step") as update:
             final = run(config, progress=update)
@@ -103,11 +148,13 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command("eval")
     def evaluate(
-        checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False,
-                                                   help="Checkpoint directory.")],
+        checkpoint: Annotated[
+            Path, typer.Argument(exists=True, file_okay=False, help="Checkpoint directory.")
+        ],
         data: _Data,
-        output_dir: Annotated[Path | None, typer.Option(
-            file_okay=False, help="Write metrics.json here.")] = Path("."),
+        output_dir: Annotated[
+            Path | None, typer.Option(file_okay=False, help="Write metrics.json here.")
+        ] = Path("."),
         batch_size: int = 64,
         num_workers: int = 2,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
@@ -120,9 +167,15 @@ def register(cli: typer.Typer) -> None:
         from training import evaluate as run
 
         config = EvalConfig(
-            checkpoint=str(checkpoint), data=str(data), output_dir=_str(output_dir),
-            batch_size=batch_size, num_workers=num_workers, precision=precision,
-            device=device, image_column=image_column, text_column=text_column,
+            checkpoint=str(checkpoint),
+            data=str(data),
+            output_dir=_str(output_dir),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            device=device,
+            image_column=image_column,
+            text_column=text_column,
         )
         with _progress("eval", "batch") as update:
             metrics = run(config, progress=update)

@@ -63,8 +63,16 @@ def build_demo_index(
     _check_bundle()
     db = Path(db) if db is not None else default_demo_db()
     captions = Path(captions) if captions is not None else DEMO_CAPTIONS
-    images = index_images([captions], db, DEMO_MODEL, table="images", device=device,
-                          num_workers=num_workers, progress=progress)
-    texts = index_texts(captions, db, DEMO_MODEL, column="text", table="texts", device=device,
-                        progress=progress)
+    images = index_images(
+        [captions],
+        db,
+        DEMO_MODEL,
+        table="images",
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    texts = index_texts(
+        captions, db, DEMO_MODEL, column="text", table="texts", device=device, progress=progress
+    )
     return db, images, texts

@@ -27,8 +27,15 @@ from pathlib import Path
 from typing import Any
 
 # Measured on Debian 12's chromium as root in a container (../shared/reference/environment.md).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1440, "height": 1000}
 QUERY_INPUT = ".st-key-q input"
 GALLERY = ".st-key-image-grid"
@@ -41,8 +48,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(dbs: list[Path], *, model: Path | None = None, port: int | None = None,
-          timeout: float = 90.0, log: Path | None = None) -> Iterator[str]:
+def serve(
+    dbs: list[Path],
+    *,
+    model: Path | None = None,
+    port: int | None = None,
+    timeout: float = 90.0,
+    log: Path | None = None,
+) -> Iterator[str]:
     """Run ``beit3 app`` in the background until the block ends; yields the page URL.
 
     Raises:
@@ -55,17 +68,26 @@ def serve(dbs: list[Path], *, model: Path | None = None, port: int | None = None
         command += ["--model", str(model)]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     # A session of its own, so stopping it also stops the streamlit child of `beit3 app`.
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}"
-                                   + (f"; see {log}" if log else ""))
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"{url}/_stcore/health", timeout=2) as reply:
+                raise RuntimeError(
+                    f"`{' '.join(command)}` exited with {proc.returncode}"
+                    + (f"; see {log}" if log else "")
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply,
+            ):
                 if reply.read().strip() == b"ok":
                     break
             if time.monotonic() > deadline:
@@ -96,8 +118,9 @@ def browser_page(viewport: dict[str, int] | None = None) -> Iterator[Any]:
 
     executable = chromium_path()
     if executable is None:
-        raise RuntimeError("chromium is not installed: `apt-get install -y chromium` "
-                           "(or `make system-deps`)")
+        raise RuntimeError(
+            "chromium is not installed: `apt-get install -y chromium` (or `make system-deps`)"
+        )
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -156,7 +179,9 @@ def click_similar(page: Any, index: int = 0, timeout_s: float = 30.0) -> list[tu
     name = gallery(page)[index][0]
     page.locator(f"{GALLERY} [data-testid=stButton] button").nth(index).click()
     page.get_by_text(f"More like {name}").wait_for(timeout=timeout_s * 1000)
-    page.mouse.move(VIEWPORT["width"] // 2, 4)  # no hover tooltip left over the button in a screenshot
+    page.mouse.move(
+        VIEWPORT["width"] // 2, 4
+    )  # no hover tooltip left over the button in a screenshot
     _wait_idle(page, timeout_s)
     return gallery(page)
 
@@ -168,8 +193,9 @@ def gallery(page: Any) -> list[tuple[str, str]]:
     return list(zip(names, captions, strict=True))
 
 
-def take_screenshots(dbs: list[Path], out_dir: Path, query: str, *,
-                     model: Path | None = None) -> list[Path]:
+def take_screenshots(
+    dbs: list[Path], out_dir: Path, query: str, *, model: Path | None = None
+) -> list[Path]:
     """Serve ``dbs``, run ``query`` in the browser, and save search.png and similar.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shots = [out_dir / "search.png", out_dir / "similar.png"]

@@ -120,14 +120,19 @@ def indexed_thumbnail(path: str | None) -> bytes | None:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def example_queries(db: str, image_table: str | None, text_table: str | None,
-                    _searcher: Any) -> list[str]:
+def example_queries(
+    db: str, image_table: str | None, text_table: str | None, _searcher: Any
+) -> list[str]:
     """Two or three example queries drawn from what the index holds."""
     try:
         if text_table:
-            return examples_from_texts(h.text for h in _searcher.search("a photo", text_table, k=40))
+            return examples_from_texts(
+                h.text for h in _searcher.search("a photo", text_table, k=40)
+            )
         if image_table:
-            return examples_from_names(h.path for h in _searcher.search("a photo", image_table, k=40))
+            return examples_from_names(
+                h.path for h in _searcher.search("a photo", image_table, k=40)
+            )
     except Exception:  # noqa: BLE001 - examples are a nicety; never let them break the page
         logger.warning("could not pick example queries for %s", db, exc_info=True)
     return []
@@ -206,16 +211,23 @@ def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offse
         if len(memo) > 256:
             memo.clear()
         if query.kind == "item":
-            memo[key] = searcher.search_similar(query.table, query.item_id, table, k=k,
-                                                offset=offset)
+            memo[key] = searcher.search_similar(
+                query.table, query.item_id, table, k=k, offset=offset
+            )
         else:
             source = query.text if query.kind == "text" else query.image
             memo[key] = searcher.search(source, table, k=k, offset=offset)
     return memo[key]
 
 
-def collect_hits(searcher: Any, db: str, query: Query, table: str, k: int, pages: int,
-                 ) -> tuple[list, bool]:
+def collect_hits(
+    searcher: Any,
+    db: str,
+    query: Query,
+    table: str,
+    k: int,
+    pages: int,
+) -> tuple[list, bool]:
     """Hits of the first ``pages`` pages, each shown once; and whether more exist."""
     hits: list = []
     total = searcher.tables[table].count
@@ -245,8 +257,10 @@ def _run_safely(what: str, fn: Any, *args: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - the page shows a message; the log has the traceback
         logger.exception("%s failed", what)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        st.error(f"{what} failed ({type(exc).__name__}{': ' + md_escape(first) if first else ''}). "
-                 "The server log has the details.")
+        st.error(
+            f"{what} failed ({type(exc).__name__}{': ' + md_escape(first) if first else ''}). "
+            "The server log has the details."
+        )
     return None
 
 
@@ -277,8 +291,11 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
     images = [n for n, t in searcher.tables.items() if t.modality == "image"]
     texts = [n for n, t in searcher.tables.items() if t.modality == "text"]
     with st.sidebar:
-        image_table = (st.selectbox("Image table", images, key="image_table")
-                       if len(images) > 1 else (images[0] if images else None))
+        image_table = (
+            st.selectbox("Image table", images, key="image_table")
+            if len(images) > 1
+            else (images[0] if images else None)
+        )
         text_table = None
         if len(texts) > 1:
             choice = st.selectbox("Text table", [*texts, NO_TEXT_TABLE], key="text_table")
@@ -304,23 +321,32 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
 def draw_inputs(args: AppArgs, examples: list[str]) -> None:
     left, right = st.columns([3, 2], gap="large")
     with left, st.container(horizontal=True, vertical_alignment="bottom", key="query-row"):
-        st.text_input("Describe an image", key="q", on_change=_on_text_submit,
-                      placeholder=f"e.g. {examples[0]}" if examples else "e.g. a dog on a beach",
-                      max_chars=300)
+        st.text_input(
+            "Describe an image",
+            key="q",
+            on_change=_on_text_submit,
+            placeholder=f"e.g. {examples[0]}" if examples else "e.g. a dog on a beach",
+            max_chars=300,
+        )
         st.button("Search", type="primary", key="search", on_click=_on_text_submit)
     if examples:
         with left, st.container(horizontal=True, vertical_alignment="center", key="examples"):
             st.caption("Try:", width="content")
             for i, text in enumerate(examples):
-                st.button(text, key=f"example-{i}", type="tertiary", on_click=_on_example,
-                          args=(text,))
+                st.button(
+                    text, key=f"example-{i}", type="tertiary", on_click=_on_example, args=(text,)
+                )
     with right:
         widget_key = f"upload-{_state().get('uploader_nonce', 0)}"
         st.file_uploader(
-            "\u2026or search with an image", type=list(UPLOAD_TYPES), key=widget_key,
-            max_upload_size=args.max_upload_mb, on_change=_on_upload,
+            "\u2026or search with an image",
+            type=list(UPLOAD_TYPES),
+            key=widget_key,
+            max_upload_size=args.max_upload_mb,
+            on_change=_on_upload,
             args=(widget_key, args.max_upload_mb),
-            help=f"Up to {args.max_upload_mb} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
+            help=f"Up to {args.max_upload_mb} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.",
+        )
         if _state().get("upload_error"):
             st.warning(_state().upload_error, icon=":material/broken_image:")
     if _state().get("notice") == "empty":
@@ -341,14 +367,17 @@ def draw_query_banner(searcher: Any, query: Query) -> None:
             if thumb is not None:
                 st.image(thumb, width=56)
             st.markdown(f"More like **{md_escape(query.label)}**")
-        st.button("Clear", key="clear", type="tertiary", icon=":material/close:",
-                  on_click=_on_clear)
+        st.button(
+            "Clear", key="clear", type="tertiary", icon=":material/close:", on_click=_on_clear
+        )
 
 
-def draw_image_hits(searcher: Any, db: str, query: Query, table: str, k: int,
-                    can_search_texts: bool) -> None:
-    found = _run_safely("Image search", collect_hits, searcher, db, query, table, k,
-                        _state().pages.get("images", 1))
+def draw_image_hits(
+    searcher: Any, db: str, query: Query, table: str, k: int, can_search_texts: bool
+) -> None:
+    found = _run_safely(
+        "Image search", collect_hits, searcher, db, query, table, k, _state().pages.get("images", 1)
+    )
     if found is None:
         return
     hits, more = found
@@ -367,19 +396,42 @@ def draw_image_hits(searcher: Any, db: str, query: Query, table: str, k: int,
                 st.image(thumb, width="stretch")
             st.markdown(f"**{md_escape(name)}**")
             st.caption(f"score {format_score(hit.score)} \u00b7 #{hit.rank}")
-            st.button("Similar", key=f"similar-{table}-{hit.id}", icon=":material/image_search:",
-                      width="stretch", on_click=_on_item, args=(table, hit.id, name),
-                      help=f"Search with {name}" + (" (images and texts)"
-                                                   if can_search_texts else ""))
+            st.button(
+                "Similar",
+                key=f"similar-{table}-{hit.id}",
+                icon=":material/image_search:",
+                width="stretch",
+                on_click=_on_item,
+                args=(table, hit.id, name),
+                help=f"Search with {name}" + (" (images and texts)" if can_search_texts else ""),
+            )
     if more:
-        st.button("More results", key="more-images", icon=":material/expand_more:",
-                  on_click=_on_more, args=("images",))
+        st.button(
+            "More results",
+            key="more-images",
+            icon=":material/expand_more:",
+            on_click=_on_more,
+            args=("images",),
+        )
 
 
-def draw_text_hits(searcher: Any, db: str, query: Query, table: str, image_table: str | None,
-                   ) -> None:
-    found = _run_safely("Text search", collect_hits, searcher, db, query, table,
-                        TEXT_HITS_PER_PAGE, _state().pages.get("texts", 1))
+def draw_text_hits(
+    searcher: Any,
+    db: str,
+    query: Query,
+    table: str,
+    image_table: str | None,
+) -> None:
+    found = _run_safely(
+        "Text search",
+        collect_hits,
+        searcher,
+        db,
+        query,
+        table,
+        TEXT_HITS_PER_PAGE,
+        _state().pages.get("texts", 1),
+    )
     if found is None:
         return
     hits, more = found
@@ -389,27 +441,42 @@ def draw_text_hits(searcher: Any, db: str, query: Query, table: str, image_table
         return
     with st.container(border=True, key="text-hits"):
         for hit in hits:
-            with st.container(horizontal=True, vertical_alignment="center", wrap=False,
-                              key=f"text-hit-{hit.rank}"):
+            with st.container(
+                horizontal=True, vertical_alignment="center", wrap=False, key=f"text-hit-{hit.rank}"
+            ):
                 st.markdown(f"`{format_score(hit.score)}`", width="content")
                 st.markdown(md_escape(hit.text or str(hit.id)), width="stretch")
                 if image_table:
                     label = (hit.text or str(hit.id))[:60]
-                    st.button(":material/image_search:", key=f"find-{table}-{hit.id}",
-                              type="tertiary", help="Find images that match this text",
-                              on_click=_on_item, args=(table, hit.id, label))
+                    st.button(
+                        ":material/image_search:",
+                        key=f"find-{table}-{hit.id}",
+                        type="tertiary",
+                        help="Find images that match this text",
+                        on_click=_on_item,
+                        args=(table, hit.id, label),
+                    )
     if more:
-        st.button("More texts", key="more-texts", icon=":material/expand_more:",
-                  on_click=_on_more, args=("texts",))
+        st.button(
+            "More texts",
+            key="more-texts",
+            icon=":material/expand_more:",
+            on_click=_on_more,
+            args=("texts",),
+        )
 
 
 def draw_welcome(searcher: Any, examples: list[str]) -> None:
-    sizes = [f"{t.count:,} {'images' if t.modality == 'image' else 'texts'}"
-             for t in searcher.tables.values()]
+    sizes = [
+        f"{t.count:,} {'images' if t.modality == 'image' else 'texts'}"
+        for t in searcher.tables.values()
+    ]
     tip = f" For example: \u201c{examples[0]}\u201d." if examples else ""
-    st.info(f"The index holds {' and '.join(sizes)}. Describe what you are looking for, or drop "
-            f"an image to find similar ones and the texts that describe it.{tip}",
-            icon=":material/travel_explore:")
+    st.info(
+        f"The index holds {' and '.join(sizes)}. Describe what you are looking for, or drop "
+        f"an image to find similar ones and the texts that describe it.{tip}",
+        icon=":material/travel_explore:",
+    )
 
 
 def main() -> None:
@@ -421,8 +488,10 @@ def main() -> None:
     for message in args.errors:
         st.warning(message)
     if db is None:
-        st.error("No database given. Start the app with `beit3 app --db DIR`, where DIR is a "
-                 "folder written by `beit3 index`.")
+        st.error(
+            "No database given. Start the app with `beit3 app --db DIR`, where DIR is a "
+            "folder written by `beit3 index`."
+        )
         return
     problem = describe_db_problem(db)
     if problem:
@@ -433,8 +502,11 @@ def main() -> None:
     if searcher is None:
         return
     if not any(t.count for t in searcher.tables.values()):
-        st.info(f"The database `{db}` has no items yet. Add some with "
-                f"`beit3 index images PHOTOS/ --db {db}`.", icon=":material/database:")
+        st.info(
+            f"The database `{db}` has no items yet. Add some with "
+            f"`beit3 index images PHOTOS/ --db {db}`.",
+            icon=":material/database:",
+        )
         return
     image_table, text_table, k = draw_index_panel(searcher, db)
     examples = example_queries(str(db.resolve()), image_table, text_table, searcher)

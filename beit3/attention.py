@@ -37,8 +37,9 @@ class MultiwayAttention(nn.Module):
         self.out_proj = Multiway(nn.Linear(embed_dim, embed_dim))
         self.inner_attn_ln = Multiway(nn.LayerNorm(embed_dim, eps=eps))
 
-    def forward(self, parts: Parts, attn_mask: Tensor | None, queries: Parts | None = None
-                ) -> Parts:
+    def forward(
+        self, parts: Parts, attn_mask: Tensor | None, queries: Parts | None = None
+    ) -> Parts:
         """Attend over the joined parts.
 
         Args:

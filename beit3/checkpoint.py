@@ -55,6 +55,7 @@ BACKBONE_PREFIX = "beit3."
 # Keys an official pretraining checkpoint may carry that no task model of ours uses.
 PRETRAINING_HEAD_PREFIXES = ("mim_head.", "mlm_head.", "beit3.encoder.output_projection.")
 
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint directory."""
@@ -142,15 +143,27 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir(parents=True)
     try:
-        metadata = {"format_version": str(FORMAT_VERSION), "architecture": architecture,
-                    "preset": preset}
+        metadata = {
+            "format_version": str(FORMAT_VERSION),
+            "architecture": architecture,
+            "preset": preset,
+        }
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
         model_id = compute_model_id(preset, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps({
-            "format_version": FORMAT_VERSION, "architecture": architecture, "preset": preset,
-            "overrides": overrides, "architecture_args": dict(getattr(model, "architecture_args", {})),
-            "model_id": model_id,
-        }, indent=2) + "\n")
+        (tmp / "config.json").write_text(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "architecture": architecture,
+                    "preset": preset,
+                    "overrides": overrides,
+                    "architecture_args": dict(getattr(model, "architecture_args", {})),
+                    "model_id": model_id,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         tokenizer.save(tmp / "tokenizer")
         preprocess.save(tmp / "preprocess.json")
         _replace_dir(tmp, path)
@@ -175,8 +188,10 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a checkpoint directory."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory (expected config.json, "
-                              "model.safetensors, tokenizer/, preprocess.json)")
+        raise CheckpointError(
+            f"checkpoint {path} is not a directory (expected config.json, "
+            "model.safetensors, tokenizer/, preprocess.json)"
+        )
     for name in ("config.json", "model.safetensors", "preprocess.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} has no {name}")
@@ -256,7 +271,10 @@ def load_checkpoint(
     else:
         backbone = {k: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
         load_state_dict_checked(
-            model, backbone, source=str(path), preset=preset,
+            model,
+            backbone,
+            source=str(path),
+            preset=preset,
             allow_missing=lambda k: not k.startswith(BACKBONE_PREFIX),
             allow_unexpected=lambda k: k.startswith(PRETRAINING_HEAD_PREFIXES),
         )
@@ -270,8 +288,9 @@ def load_checkpoint(
             f"{config.vocab_size} rows"
         )
     logger.info("loaded %s (%s) from %s", model_id, architecture, path)
-    return Checkpoint(model.eval(), tokenizer, preprocess, config, preset, architecture,
-                      model_id, path)
+    return Checkpoint(
+        model.eval(), tokenizer, preprocess, config, preset, architecture, model_id, path
+    )
 
 
 def load_state_dict_checked(
@@ -308,11 +327,13 @@ def load_state_dict_checked(
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches ({_first(shapes)}; file vs model)")
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__} for preset {preset}: "
-            + "; ".join(parts)
+            f"{source} does not fit {type(model).__name__} for preset {preset}: " + "; ".join(parts)
         )
-    filtered = {k: v.to(expected[k].dtype) if v.is_floating_point() else v
-                for k, v in state.items() if k in expected}
+    filtered = {
+        k: v.to(expected[k].dtype) if v.is_floating_point() else v
+        for k, v in state.items()
+        if k in expected
+    }
     model.load_state_dict(filtered, strict=not missing, assign=assign)
     return missing, unexpected
 
@@ -322,6 +343,7 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 
 # Official checkpoints --------------------------------------------------------------------
+
 
 def interpolate_vision_positions(table: Tensor, num_patches: int) -> Tensor:
     """Resize the vision position table (2 unused rows + CLS + grid) to ``num_patches`` patches.
@@ -352,9 +374,9 @@ def _infer_preset(state: dict[str, Tensor], img_size: int | None) -> str:
     rows = state[BACKBONE_PREFIX + "encoder.embed_positions.A.weight"].shape[0]
     size = img_size or int(round((rows - 3) ** 0.5)) * patch
     candidates = [
-        name for name in list_presets()
-        if (c := get_preset(name)).embed_dim == dim and c.depth == depth
-        and c.patch_size == patch
+        name
+        for name in list_presets()
+        if (c := get_preset(name)).embed_dim == dim and c.depth == depth and c.patch_size == patch
     ]
     for name in candidates:
         if get_preset(name).img_size == size:
@@ -399,7 +421,9 @@ def import_official(
     with open(pth, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
-        raise CheckpointError(f"{pth}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        raise CheckpointError(
+            f"{pth}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+        )
     try:
         raw = torch.load(pth, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:
@@ -414,13 +438,19 @@ def import_official(
     state = _unwrap(raw, pth)
     if not any(k.startswith(BACKBONE_PREFIX) for k in state):
         state = {(k if k in _HEAD_KEYS else BACKBONE_PREFIX + k): v for k, v in state.items()}
-    for key in ("text_embed.weight", "vision_embed.proj.weight",
-                "encoder.embed_positions.A.weight"):
+    for key in (
+        "text_embed.weight",
+        "vision_embed.proj.weight",
+        "encoder.embed_positions.A.weight",
+    ):
         if BACKBONE_PREFIX + key not in state:
-            raise CheckpointError(f"{pth}: no tensor {BACKBONE_PREFIX + key}; not a BEiT-3 checkpoint")
+            raise CheckpointError(
+                f"{pth}: no tensor {BACKBONE_PREFIX + key}; not a BEiT-3 checkpoint"
+            )
     dropped = [k for k in state if k.startswith(PRETRAINING_HEAD_PREFIXES)]
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in state.items() if k not in dropped}
+    state = {
+        k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in dropped
+    }
 
     preset = preset or _infer_preset(state, img_size)
     config = create_config(preset)
@@ -431,17 +461,28 @@ def import_official(
 
     model = Beit3ForRetrieval(config)
     missing, _ = load_state_dict_checked(
-        model, state, source=str(pth), preset=preset,
+        model,
+        state,
+        source=str(pth),
+        preset=preset,
         allow_missing=lambda k: k in _HEAD_KEYS,
     )
     if missing:
-        logger.warning("%s has no %s: initialised fresh; fine-tune before searching with it",
-                       pth, ", ".join(missing))
+        logger.warning(
+            "%s has no %s: initialised fresh; fine-tune before searching with it",
+            pth,
+            ", ".join(missing),
+        )
     if dropped:
         logger.info("ignored %d pretraining-head tensors (%s)", len(dropped), _first(dropped))
     tokenizer = TextTokenizer(spm)
-    return save_checkpoint(model, output, preset=preset, tokenizer=tokenizer,
-                           preprocess=PreprocessConfig(img_size=config.img_size))
+    return save_checkpoint(
+        model,
+        output,
+        preset=preset,
+        tokenizer=tokenizer,
+        preprocess=PreprocessConfig(img_size=config.img_size),
+    )
 
 
 _HEAD_KEYS = frozenset({"vision_head.weight", "language_head.weight", "logit_scale"})
@@ -454,8 +495,9 @@ def _unwrap(raw: Any, pth: Path) -> dict[str, Tensor]:
                 raw = raw[wrapper]
                 break
     if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"{pth}: expected a state dict (optionally under 'model'), "
-                              f"got {type(raw).__name__}")
+        raise CheckpointError(
+            f"{pth}: expected a state dict (optionally under 'model'), got {type(raw).__name__}"
+        )
     tensors = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"{pth}: holds no tensors")

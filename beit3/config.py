@@ -43,8 +43,16 @@ class Beit3Config:
     attention: AttentionImpl = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "depth", "num_heads", "img_size", "patch_size", "in_chans",
-                     "vocab_size", "max_text_positions"):
+        for name in (
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "vocab_size",
+            "max_text_positions",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name} must be a positive int, got {value!r}")
@@ -137,9 +145,7 @@ def get_preset(name: str) -> Beit3Config:
     except KeyError:
         close = difflib.get_close_matches(name, list(_PRESETS), n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownPresetError(
-            f"unknown preset {name!r}{hint} (see 'beit3 presets')"
-        ) from None
+        raise UnknownPresetError(f"unknown preset {name!r}{hint} (see 'beit3 presets')") from None
 
 
 def create_config(name: str, **overrides: Any) -> Beit3Config:

@@ -88,12 +88,15 @@ def read_pairs(
             "with .txt captions, or WebDataset .tar shards"
         )
     if not records:
-        raise InputDataError(f"{path}: no usable image-text pairs (every row lacked an image or text)")
+        raise InputDataError(
+            f"{path}: no usable image-text pairs (every row lacked an image or text)"
+        )
     return records
 
 
-def _pick(keys: Sequence[str], wanted: str | None, candidates: tuple[str, ...], where: str,
-          what: str) -> str:
+def _pick(
+    keys: Sequence[str], wanted: str | None, candidates: tuple[str, ...], where: str, what: str
+) -> str:
     if wanted is not None:
         if wanted not in keys:
             raise InputDataError(f"{where}: no column {wanted!r} (columns: {', '.join(keys)})")
@@ -124,7 +127,9 @@ def _read_jsonl(path: Path, image_column: str | None, text_column: str | None) -
         try:
             lines = list(f)
         except UnicodeDecodeError as exc:
-            raise InputDataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise InputDataError(
+                f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -133,7 +138,9 @@ def _read_jsonl(path: Path, image_column: str | None, text_column: str | None) -
         except json.JSONDecodeError as exc:
             raise InputDataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise InputDataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise InputDataError(
+                f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+            )
         if image_key is None:
             where = f"{path}:{number}"
             image_key = _pick(list(row), image_column, _IMAGE_KEYS, where, "image")
@@ -155,7 +162,9 @@ def _read_csv(path: Path, image_column: str | None, text_column: str | None) -> 
         with path.open(encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter=delimiter))
     except UnicodeDecodeError as exc:
-        raise InputDataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise InputDataError(
+            f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     except csv.Error as exc:
         raise InputDataError(f"{path}: malformed CSV ({exc})") from None
     if not rows:
@@ -191,8 +200,9 @@ def _read_folder(path: Path) -> list[PairRecord]:
         image_path = str(image.resolve())
         records.extend(PairRecord(image_path, t, image_path) for t in texts)
     if uncaptioned:
-        logger.warning("%s: %d images have no (non-empty) .txt caption and were skipped",
-                       path, uncaptioned)
+        logger.warning(
+            "%s: %d images have no (non-empty) .txt caption and were skipped", path, uncaptioned
+        )
     return records
 
 
@@ -243,6 +253,7 @@ def read_texts(source: str | Path, column: str | None = None) -> Iterator[str]:
 
 # Datasets ----------------------------------------------------------------------------------
 
+
 class PairBatch(NamedTuple):
     """images (B, 3, H, W) float; text_ids (B, L) long; padding_mask (B, L) bool (True = pad);
     image_index (B,) long (index of the image in the dataset's image list, for eval/dedup);
@@ -262,8 +273,12 @@ class PairDataset(Dataset):
     drops those.
     """
 
-    def __init__(self, records: Sequence[PairRecord], transform: Callable[[Any], Tensor],
-                 tokenizer: TextTokenizer) -> None:
+    def __init__(
+        self,
+        records: Sequence[PairRecord],
+        transform: Callable[[Any], Tensor],
+        tokenizer: TextTokenizer,
+    ) -> None:
         self.records = list(records)
         self.transform = transform
         self.tokenizer = tokenizer
@@ -283,8 +298,12 @@ class PairDataset(Dataset):
                 self._reported.add(record.image)
                 logger.warning("skipped: %s", exc)
             return None
-        return {"image": image, "text_ids": self.tokenizer.encode(record.text),
-                "image_index": self.image_index[i], "index": i}
+        return {
+            "image": image,
+            "text_ids": self.tokenizer.encode(record.text),
+            "image_index": self.image_index[i],
+            "index": i,
+        }
 
 
 def collate_pairs(samples: Sequence[dict[str, Any] | None]) -> PairBatch | None:
@@ -297,7 +316,9 @@ def collate_pairs(samples: Sequence[dict[str, Any] | None]) -> PairBatch | None:
     for row, s in enumerate(kept):
         ids[row, : len(s["text_ids"])] = torch.as_tensor(s["text_ids"], dtype=torch.long)
     return PairBatch(
-        torch.stack([s["image"] for s in kept]), ids, ids.eq(PAD_ID),
+        torch.stack([s["image"] for s in kept]),
+        ids,
+        ids.eq(PAD_ID),
         torch.tensor([s["image_index"] for s in kept], dtype=torch.long),
         torch.tensor([s["index"] for s in kept], dtype=torch.long),
     )
@@ -311,8 +332,9 @@ class ResumableSampler(Sampler[int]):
     index of this rank's shard of that epoch.
     """
 
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:
         if size <= 0:
             raise InputDataError("cannot sample from an empty dataset")
         self.size, self.rank, self.world_size = size, rank, world_size
@@ -348,15 +370,19 @@ def expand_shards(source: str | Path) -> list[Path]:
     if match:
         lo, hi = match.group(1), match.group(2)
         width = len(lo)
-        paths = [Path(text[: match.start()] + str(i).zfill(width) + text[match.end():])
-                 for i in range(int(lo), int(hi) + 1)]
+        paths = [
+            Path(text[: match.start()] + str(i).zfill(width) + text[match.end() :])
+            for i in range(int(lo), int(hi) + 1)
+        ]
     elif Path(text).is_dir():
         paths = sorted(Path(text).glob("*.tar"))
     else:
         paths = [Path(text)]
     missing = [p for p in paths if not p.is_file()]
     if not paths or missing:
-        raise InputDataError(f"{source}: shard {missing[0] if missing else '(none)'} does not exist")
+        raise InputDataError(
+            f"{source}: shard {missing[0] if missing else '(none)'} does not exist"
+        )
     return paths
 
 
@@ -394,8 +420,14 @@ class WebDatasetPairs(IterableDataset):
         rank, world_size: this process's share of the shards (shard i goes to rank i % world).
     """
 
-    def __init__(self, shards: Sequence[Path], transform: Callable[[Any], Tensor],
-                 tokenizer: TextTokenizer, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        transform: Callable[[Any], Tensor],
+        tokenizer: TextTokenizer,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.shards = list(shards)
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size = rank, world_size
@@ -409,8 +441,11 @@ class WebDatasetPairs(IterableDataset):
         for shard in mine:
             for key, files in _iter_tar_samples(shard):
                 image_ext = next((e for e in files if "." + e in IMAGE_EXTENSIONS), None)
-                texts = _captions(files["txt"].decode("utf-8", "replace").splitlines()) \
-                    if "txt" in files else []
+                texts = (
+                    _captions(files["txt"].decode("utf-8", "replace").splitlines())
+                    if "txt" in files
+                    else []
+                )
                 if not texts and "json" in files:
                     try:
                         meta = json.loads(files["json"])
@@ -427,8 +462,12 @@ class WebDatasetPairs(IterableDataset):
                     yield None
                     continue
                 for text in texts:
-                    yield {"image": image, "text_ids": self.tokenizer.encode(text),
-                           "image_index": -1, "index": counter}
+                    yield {
+                        "image": image,
+                        "text_ids": self.tokenizer.encode(text),
+                        "image_index": -1,
+                        "index": counter,
+                    }
                     counter += 1
 
 

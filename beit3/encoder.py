@@ -34,7 +34,12 @@ class EncoderLayer(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int, ffn_dim: int, eps: float, drop_path: float,
+        self,
+        embed_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        eps: float,
+        drop_path: float,
         attention: str = "sdpa",
     ) -> None:
         super().__init__()
@@ -46,11 +51,17 @@ class EncoderLayer(nn.Module):
         # A tensor, not a Python float, so torch.compile builds one graph for every layer's rate.
         # Made on the CPU even under a meta-device context: it is not in the state dict, so a
         # checkpoint load cannot fill it in.
-        self.register_buffer("drop_prob", torch.tensor(float(drop_path), device="cpu"),
-                             persistent=False)
+        self.register_buffer(
+            "drop_prob", torch.tensor(float(drop_path), device="cpu"), persistent=False
+        )
 
-    def forward(self, vision: Tensor | None, text: Tensor | None, attn_mask: Tensor | None,
-                first_token_only: bool = False) -> Parts:
+    def forward(
+        self,
+        vision: Tensor | None,
+        text: Tensor | None,
+        attn_mask: Tensor | None,
+        first_token_only: bool = False,
+    ) -> Parts:
         """Run the layer.
 
         Args:

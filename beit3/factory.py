@@ -13,8 +13,13 @@ from beit3.errors import ConfigError
 from beit3.heads import Beit3ForRetrieval
 from beit3.pretrain.model import Beit3ForPretraining
 
-__all__ = ["architecture_of", "create_model", "get_architecture", "list_architectures",
-           "register_architecture"]
+__all__ = [
+    "architecture_of",
+    "create_model",
+    "get_architecture",
+    "list_architectures",
+    "register_architecture",
+]
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "retrieval": Beit3ForRetrieval,
@@ -55,6 +60,6 @@ def create_model(preset: str, architecture: str = "retrieval", **overrides: Any)
     """
     fields = {f.name for f in dataclasses.fields(Beit3Config)}
     config = create_config(preset, **{k: v for k, v in overrides.items() if k in fields})
-    return get_architecture(architecture)(config, **{k: v for k, v in overrides.items()
-                                                     if k not in fields})
-
+    return get_architecture(architecture)(
+        config, **{k: v for k, v in overrides.items() if k not in fields}
+    )

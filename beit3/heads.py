@@ -59,8 +59,9 @@ class Beit3ForRetrieval(nn.Module):
 
     def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids and (B, L) bool padding mask (True = pad) -> (B, D) unit-norm float32."""
-        hidden = self.beit3(text_ids=text_ids, padding_mask=padding_mask,
-                            first_token_only=True).hidden_states  # (B, 1, D)
+        hidden = self.beit3(
+            text_ids=text_ids, padding_mask=padding_mask, first_token_only=True
+        ).hidden_states  # (B, 1, D)
         return F.normalize(self.language_head(hidden[:, 0]).float(), dim=-1)
 
     def forward(
@@ -71,7 +72,5 @@ class Beit3ForRetrieval(nn.Module):
     ) -> RetrievalOutput:
         """Embed whichever of images / texts is given (each in its own pass)."""
         image_embeds = self.encode_image(images) if images is not None else None
-        text_embeds = (
-            self.encode_text(text_ids, padding_mask) if text_ids is not None else None
-        )
+        text_embeds = self.encode_text(text_ids, padding_mask) if text_ids is not None else None
         return RetrievalOutput(image_embeds, text_embeds, self.logit_scale)

@@ -81,10 +81,14 @@ class BlockMasking:
         self.log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
 
     def __repr__(self) -> str:
-        return (f"BlockMasking({self.height}x{self.width}, {self.num_masked} masked, "
-                f"blocks {self.min_block}-{self.max_block})")
+        return (
+            f"BlockMasking({self.height}x{self.width}, {self.num_masked} masked, "
+            f"blocks {self.min_block}-{self.max_block})"
+        )
 
-    def sample_block(self, budget: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    def sample_block(
+        self, budget: int, rng: np.random.Generator
+    ) -> tuple[int, int, int, int] | None:
         """One candidate block (top, left, h, w) for at most ``budget`` patches, or None."""
         area = rng.uniform(self.min_block, max(budget, self.min_block))
         aspect = math.exp(rng.uniform(*self.log_aspect))
@@ -92,8 +96,11 @@ class BlockMasking:
         w = int(round(math.sqrt(area / aspect)))
         # Official rule: a block is strictly smaller than the grid in both directions, except
         # on a 1-wide grid where nothing else is possible.
-        if h < 1 or w < 1 or not (h < self.height or self.height == 1) or not (
-            w < self.width or self.width == 1
+        if (
+            h < 1
+            or w < 1
+            or not (h < self.height or self.height == 1)
+            or not (w < self.width or self.width == 1)
         ):
             return None
         top = int(rng.integers(0, self.height - h + 1))

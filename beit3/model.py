@@ -48,13 +48,20 @@ class Encoder(nn.Module):
         # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last).
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.layers = nn.ModuleList(
-            EncoderLayer(cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.layernorm_eps, rate,
-                         attention=cfg.attention)
+            EncoderLayer(
+                cfg.embed_dim,
+                cfg.num_heads,
+                cfg.ffn_dim,
+                cfg.layernorm_eps,
+                rate,
+                attention=cfg.attention,
+            )
             for rate in rates
         )
         self.layer_norm = (
             Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
-            if cfg.normalize_output else None
+            if cfg.normalize_output
+            else None
         )
 
 
@@ -123,8 +130,9 @@ class Beit3Model(nn.Module):
         if text is not None and padding_mask is not None:
             full_mask = padding_mask.bool()
             if vision is not None:
-                full_mask = torch.cat([full_mask.new_zeros(full_mask.shape[0], num_vision),
-                                       full_mask], dim=1)
+                full_mask = torch.cat(
+                    [full_mask.new_zeros(full_mask.shape[0], num_vision), full_mask], dim=1
+                )
             attn_mask = ~full_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
 
         parts: Parts = (vision, text)
@@ -166,6 +174,7 @@ class Beit3Model(nn.Module):
             attn, ffn = layer.self_attn, layer.ffn
             for out in (attn.out_proj.A, attn.out_proj.B, ffn.A.fc2, ffn.B.fc2):
                 out.weight.mul_(1.0 / math.sqrt(2.0 * index))
+
 
 @torch.no_grad()
 def trunc_normal_(tensor: Tensor, std: float = 0.02, bound: float = 2.0) -> Tensor:

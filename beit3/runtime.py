@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 # Distributed -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -153,9 +154,13 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 # Optimisation ----------------------------------------------------------------------------
 
 # Official BEiT3Wrapper.no_weight_decay() (the text table, B positions and mask token ARE decayed).
-NO_WEIGHT_DECAY = frozenset({
-    "beit3.encoder.embed_positions.A.weight", "beit3.vision_embed.cls_token", "logit_scale",
-})
+NO_WEIGHT_DECAY = frozenset(
+    {
+        "beit3.encoder.embed_positions.A.weight",
+        "beit3.vision_embed.cls_token",
+        "logit_scale",
+    }
+)
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -169,7 +174,9 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
     num_layers: int | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: no decay for 1-D tensors, biases and NO_WEIGHT_DECAY; each group carries an
@@ -184,17 +191,23 @@ def param_groups(
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in NO_WEIGHT_DECAY
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
-        group = groups.setdefault((lid, no_decay), {
-            "params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr_scale": scale,
-        })
+        group = groups.setdefault(
+            (lid, no_decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+            },
+        )
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
 
 
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float,
-              min_lr: float = 0.0) -> float:
+def cosine_lr(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0
+) -> float:
     """Linear warmup from 0 (as the official code), then cosine decay to ``min_lr``."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * step / warmup_steps
@@ -218,8 +231,13 @@ def _rng_state() -> dict[str, Any]:
     mt, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": mt, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": mt,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -230,8 +248,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     random.setstate(_tuplify(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -264,8 +283,13 @@ def save_train_state(
 
     directory = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     save_checkpoint(model, directory, preset=preset, tokenizer=tokenizer, preprocess=preprocess)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-             "extra": extra or {}, "time": time.time()}
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+        "extra": extra or {},
+        "time": time.time(),
+    }
     tmp = directory / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     tmp.rename(directory / STATE_FILE)
@@ -290,7 +314,9 @@ def find_latest(run_dir: str | Path) -> Path | None:
 
 
 def load_train_state(
-    step_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    step_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Restore weights (strictly), optimizer and RNG from a step directory.
 
@@ -314,10 +340,16 @@ def load_train_state(
 
 # Logs --------------------------------------------------------------------------------------
 
+
 def _git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -329,9 +361,13 @@ def write_run_config(output_dir: str | Path, config: Any) -> Path:
 
     data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     record = {
-        "config": data, "git_sha": _git_sha(),
-        "versions": {"beit3": beit3.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "config": data,
+        "git_sha": _git_sha(),
+        "versions": {
+            "beit3": beit3.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     path = Path(output_dir) / "run_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,8 +379,13 @@ class RunLogger:
     """Rank-0 logging of training metrics: one ``key=value`` line every ``log_every`` steps,
     every logged step appended to ``metrics.jsonl``, and TensorBoard scalars when available."""
 
-    def __init__(self, output_dir: str | Path, is_main: bool = True, log_every: int = 10,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        is_main: bool = True,
+        log_every: int = 10,
+        tensorboard: bool = True,
+    ) -> None:
         self.is_main = is_main
         self.log_every = max(1, log_every)
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -358,8 +399,11 @@ class RunLogger:
 
                     self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
                 except ImportError:
-                    logger.warning("tensorboard is not installed: pip install tensorboard "
-                                   "(metrics still go to %s)", self.path)
+                    logger.warning(
+                        "tensorboard is not installed: pip install tensorboard "
+                        "(metrics still go to %s)",
+                        self.path,
+                    )
 
     def should_log(self, step: int) -> bool:
         return self.is_main and step % self.log_every == 0

@@ -51,7 +51,9 @@ class TextTokenizer:
         if not path.is_file():
             raise CheckpointError(f"tokenizer model {path} does not exist")
         if max_len < 3:
-            raise ConfigError(f"max_len must be >= 3 (room for <s>, a piece and </s>), got {max_len}")
+            raise ConfigError(
+                f"max_len must be >= 3 (room for <s>, a piece and </s>), got {max_len}"
+            )
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -167,11 +169,21 @@ def train_sentencepiece(
         if count == 0:
             raise ConfigError("train_sentencepiece got no non-empty text")
         spm.SentencePieceTrainer.Train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "spm"), vocab_size=vocab_size,
-            model_type=model_type, character_coverage=1.0, hard_vocab_limit=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=seed_sentences,
-            shuffle_input_sentence=True, normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-            minloglevel=2, num_threads=2,
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "spm"),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            input_sentence_size=seed_sentences,
+            shuffle_input_sentence=True,
+            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            minloglevel=2,
+            num_threads=2,
         )
         output.write_bytes((Path(tmp) / "spm.model").read_bytes())
     return output

@@ -80,17 +80,33 @@ class VqkdConfig:
     layernorm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                     "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "codebook_size",
-                     "codebook_dim", "teacher_dim"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+            "codebook_size",
+            "codebook_dim",
+            "teacher_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"VQ-KD config field {name} must be a positive int, got {value!r}")
+                raise ConfigError(
+                    f"VQ-KD config field {name} must be a positive int, got {value!r}"
+                )
         if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not a multiple of patch_size "
-                              f"{self.patch_size}")
-        for dim, heads in ((self.embed_dim, self.num_heads),
-                           (self.decoder_embed_dim, self.decoder_num_heads)):
+            raise ConfigError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        for dim, heads in (
+            (self.embed_dim, self.num_heads),
+            (self.decoder_embed_dim, self.decoder_num_heads),
+        ):
             if dim % heads:
                 raise ConfigError(f"width {dim} is not divisible by {heads} heads")
         if not 0.0 < self.ema_decay < 1.0:
@@ -129,9 +145,17 @@ def _check_keys(data: dict[str, Any]) -> None:
 _PRESETS: dict[str, VqkdConfig] = {
     # Tests and CPU demos: matches beit3-tiny's 32-px images and 16-px patches; the pixel teacher
     # gives 3 * 16 * 16 = 768 features per patch. ~0.2M parameters.
-    "vqkd-tiny": VqkdConfig(img_size=32, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64,
-                            decoder_num_heads=4, codebook_size=64, codebook_dim=16,
-                            teacher_dim=768),
+    "vqkd-tiny": VqkdConfig(
+        img_size=32,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_num_heads=4,
+        codebook_size=64,
+        codebook_dim=16,
+        teacher_dim=768,
+    ),
     # BEiT v2 releases: vqkd_encoder_base_decoder_{1x,3x}768x12_clip and ..._1x768x12_dino.
     "vqkd-base": VqkdConfig(),
     "vqkd-base-3x": VqkdConfig(decoder_depth=3),
@@ -148,12 +172,14 @@ def get_vqkd_preset(name: str, **overrides: Any) -> VqkdConfig:
     if name not in _PRESETS:
         close = difflib.get_close_matches(name, list(_PRESETS), n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownPresetError(f"unknown VQ-KD preset {name!r}{hint} (known: "
-                                 f"{', '.join(list_vqkd_presets())})")
+        raise UnknownPresetError(
+            f"unknown VQ-KD preset {name!r}{hint} (known: {', '.join(list_vqkd_presets())})"
+        )
     return _PRESETS[name].replace(**overrides) if overrides else _PRESETS[name]
 
 
 # ViT pieces (official key names: patch_embed.proj, blocks.i.attn.qkv / q_bias / v_bias ...) -----
+
 
 class _Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -169,7 +195,9 @@ class _Attention(nn.Module):
         batch, length, dim = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias)
-        qkv = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        qkv = qkv.view(batch, length, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4
+        )  # (3, B, H, T, hd)
         ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(ctx.transpose(1, 2).reshape(batch, length, dim))  # (B, T, D)
 
@@ -207,8 +235,17 @@ class _VisionTransformer(nn.Module):
     """BEiT v2's ViT as configured for VQ-KD: absolute positions, mean-pooling layout (final
     norm = ``fc_norm`` on the patch tokens), no head. Returns the patch tokens (B, N, D)."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float, eps: float) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        eps: float,
+    ) -> None:
         super().__init__()
         num_patches = (img_size // patch_size) ** 2
         self.patch_embed = _PatchEmbed(in_chans, dim, patch_size)
@@ -245,6 +282,7 @@ class _VisionTransformer(nn.Module):
 
 
 # The quantizer ----------------------------------------------------------------------------
+
 
 class _Codebook(nn.Module):
     """Holds the codebook as buffers named as in the official ``EmbeddingEMA``."""
@@ -298,7 +336,8 @@ class NormEMAQuantizer(nn.Module):
         flat, ids = z.detach().reshape(-1, self.dim).float(), codes.reshape(-1)
         # index_add_ rather than bincount: bincount reads the max id back to the host (a sync).
         counts = torch.zeros(self.num_codes, device=z.device).index_add_(
-            0, ids, torch.ones_like(ids, dtype=torch.float32))
+            0, ids, torch.ones_like(ids, dtype=torch.float32)
+        )
         sums = torch.zeros(self.num_codes, self.dim, device=z.device).index_add_(0, ids, flat)
         return counts, sums
 
@@ -314,8 +353,9 @@ class NormEMAQuantizer(nn.Module):
         weight.copy_(F.normalize(weight, dim=-1))
 
     @torch.no_grad()
-    def kmeans_init_(self, samples: Tensor, iters: int = 10,
-                     generator: torch.Generator | None = None) -> None:
+    def kmeans_init_(
+        self, samples: Tensor, iters: int = 10, generator: torch.Generator | None = None
+    ) -> None:
         """Initialise the codebook by spherical k-means on ``samples`` (M, d)."""
         samples = F.normalize(samples.detach().reshape(-1, self.dim).float(), dim=-1)
         means = _sample_rows(samples, self.num_codes, generator)
@@ -326,13 +366,21 @@ class NormEMAQuantizer(nn.Module):
             new = F.normalize(sums / counts.clamp(min=1).unsqueeze(1).float(), dim=-1)
             means = torch.where((counts > 0).unsqueeze(1), new, means)
         self.embedding.weight.copy_(means)
-        self.cluster_size.copy_(torch.bincount(
-            torch.argmax(samples @ means.t(), dim=-1), minlength=self.num_codes).float())
+        self.cluster_size.copy_(
+            torch.bincount(
+                torch.argmax(samples @ means.t(), dim=-1), minlength=self.num_codes
+            ).float()
+        )
         self.embedding.initted.fill_(1.0)
 
     @torch.no_grad()
-    def reseed_dead_codes_(self, samples: Tensor, counts: Tensor, min_count: float = 1.0,
-                           generator: torch.Generator | None = None) -> int:
+    def reseed_dead_codes_(
+        self,
+        samples: Tensor,
+        counts: Tensor,
+        min_count: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> int:
         """Replace the codes that received fewer than ``min_count`` vectors (``counts`` (K,),
         e.g. summed over the last few hundred steps and all ranks) by random ``samples``.
 
@@ -359,6 +407,7 @@ def _sample_rows(samples: Tensor, num: int, generator: torch.Generator | None) -
 
 # The tokenizer ----------------------------------------------------------------------------
 
+
 class VqkdOutput(NamedTuple):
     """loss = rec_loss + commit_loss (0-dim); codes (B, N) long; z (B, N, d) normalised encoder
     vectors (for the EMA statistics)."""
@@ -380,17 +429,35 @@ class VQKD(nn.Module):
     def __init__(self, config: VqkdConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.encoder = _VisionTransformer(c.img_size, c.patch_size, c.in_chans, c.embed_dim,
-                                          c.depth, c.num_heads, c.mlp_ratio, c.layernorm_eps)
-        self.decoder = _VisionTransformer(c.grid_size, 1, c.codebook_dim, c.decoder_embed_dim,
-                                          c.decoder_depth, c.decoder_num_heads, c.mlp_ratio,
-                                          c.layernorm_eps)
+        self.encoder = _VisionTransformer(
+            c.img_size,
+            c.patch_size,
+            c.in_chans,
+            c.embed_dim,
+            c.depth,
+            c.num_heads,
+            c.mlp_ratio,
+            c.layernorm_eps,
+        )
+        self.decoder = _VisionTransformer(
+            c.grid_size,
+            1,
+            c.codebook_dim,
+            c.decoder_embed_dim,
+            c.decoder_depth,
+            c.decoder_num_heads,
+            c.mlp_ratio,
+            c.layernorm_eps,
+        )
         self.quantize = NormEMAQuantizer(c.codebook_size, c.codebook_dim, c.ema_decay)
         self.encode_task_layer = nn.Sequential(
-            nn.Linear(c.embed_dim, c.embed_dim), nn.Tanh(), nn.Linear(c.embed_dim, c.codebook_dim))
+            nn.Linear(c.embed_dim, c.embed_dim), nn.Tanh(), nn.Linear(c.embed_dim, c.codebook_dim)
+        )
         self.decode_task_layer = nn.Sequential(
-            nn.Linear(c.decoder_embed_dim, c.decoder_embed_dim), nn.Tanh(),
-            nn.Linear(c.decoder_embed_dim, c.teacher_dim))
+            nn.Linear(c.decoder_embed_dim, c.decoder_embed_dim),
+            nn.Tanh(),
+            nn.Linear(c.decoder_embed_dim, c.teacher_dim),
+        )
         self.init_weights()
 
     @torch.no_grad()
@@ -446,14 +513,17 @@ class VQKD(nn.Module):
         z_q, codes, commit, z_norm = self.quantize(z)
         rec = self.decode(z_q)
         if rec.shape != targets.shape:
-            raise ConfigError(f"teacher features have shape {tuple(targets.shape)}, the decoder "
-                              f"makes {tuple(rec.shape)}: set teacher_dim to the teacher's width")
+            raise ConfigError(
+                f"teacher features have shape {tuple(targets.shape)}, the decoder "
+                f"makes {tuple(rec.shape)}: set teacher_dim to the teacher's width"
+            )
         cosine = F.cosine_similarity(rec.float(), targets.float(), dim=-1, eps=1e-6)
         rec_loss = (1.0 - cosine).mean()
         return VqkdOutput(rec_loss + commit, rec_loss, commit, codes, z_norm)
 
 
 # Saving and loading -------------------------------------------------------------------------
+
 
 def save_vqkd(model: VQKD, path: str | Path, *, teacher: str = "") -> Path:
     """Write ``config.json`` + ``model.safetensors`` to the directory ``path`` (atomically)."""
@@ -466,12 +536,23 @@ def save_vqkd(model: VQKD, path: str | Path, *, teacher: str = "") -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if any(k.startswith(("module.", "_orig_mod.")) for k in state):
             raise CheckpointError("save the unwrapped VQ-KD module, not a DDP/compiled wrapper")
-        save_file(state, str(tmp / "model.safetensors"),
-                  metadata={"format_version": str(FORMAT_VERSION), "kind": "vqkd"})
-        (tmp / "config.json").write_text(json.dumps({
-            "format_version": FORMAT_VERSION, "kind": "vqkd", "config": model.config.to_dict(),
-            "teacher": teacher,
-        }, indent=2) + "\n")
+        save_file(
+            state,
+            str(tmp / "model.safetensors"),
+            metadata={"format_version": str(FORMAT_VERSION), "kind": "vqkd"},
+        )
+        (tmp / "config.json").write_text(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "kind": "vqkd",
+                    "config": model.config.to_dict(),
+                    "teacher": teacher,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             path.rename(old)
@@ -494,12 +575,16 @@ def load_vqkd(path: str | Path, device: str | torch.device = "cpu") -> VQKD:
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise CheckpointError(f"{path} is not a VQ-KD tokenizer directory (needs config.json and "
-                              "model.safetensors; train one with 'beit3 tokenizer train-visual')")
+        raise CheckpointError(
+            f"{path} is not a VQ-KD tokenizer directory (needs config.json and "
+            "model.safetensors; train one with 'beit3 tokenizer train-visual')"
+        )
     meta = json.loads((path / "config.json").read_text())
     if meta.get("kind") != "vqkd":
-        raise CheckpointError(f"{path / 'config.json'} describes a {meta.get('kind') or 'BEiT-3'} "
-                              "checkpoint, not a VQ-KD tokenizer")
+        raise CheckpointError(
+            f"{path / 'config.json'} describes a {meta.get('kind') or 'BEiT-3'} "
+            "checkpoint, not a VQ-KD tokenizer"
+        )
     try:
         config = VqkdConfig.from_dict(meta["config"])
     except ConfigError as exc:
@@ -507,19 +592,27 @@ def load_vqkd(path: str | Path, device: str | torch.device = "cpu") -> VQKD:
     model = VQKD(config)
     load_state_dict_checked(model, load_file(str(path / "model.safetensors")), source=str(path))
     if not model.quantize.is_initialized:
-        raise CheckpointError(f"{path}: the codebook was never initialised (saved before the "
-                              "first training step); train the tokenizer further")
+        raise CheckpointError(
+            f"{path}: the codebook was never initialised (saved before the "
+            "first training step); train the tokenizer further"
+        )
     return model.to(device).eval()
 
 
 # Keys of a released BEiT v2 training checkpoint that the tokenizer does not use: the frozen
 # teacher, its input scaling, and EmbeddingEMA's unused cluster_size / embed_avg copies.
-_OFFICIAL_DROP = ("teacher_model.", "scaling_layer.", "loss", "quantize.embedding.cluster_size",
-                  "quantize.embedding.embed_avg")
+_OFFICIAL_DROP = (
+    "teacher_model.",
+    "scaling_layer.",
+    "loss",
+    "quantize.embedding.cluster_size",
+    "quantize.embedding.embed_avg",
+)
 
 
-def import_official_vqkd(pth: str | Path, output: str | Path, *, preset: str = "vqkd-base",
-                         **overrides: Any) -> Path:
+def import_official_vqkd(
+    pth: str | Path, output: str | Path, *, preset: str = "vqkd-base", **overrides: Any
+) -> Path:
     """Convert a released BEiT v2 tokenizer (e.g. ``vqkd_encoder_base_decoder_1x768x12_clip.pth``).
 
     Key names match one to one; the teacher and the unused EMA copies are dropped; the official
@@ -532,17 +625,27 @@ def import_official_vqkd(pth: str | Path, output: str | Path, *, preset: str = "
         raw = torch.load(pth, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights-only errors differ by torch version
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{pth}: cannot read as a weights-only PyTorch file ({reason})") from None
+        raise CheckpointError(
+            f"{pth}: cannot read as a weights-only PyTorch file ({reason})"
+        ) from None
     for key in ("model", "state_dict", "module"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]
             break
-    state = {k: v.float() for k, v in raw.items()
-             if isinstance(v, Tensor) and not k.startswith(_OFFICIAL_DROP)}
+    state = {
+        k: v.float()
+        for k, v in raw.items()
+        if isinstance(v, Tensor) and not k.startswith(_OFFICIAL_DROP)
+    }
     if "quantize.embedding.initted" not in state:
         state["quantize.embedding.initted"] = torch.ones(1)
     state["quantize.embedding.initted"] = state["quantize.embedding.initted"].reshape(1)
     model = VQKD(get_vqkd_preset(preset, **overrides))
-    load_state_dict_checked(model, state, source=str(pth), preset=preset,
-                            allow_missing=lambda k: k == "quantize.cluster_size")
+    load_state_dict_checked(
+        model,
+        state,
+        source=str(pth),
+        preset=preset,
+        allow_missing=lambda k: k == "quantize.cluster_size",
+    )
     return save_vqkd(model, output, teacher=f"official:{Path(pth).name}")

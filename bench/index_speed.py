@@ -57,8 +57,9 @@ def write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
 def make_checkpoint(preset: str, directory: Path, device: torch.device) -> Path:
     """A randomly initialised checkpoint (initialised on ``device``: base's init takes minutes
     on 2 CPU cores)."""
-    spm = train_sentencepiece([f"word{i} thing{i % 7} photo" for i in range(500)],
-                              directory / "spm", vocab_size=200)
+    spm = train_sentencepiece(
+        [f"word{i} thing{i % 7} photo" for i in range(500)], directory / "spm", vocab_size=200
+    )
     torch.manual_seed(0)
     path = directory / "ckpt"
     with torch.device(device):
@@ -72,8 +73,11 @@ def model_only(ckpt_path: Path, device: torch.device, batch_size: int, batches: 
     ckpt = load_checkpoint(ckpt_path, device=device)
     size = ckpt.preprocess.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)  # already on the device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     times = []
     with torch.inference_mode(), autocast:
         for step in range(batches + 2):
@@ -87,8 +91,12 @@ def model_only(ckpt_path: Path, device: torch.device, batch_size: int, batches: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="beit3-tiny")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a checkpoint directory (default: a random one of --preset)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a checkpoint directory (default: a random one of --preset)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--count", type=int, default=2000, help="photos to index")
     parser.add_argument("--photo-size", type=int, default=640, help="photo width in px")
@@ -110,13 +118,17 @@ def main() -> None:
         write_photos(photos, args.count, args.photo_size)
     ckpt = args.checkpoint or make_checkpoint(args.preset, workdir, device)
     preset = load_checkpoint(ckpt).preset if args.checkpoint else args.preset
-    print(f"# index_speed: {preset} (img {get_preset(preset).img_size}px) on {device}, "
-          f"{args.count} JPEGs of {args.photo_size}px, batch {args.batch_size}, "
-          f"{args.workers} workers, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
-          f"cores, backend {args.backend}; setup {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"# index_speed: {preset} (img {get_preset(preset).img_size}px) on {device}, "
+        f"{args.count} JPEGs of {args.photo_size}px, batch {args.batch_size}, "
+        f"{args.workers} workers, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
+        f"cores, backend {args.backend}; setup {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
-    model_rate = model_only(ckpt, device, args.batch_size,
-                            batches=max(3, min(20, args.count // args.batch_size)))
+    model_rate = model_only(
+        ckpt, device, args.batch_size, batches=max(3, min(20, args.count // args.batch_size))
+    )
     print(f"model-only   {model_rate:9.1f} img/s", flush=True)
 
     db = workdir / "db"
@@ -127,17 +139,31 @@ def main() -> None:
         marks.setdefault(f"{stage}-start", time.perf_counter())
         marks[f"{stage}-end"] = time.perf_counter()
 
-    report = index_images([photos], db, ckpt, backend=args.backend, batch_size=args.batch_size,
-                          num_workers=args.workers, device=str(device), progress=progress)
+    report = index_images(
+        [photos],
+        db,
+        ckpt,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=str(device),
+        progress=progress,
+    )
     e2e_rate = report.indexed / report.elapsed_s
     embed_s = marks["embed-end"] - marks["embed-start"]
-    print(f"end-to-end   {e2e_rate:9.1f} img/s  ({report.indexed} in {report.elapsed_s:.1f} s; "
-          f"embed stage {report.indexed / embed_s:.1f} img/s; "
-          f"x model-only {e2e_rate / model_rate:.2f})", flush=True)
-    again = index_images([photos], db, backend=args.backend, num_workers=args.workers,
-                         device=str(device))
-    print(f"re-run       {again.seen / again.elapsed_s:9.1f} items/s checked "
-          f"({again.unchanged} unchanged, {again.indexed} embedded, {again.elapsed_s:.2f} s)")
+    print(
+        f"end-to-end   {e2e_rate:9.1f} img/s  ({report.indexed} in {report.elapsed_s:.1f} s; "
+        f"embed stage {report.indexed / embed_s:.1f} img/s; "
+        f"x model-only {e2e_rate / model_rate:.2f})",
+        flush=True,
+    )
+    again = index_images(
+        [photos], db, backend=args.backend, num_workers=args.workers, device=str(device)
+    )
+    print(
+        f"re-run       {again.seen / again.elapsed_s:9.1f} items/s checked "
+        f"({again.unchanged} unchanged, {again.indexed} embedded, {again.elapsed_s:.2f} s)"
+    )
     print(f"# {report}")
 
 

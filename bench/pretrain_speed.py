@@ -57,21 +57,29 @@ def _batches(cfg, args, vocab: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     grid = cfg.grid_size
     out = {}
-    for kind, batch, length, text_ratio in (("text", args.text_batch, args.text_len, 0.15),
-                                            ("image", args.image_batch, 0, 0.0),
-                                            ("pair", args.pair_batch, args.pair_len, 0.5)):
+    for kind, batch, length, text_ratio in (
+        ("text", args.text_batch, args.text_len, 0.15),
+        ("image", args.image_batch, 0, 0.0),
+        ("pair", args.pair_batch, args.pair_len, 0.5),
+    ):
         if batch == 0:
             continue
-        masker = BatchMasker(kind, seed, mask_id=vocab - 1, text_ratio=text_ratio,
-                             image_masking=BlockMasking(grid, 0.4) if kind != "text" else None,
-                             pad_to=length or None,
-                             text_slots=max_masked(length, text_ratio) if length else None)
+        masker = BatchMasker(
+            kind,
+            seed,
+            mask_id=vocab - 1,
+            text_ratio=text_ratio,
+            image_masking=BlockMasking(grid, 0.4) if kind != "text" else None,
+            pad_to=length or None,
+            text_slots=max_masked(length, text_ratio) if length else None,
+        )
         samples = []
         for i in range(batch):
             sample = {"key": (0, i)}
             if kind != "text":
                 sample["image"] = torch.from_numpy(
-                    rng.standard_normal((3, cfg.img_size, cfg.img_size), dtype=np.float32))
+                    rng.standard_normal((3, cfg.img_size, cfg.img_size), dtype=np.float32)
+                )
             if kind != "image":
                 # Texts fill 60-100% of the padded length (real captions vary).
                 n = int(rng.integers(int(0.6 * length), length + 1))
@@ -82,12 +90,16 @@ def _batches(cfg, args, vocab: int, seed: int) -> dict:
 
 
 def _shapes(batches: dict) -> dict[str, StreamShape]:
-    return {kind: StreamShape(
-        batch=b.index.shape[0], text_len=b.text_ids.shape[1] if b.text_ids is not None else 0,
-        images=b.images is not None,
-        text_slots=b.text_positions.shape[1] if b.text_positions is not None else 0,
-        image_slots=b.image_positions.shape[1] if b.image_positions is not None else 0)
-        for kind, b in batches.items()}
+    return {
+        kind: StreamShape(
+            batch=b.index.shape[0],
+            text_len=b.text_ids.shape[1] if b.text_ids is not None else 0,
+            images=b.images is not None,
+            text_slots=b.text_positions.shape[1] if b.text_positions is not None else 0,
+            image_slots=b.image_positions.shape[1] if b.image_positions is not None else 0,
+        )
+        for kind, b in batches.items()
+    }
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -96,36 +108,60 @@ def _run(args: argparse.Namespace) -> dict:
     cfg = create_config(args.preset, use_checkpoint=args.use_checkpoint, attention=args.attention)
     vocab = cfg.vocab_size
     vq_cfg = get_vqkd_preset(args.vqkd, img_size=cfg.img_size, patch_size=cfg.patch_size)
-    run = PretrainConfig(output_dir=tempfile.mkdtemp(), pair_data=("<synthetic>",),
-                         fused_optimizer=cuda and not args.no_fused,
-                         drop_path_rate=args.drop_path)
+    run = PretrainConfig(
+        output_dir=tempfile.mkdtemp(),
+        pair_data=("<synthetic>",),
+        fused_optimizer=cuda and not args.no_fused,
+        drop_path_rate=args.drop_path,
+    )
     torch.manual_seed(0)
-    model = Beit3ForPretraining(cfg.replace(drop_path_rate=run.drop_path_rate),
-                                codebook_size=vq_cfg.codebook_size).to(device).train()
+    model = (
+        Beit3ForPretraining(
+            cfg.replace(drop_path_rate=run.drop_path_rate), codebook_size=vq_cfg.codebook_size
+        )
+        .to(device)
+        .train()
+    )
     vqkd = None
     if not args.no_tokenizer:
         vqkd = VQKD(vq_cfg).to(device).eval()
         with torch.no_grad():
-            vqkd.quantize.kmeans_init_(torch.randn(4 * vq_cfg.codebook_size, vq_cfg.codebook_dim,
-                                                   device=device), iters=2)
+            vqkd.quantize.kmeans_init_(
+                torch.randn(4 * vq_cfg.codebook_size, vq_cfg.codebook_dim, device=device), iters=2
+            )
     optimizer = build_optimizer(model, run, device)
     if args.compile:
         compile_layers(model)
     forward = StepModule(model)
     loss_fn = MaskedModelingLoss()
-    sets = [{k: b.to(device) for k, b in _batches(cfg, args, vocab, seed).items()}
-            for seed in range(2)]
+    sets = [
+        {k: b.to(device) for k, b in _batches(cfg, args, vocab, seed).items()} for seed in range(2)
+    ]
     if vqkd is None:  # random targets stand in for the tokenizer's codes
+
         class _Codes:
             @staticmethod
             def encode(images):
-                return torch.randint(0, vq_cfg.codebook_size, (images.shape[0], cfg.num_patches),
-                                     device=images.device)
+                return torch.randint(
+                    0,
+                    vq_cfg.codebook_size,
+                    (images.shape[0], cfg.num_patches),
+                    device=images.device,
+                )
+
         vqkd = _Codes()  # type: ignore[assignment]
 
     def step(i: int):
-        return train_step(forward, model, optimizer, loss_fn, sets[i % 2], vqkd,
-                          bf16=cuda and not args.fp32, grad_clip=3.0)
+        return train_step(
+            forward,
+            model,
+            optimizer,
+            loss_fn,
+            sets[i % 2],
+            vqkd,
+            bf16=cuda and not args.fp32,
+            grad_clip=3.0,
+        )
 
     start = time.perf_counter()
     for i in range(args.warmup):
@@ -145,36 +181,51 @@ def _run(args: argparse.Namespace) -> dict:
     batches = sets[0]
     shapes = _shapes(batches)
     flops = step_flops(cfg, shapes, vq_cfg.codebook_size, vocab)
-    tok_flops = vqkd_encode_flops(vq_cfg, sum(s.batch for s in shapes.values() if s.images)) \
-        if not args.no_tokenizer else 0.0
-    tokens = sum(s.batch * (s.text_len + (cfg.num_vision_tokens if s.images else 0))
-                 for s in shapes.values())
+    tok_flops = (
+        vqkd_encode_flops(vq_cfg, sum(s.batch for s in shapes.values() if s.images))
+        if not args.no_tokenizer
+        else 0.0
+    )
+    tokens = sum(
+        s.batch * (s.text_len + (cfg.num_vision_tokens if s.images else 0)) for s in shapes.values()
+    )
     step_s = elapsed / args.steps
     model_tflops = sum(flops.values()) / step_s / 1e12
     result = {
-        "preset": args.preset, "drop_path": args.drop_path, "device": torch.cuda.get_device_name() if cuda else
-        f"CPU x{torch.get_num_threads()} threads", "precision": "bf16" if cuda and not args.fp32
-        else "fp32", "compile": args.compile, "use_checkpoint": args.use_checkpoint,
+        "preset": args.preset,
+        "drop_path": args.drop_path,
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"CPU x{torch.get_num_threads()} threads",
+        "precision": "bf16" if cuda and not args.fp32 else "fp32",
+        "compile": args.compile,
+        "use_checkpoint": args.use_checkpoint,
         "batch": {k: s.batch for k, s in shapes.items()},
-        "text_len": args.text_len, "pair_len": args.pair_len, "steps": args.steps,
-        "warmup_s": round(warmup_s, 1), "step_s": round(step_s, 4),
-        "tokens_per_s": round(tokens / step_s), "samples_per_s": round(
-            sum(s.batch for s in shapes.values()) / step_s, 1),
+        "text_len": args.text_len,
+        "pair_len": args.pair_len,
+        "steps": args.steps,
+        "warmup_s": round(warmup_s, 1),
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(tokens / step_s),
+        "samples_per_s": round(sum(s.batch for s in shapes.values()) / step_s, 1),
         "model_tflop_per_step": _sig(sum(flops.values()) / 1e12),
         "model_tflop_per_step_by_kind": {k: _sig(v / 1e12) for k, v in flops.items()},
         "tokenizer_tflop_per_step": _sig(tok_flops / 1e12),
-        "model_tflops": _sig(model_tflops), "loss_finite": loss_ok,
+        "model_tflops": _sig(model_tflops),
+        "loss_finite": loss_ok,
     }
     if cuda:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         for name, peak in PEAKS_TFLOPS.items():
             result[f"mfu_{name}"] = round(model_tflops / peak, 4)
             result[f"mfu_with_tokenizer_{name}"] = round(
-                (sum(flops.values()) + tok_flops) / step_s / 1e12 / peak, 4)
+                (sum(flops.values()) + tok_flops) / step_s / 1e12 / peak, 4
+            )
     else:  # CPU tensors have no allocator statistics: the process's peak resident set
         result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         result["peak_rss_over_imports_mib"] = round(
-            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _RSS_AT_IMPORT) / 1024)
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _RSS_AT_IMPORT) / 1024
+        )
         if args.peak_tflops:
             result["mfu"] = round(model_tflops / args.peak_tflops, 4)
     return result
@@ -185,8 +236,12 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="default: beit3-tiny (CPU), beit3-base")
     parser.add_argument("--vqkd", default=None, help="default: vqkd-tiny (tiny), vqkd-base")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=None,
-                        help="per kind (default 32 on CPU, 128 on CUDA; halves on OOM)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="per kind (default 32 on CPU, 128 on CUDA; halves on OOM)",
+    )
     parser.add_argument("--text-batch", type=int, default=None)
     parser.add_argument("--image-batch", type=int, default=None)
     parser.add_argument("--pair-batch", type=int, default=None)
@@ -195,8 +250,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="compile each encoder layer")
-    parser.add_argument("--drop-path", type=float, default=0.1,
-                        help="stochastic depth (paper 0.1; 0 makes --compile build 3 graphs)")
+    parser.add_argument(
+        "--drop-path",
+        type=float,
+        default=0.1,
+        help="stochastic depth (paper 0.1; 0 makes --compile build 3 graphs)",
+    )
     parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--no-fused", action="store_true", help="unfused AdamW on CUDA")
@@ -228,23 +287,30 @@ def main() -> None:
         except torch.cuda.OutOfMemoryError:
             if batch <= 8:
                 raise
-            print(f"# out of memory at batch {batch} per kind; retrying with {batch // 2}",
-                  flush=True)
+            print(
+                f"# out of memory at batch {batch} per kind; retrying with {batch // 2}", flush=True
+            )
             batch //= 2
             explicit = {k: None if v is None else max(v // 2, 1) for k, v in explicit.items()}
         if result is None:
             gc.collect()
             torch.cuda.empty_cache()
     print(json.dumps(result, indent=1))
-    summary = (f"# {result['preset']} {result['precision']} on {result['device']}: "
-               f"{result['tokens_per_s']:,} tokens/s, {result['step_s'] * 1e3:.0f} ms/step, "
-               f"{result['model_tflops']} model TFLOP/s")
+    summary = (
+        f"# {result['preset']} {result['precision']} on {result['device']}: "
+        f"{result['tokens_per_s']:,} tokens/s, {result['step_s'] * 1e3:.0f} ms/step, "
+        f"{result['model_tflops']} model TFLOP/s"
+    )
     if cuda:
-        summary += (f", MFU {result['mfu_datasheet']:.1%} of 989 / {result['mfu_measured']:.1%} "
-                    f"of 790 TFLOP/s, peak {result['peak_mem_gib']} GiB")
+        summary += (
+            f", MFU {result['mfu_datasheet']:.1%} of 989 / {result['mfu_measured']:.1%} "
+            f"of 790 TFLOP/s, peak {result['peak_mem_gib']} GiB"
+        )
     else:
-        summary += (f", peak RSS {result['peak_rss_mib']} MiB "
-                    f"({result['peak_rss_over_imports_mib']} MiB over the imports)")
+        summary += (
+            f", peak RSS {result['peak_rss_mib']} MiB "
+            f"({result['peak_rss_over_imports_mib']} MiB over the imports)"
+        )
     print(summary)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

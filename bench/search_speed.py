@@ -68,8 +68,15 @@ def _size(text: str) -> int:
     return int(float(text.rstrip("km")) * scale)
 
 
-def mixture(count: int, dim: int, *, clusters: int = 1000, rank: int = 48, seed: int = 0,
-            block: int = 100_000) -> np.ndarray:
+def mixture(
+    count: int,
+    dim: int,
+    *,
+    clusters: int = 1000,
+    rank: int = 48,
+    seed: int = 0,
+    block: int = 100_000,
+) -> np.ndarray:
     """(count, dim) float32 unit vectors from a mixture of low-rank Gaussian clusters."""
     rng = np.random.default_rng(seed)
     params = np.random.default_rng(12345)  # the mixture itself is fixed; only draws vary
@@ -89,7 +96,7 @@ def mixture(count: int, dim: int, *, clusters: int = 1000, rank: int = 48, seed:
             lo, hi = bounds[c], bounds[c + 1]
             if hi > lo:
                 x[lo:hi] += z[lo:hi] @ bases[c]  # (n_c, rank) @ (rank, dim)
-        out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -106,8 +113,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
 
 
-def time_queries(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
-                 ) -> tuple[list[float], np.ndarray]:
+def time_queries(
+    search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
+) -> tuple[list[float], np.ndarray]:
     search(queries[0])  # warm-up
     latencies, ids = [], []
     for q in queries:
@@ -118,8 +126,16 @@ def time_queries(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray
 
 
 class Result:
-    def __init__(self, method: str, size: int, build_s: float, mem_mib: float,
-                 latencies: list[float], recall: float, note: str = "") -> None:
+    def __init__(
+        self,
+        method: str,
+        size: int,
+        build_s: float,
+        mem_mib: float,
+        latencies: list[float],
+        recall: float,
+        note: str = "",
+    ) -> None:
         self.method, self.size, self.build_s, self.mem_mib = method, size, build_s, mem_mib
         ms = sorted(x * 1000 for x in latencies)
         self.p50 = statistics.median(ms)
@@ -128,27 +144,36 @@ class Result:
         self.recall, self.note = recall, note
 
 
-def bench_faiss(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-                args: argparse.Namespace) -> list[Result]:
+def bench_faiss(
+    kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+) -> list[Result]:
     """Build once, then time the search settings of the sweep (one Result per setting)."""
     import faiss
 
     gc.collect()
     rss = _rss_mib()
     start = time.perf_counter()
-    index, built = build_faiss_index(data, kind, hnsw_m=args.hnsw_m,
-                                     ef_construction=args.ef_construction,
-                                     nlist=args.nlist or None, pq_m=args.pq_m)
+    index, built = build_faiss_index(
+        data,
+        kind,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        nlist=args.nlist or None,
+        pq_m=args.pq_m,
+    )
     build_s = time.perf_counter() - start
     mem = _rss_mib() - rss
     n = len(queries) if kind != "flat" else min(len(queries), args.flat_queries)
     settings: list[tuple[str, Callable[[], None]]] = [("exact", lambda: None)]
     if built == "hnsw":
+
         def set_ef(ef: int) -> None:
             index.hnsw.efSearch = ef
 
-        settings = [(f"M={args.hnsw_m} efC={args.ef_construction} efS={ef}",
-                     lambda ef=ef: set_ef(ef)) for ef in _ints(args.ef_search)]
+        settings = [
+            (f"M={args.hnsw_m} efC={args.ef_construction} efS={ef}", lambda ef=ef: set_ef(ef))
+            for ef in _ints(args.ef_search)
+        ]
     elif built == "ivfpq":
         ivf = faiss.extract_index_ivf(index.base_index)
         pq = faiss.downcast_index(ivf).pq
@@ -157,15 +182,23 @@ def bench_faiss(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndar
             ivf.nprobe = nprobe
             index.k_factor = k_factor
 
-        settings = [(f"nlist={ivf.nlist} nprobe={p} PQ{pq.M}x{pq.nbits} refine x{f}",
-                     lambda p=p, f=f: set_ivf(p, f))
-                    for p in _ints(args.nprobe) for f in _ints(args.k_factor)]
+        settings = [
+            (
+                f"nlist={ivf.nlist} nprobe={p} PQ{pq.M}x{pq.nbits} refine x{f}",
+                lambda p=p, f=f: set_ivf(p, f),
+            )
+            for p in _ints(args.nprobe)
+            for f in _ints(args.k_factor)
+        ]
     results = []
     for note, apply in settings:
         apply()
         latencies, ids = time_queries(lambda q: index.search(q[None], 10)[1][0], queries[:n])
-        results.append(Result(f"faiss-{kind}", len(data), build_s, mem, latencies,
-                              recall_at(ids, truth[:n]), note))
+        results.append(
+            Result(
+                f"faiss-{kind}", len(data), build_s, mem, latencies, recall_at(ids, truth[:n]), note
+            )
+        )
     return results
 
 
@@ -173,8 +206,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
-def bench_lance(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-                args: argparse.Namespace, workdir: Path) -> list[Result]:
+def bench_lance(
+    kind: str,
+    data: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> list[Result]:
     import pyarrow as pa
 
     from indexer.stores.lance_store import LanceStore, lance_index_config
@@ -185,21 +224,33 @@ def bench_lance(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndar
     gc.collect()
     rss = _rss_mib()
     start = time.perf_counter()
-    store = LanceStore(db, "t", dim=dim, create=True,
-                       index_type="ivf_flat" if kind == "ivf" else None,
-                       nprobes=_ints(args.lance_nprobes)[0])
+    store = LanceStore(
+        db,
+        "t",
+        dim=dim,
+        create=True,
+        index_type="ivf_flat" if kind == "ivf" else None,
+        nprobes=_ints(args.lance_nprobes)[0],
+    )
     block = 100_000
     schema = store._table.schema  # noqa: SLF001 - a benchmark fills the table directly
     for first in range(0, len(data), block):
         n = min(block, len(data) - first)
         sha = pa.array([f"{i:064x}" for i in range(first, first + n)])
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(data[first:first + n].ravel()), dim)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(data[first : first + n].ravel()), dim)
         none = pa.nulls(n, pa.string())
-        columns = {"sha256": sha, "vector": vectors, "modality": pa.array(["image"] * n),
-                   "path": none, "paths": pa.nulls(n, pa.list_(pa.string())),
-                   "mtimes": pa.nulls(n, pa.list_(pa.float64())), "text": none,
-                   "size": pa.nulls(n, pa.int64()), "mtime": pa.nulls(n, pa.float64()),
-                   "model_id": pa.array(["bench"] * n)}
+        columns = {
+            "sha256": sha,
+            "vector": vectors,
+            "modality": pa.array(["image"] * n),
+            "path": none,
+            "paths": pa.nulls(n, pa.list_(pa.string())),
+            "mtimes": pa.nulls(n, pa.list_(pa.float64())),
+            "text": none,
+            "size": pa.nulls(n, pa.int64()),
+            "mtime": pa.nulls(n, pa.float64()),
+            "model_id": pa.array(["bench"] * n),
+        }
         store.append(pa.table([columns[f.name] for f in schema], schema=schema))
     note = "exact"
     if kind == "ivf":
@@ -222,8 +273,17 @@ def bench_lance(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndar
         store.nprobes = nprobes
         latencies, ids = time_queries(search, queries[:n])
         label = note.replace("{nprobes}", str(nprobes))
-        results.append(Result(f"lance-{kind}", len(data), build_s, mem, latencies,
-                              recall_at(ids, truth[:n]), f"{label}; {disk:,.0f} MiB on disk"))
+        results.append(
+            Result(
+                f"lance-{kind}",
+                len(data),
+                build_s,
+                mem,
+                latencies,
+                recall_at(ids, truth[:n]),
+                f"{label}; {disk:,.0f} MiB on disk",
+            )
+        )
     shutil.rmtree(db, ignore_errors=True)
     return results
 
@@ -231,8 +291,11 @@ def bench_lance(kind: str, data: np.ndarray, queries: np.ndarray, truth: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100k,1M", help="comma-separated, e.g. 100k,1M")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
+    )
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--queries", type=int, default=500, help="queries for ANN methods")
     parser.add_argument("--flat-queries", type=int, default=100)
@@ -247,9 +310,13 @@ def main() -> None:
     parser.add_argument("--k-factor", default="16,32", help="IVF-PQ re-ranking factors to time")
     parser.add_argument("--lance-partitions", type=int, default=0)
     parser.add_argument("--lance-nprobes", default="16,32", help="LanceDB IVF nprobes to time")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="faiss OpenMP threads (0: all cores). Default 1: on a shared 2-core "
-                             "machine 2 spinning OpenMP threads ran 10x slower than one")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="faiss OpenMP threads (0: all cores). Default 1: on a shared 2-core "
+        "machine 2 spinning OpenMP threads ran 10x slower than one",
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -265,8 +332,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-bench-"))
-    print(f"# search_speed: dim {args.dim}, cores {os.cpu_count()}, faiss {faiss.__version__} "
-          f"({faiss.omp_get_max_threads()} threads), workdir {workdir}", flush=True)
+    print(
+        f"# search_speed: dim {args.dim}, cores {os.cpu_count()}, faiss {faiss.__version__} "
+        f"({faiss.omp_get_max_threads()} threads), workdir {workdir}",
+        flush=True,
+    )
     results: list[Result] = []
     t0 = time.perf_counter()
     for size in (_size(s) for s in args.sizes.split(",")):
@@ -274,8 +344,11 @@ def main() -> None:
         data = mixture(size, args.dim, seed=1)
         queries = mixture(args.queries, args.dim, seed=2)
         truth = exact_top_k(data, queries, 10)
-        print(f"# {size:,} vectors: generated + exact top-10 of {len(queries)} queries in "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"# {size:,} vectors: generated + exact top-10 of {len(queries)} queries in "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         for method in methods:
             family, kind = method.split("-")
             if family == "faiss":
@@ -293,8 +366,10 @@ def main() -> None:
 
 def _header_once(_seen: list[bool] = []) -> None:  # noqa: B006 - print the header once
     if not _seen:
-        print(f"{'method':12s} {'size':>9s} {'build s':>8s} {'mem MiB':>8s} {'p50 ms':>8s} "
-              f"{'p99 ms':>8s} {'x flat':>7s} {'recall@10':>9s} {'n':>5s}  parameters")
+        print(
+            f"{'method':12s} {'size':>9s} {'build s':>8s} {'mem MiB':>8s} {'p50 ms':>8s} "
+            f"{'p99 ms':>8s} {'x flat':>7s} {'recall@10':>9s} {'n':>5s}  parameters"
+        )
         _seen.append(True)
 
 
@@ -302,8 +377,11 @@ def _print_row(r: Result, results: list[Result]) -> None:
     _header_once()
     flat = next((x for x in results if x.method == "faiss-flat" and x.size == r.size), None)
     speedup = f"{flat.p50 / r.p50:7.1f}" if flat else "      -"
-    print(f"{r.method:12s} {r.size:>9,} {r.build_s:8.1f} {r.mem_mib:8.0f} {r.p50:8.2f} "
-          f"{r.p99:8.2f} {speedup} {r.recall:9.3f} {r.n:5d}  {r.note}", flush=True)
+    print(
+        f"{r.method:12s} {r.size:>9,} {r.build_s:8.1f} {r.mem_mib:8.0f} {r.p50:8.2f} "
+        f"{r.p99:8.2f} {speedup} {r.recall:9.3f} {r.n:5d}  {r.note}",
+        flush=True,
+    )
 
 
 def _print_choice(results: list[Result]) -> None:
@@ -312,8 +390,10 @@ def _print_choice(results: list[Result]) -> None:
         if ok:
             best = min(ok, key=lambda r: r.p50)
             goal = "meets" if best.p50 <= 2.0 else "misses"
-            print(f"# {size:,}: fastest at recall@10 >= 0.95: {best.method} "
-                  f"(p50 {best.p50:.2f} ms, recall {best.recall:.3f}; {goal} the 2 ms goal)")
+            print(
+                f"# {size:,}: fastest at recall@10 >= 0.95: {best.method} "
+                f"(p50 {best.p50:.2f} ms, recall {best.recall:.3f}; {goal} the 2 ms goal)"
+            )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ SETTINGS = {
 }
 
 
-def _batch(n: int, img_size: int, text_len: int, vocab: int, seed: int,
-           device: torch.device) -> PairBatch:
+def _batch(
+    n: int, img_size: int, text_len: int, vocab: int, seed: int, device: torch.device
+) -> PairBatch:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(int(0.6 * text_len), text_len + 1, (n,), generator=gen)
     ids = torch.randint(4, vocab - 2, (n, text_len), generator=gen)
@@ -56,8 +57,13 @@ def _batch(n: int, img_size: int, text_len: int, vocab: int, seed: int,
         ids[row, length - 1] = 2
         ids[row, length:] = PAD_ID
     images = torch.randn(n, 3, img_size, img_size, generator=gen)
-    return PairBatch(images.to(device), ids.to(device), ids.eq(PAD_ID).to(device),
-                     torch.arange(n, device=device), torch.arange(n, device=device))
+    return PairBatch(
+        images.to(device),
+        ids.to(device),
+        ids.eq(PAD_ID).to(device),
+        torch.arange(n, device=device),
+        torch.arange(n, device=device),
+    )
 
 
 def _measure(args: argparse.Namespace, name: str, use_bf16: bool) -> dict:
@@ -65,16 +71,20 @@ def _measure(args: argparse.Namespace, name: str, use_bf16: bool) -> dict:
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with device:  # initialise on the device: a base model's init takes long on 2 CPU cores
-        model = create_model(args.preset, img_size=args.img_size, drop_path_rate=0.2,
-                             use_checkpoint=name.endswith("ckpt")).train()
+        model = create_model(
+            args.preset,
+            img_size=args.img_size,
+            drop_path_rate=0.2,
+            use_checkpoint=name.endswith("ckpt"),
+        ).train()
     model.beit3.vision_embed.mask_token.requires_grad_(False)
-    run = FinetuneConfig(train="<synthetic>", output_dir="<none>", preset=args.preset,
-                         layer_decay=0.65)
+    run = FinetuneConfig(
+        train="<synthetic>", output_dir="<none>", preset=args.preset, layer_decay=0.65
+    )
     optimizer = build_optimizer(model, run, device)
     criterion = ClipLoss()
     vocab = model.config.vocab_size
-    batches = [_batch(args.batch, args.img_size, args.text_len, vocab, s, device)
-               for s in range(2)]
+    batches = [_batch(args.batch, args.img_size, args.text_len, vocab, s, device) for s in range(2)]
 
     def step(i: int) -> torch.Tensor:
         loss = forward_backward(model, criterion, batches[i % 2], device, use_bf16)
@@ -92,8 +102,12 @@ def _measure(args: argparse.Namespace, name: str, use_bf16: bool) -> dict:
         loss = step(i)
     finite = bool(torch.isfinite(loss).item())  # also waits for the device
     step_s = (time.perf_counter() - start) / args.steps
-    result = {"setting": name, "step_ms": round(step_s * 1e3, 2),
-              "pairs_per_s": round(args.batch / step_s, 1), "loss_finite": finite}
+    result = {
+        "setting": name,
+        "step_ms": round(step_s * 1e3, 2),
+        "pairs_per_s": round(args.batch / step_s, 1),
+        "loss_finite": finite,
+    }
     if cuda:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
@@ -104,10 +118,26 @@ def _measure(args: argparse.Namespace, name: str, use_bf16: bool) -> dict:
 
 
 def _cpu_child(args: argparse.Namespace, name: str) -> dict:
-    cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-           "--img-size", str(args.img_size), "--text-len", str(args.text_len),
-           "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--child", name]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+        "--img-size",
+        str(args.img_size),
+        "--text-len",
+        str(args.text_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--child",
+        name,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -148,8 +178,9 @@ def main() -> None:
     for name, use_bf16 in SETTINGS[args.device]:
         while True:
             try:
-                results.append(_cpu_child(args, name) if not cuda
-                               else _measure(args, name, use_bf16))
+                results.append(
+                    _cpu_child(args, name) if not cuda else _measure(args, name, use_bf16)
+                )
                 if cuda:  # the model and optimizer of that setting are garbage now
                     gc.collect()
                     torch.cuda.empty_cache()
@@ -157,26 +188,39 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError:
                 if args.batch <= 8:
                     raise
-                print(f"# out of memory at batch {args.batch}; retrying with {args.batch // 2}",
-                      flush=True)
+                print(
+                    f"# out of memory at batch {args.batch}; retrying with {args.batch // 2}",
+                    flush=True,
+                )
                 args.batch //= 2
                 results.clear()  # every setting at the same batch
                 gc.collect()
                 torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU x{args.threads} threads"
-    summary = {"preset": args.preset, "device": device, "batch": args.batch,
-               "img_size": args.img_size, "text_len": args.text_len, "steps": args.steps,
-               "results": results, "wall_s": round(time.perf_counter() - began, 1)}
+    summary = {
+        "preset": args.preset,
+        "device": device,
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "text_len": args.text_len,
+        "steps": args.steps,
+        "results": results,
+        "wall_s": round(time.perf_counter() - began, 1),
+    }
     ref = results[0]
     mem = "peak_mem_gib" if cuda else "peak_rss_over_imports_mib"
     unit = "GiB" if cuda else "MiB"
-    print(f"# {args.preset} fine-tuning step, batch {args.batch} pairs at {args.img_size}px, "
-          f"{device}:")
+    print(
+        f"# {args.preset} fine-tuning step, batch {args.batch} pairs at {args.img_size}px, "
+        f"{device}:"
+    )
     for r in results:
-        print(f"#   {r['setting']:10s} {r['pairs_per_s']:9.1f} pairs/s  {r['step_ms']:8.1f} ms/step"
-              f"  peak {r[mem]} {unit}  speed x{r['pairs_per_s'] / ref['pairs_per_s']:.2f}"
-              f"  memory x{r[mem] / max(ref[mem], 1e-9):.2f}  (vs {ref['setting']})")
+        print(
+            f"#   {r['setting']:10s} {r['pairs_per_s']:9.1f} pairs/s  {r['step_ms']:8.1f} ms/step"
+            f"  peak {r[mem]} {unit}  speed x{r['pairs_per_s'] / ref['pairs_per_s']:.2f}"
+            f"  memory x{r[mem] / max(ref[mem], 1e-9):.2f}  (vs {ref['setting']})"
+        )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
 

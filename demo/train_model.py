@@ -55,8 +55,14 @@ DATA = ROOT / "demo" / "data" / "emoji"
 # The demo architecture: beit3-small's layout, narrowed to train on 2 CPU cores within the hour.
 # 48-px images in 8-px patches (36 patches + CLS), 6 layers of width 192.
 PRESET = "beit3-small"
-MODEL = {"embed_dim": 192, "depth": 6, "num_heads": 3, "img_size": 48, "patch_size": 8,
-         "max_text_positions": 34}
+MODEL = {
+    "embed_dim": 192,
+    "depth": 6,
+    "num_heads": 3,
+    "img_size": 48,
+    "patch_size": 8,
+    "max_text_positions": 34,
+}
 MAX_TEXT_LEN = 32
 SPM_VOCAB = 2000
 # Emoji have a meaningful left and right ("left arrow"): no flips; crops stay mild.
@@ -67,15 +73,41 @@ def _recipe(smoke: bool) -> dict:
     scale = 0.02 if smoke else 1.0
     steps = lambda n: max(2, int(n * scale))  # noqa: E731
     return {
-        "vqkd": {"max_steps": steps(600), "batch_size": 64, "lr": 1e-3, "warmup_steps": steps(50),
-                 "overrides": {"img_size": 48, "patch_size": 8, "embed_dim": 128, "depth": 3,
-                               "num_heads": 4, "decoder_embed_dim": 128, "decoder_depth": 1,
-                               "decoder_num_heads": 4, "codebook_size": 256, "codebook_dim": 16,
-                               "teacher_dim": 3 * 8 * 8}},
-        "pretrain": {"max_steps": steps(1200), "lr": 1e-3, "warmup_steps": steps(100),
-                     "batch": 48, "drop_path_rate": 0.1, "min_mask_block": 4},
-        "finetune": {"max_steps": steps(1200), "lr": 5e-4, "batch_size": 128,
-                     "layer_decay": 0.85, "eval_every": steps(150), "drop_path_rate": 0.1},
+        "vqkd": {
+            "max_steps": steps(600),
+            "batch_size": 64,
+            "lr": 1e-3,
+            "warmup_steps": steps(50),
+            "overrides": {
+                "img_size": 48,
+                "patch_size": 8,
+                "embed_dim": 128,
+                "depth": 3,
+                "num_heads": 4,
+                "decoder_embed_dim": 128,
+                "decoder_depth": 1,
+                "decoder_num_heads": 4,
+                "codebook_size": 256,
+                "codebook_dim": 16,
+                "teacher_dim": 3 * 8 * 8,
+            },
+        },
+        "pretrain": {
+            "max_steps": steps(1200),
+            "lr": 1e-3,
+            "warmup_steps": steps(100),
+            "batch": 48,
+            "drop_path_rate": 0.1,
+            "min_mask_block": 4,
+        },
+        "finetune": {
+            "max_steps": steps(1200),
+            "lr": 5e-4,
+            "batch_size": 128,
+            "layer_decay": 0.85,
+            "eval_every": steps(150),
+            "drop_path_rate": 0.1,
+        },
         "scratch_lr": 1e-3,
     }
 
@@ -88,10 +120,10 @@ def caption_variants(name: str) -> list[str]:
     "keycap: 5" -> "keycap 5"; "waving hand medium skin tone" -> "waving hand"; and "a <name>"."""
     out = []
     if name.startswith("flag: "):
-        place = name[len("flag: "):]
+        place = name[len("flag: ") :]
         out += [f"flag of {place}", f"{place} flag"]
     elif name.startswith("keycap: "):
-        out.append("keycap " + name[len("keycap: "):])
+        out.append("keycap " + name[len("keycap: ") :])
     else:
         out.append(f"a {name}")
     plain = " ".join(_TONE.sub("", name).split())
@@ -114,8 +146,9 @@ def write_manifests(work: Path) -> dict[str, Path]:
                 captions = [row["text"]]
                 if split == "train":
                     captions += row["aliases"] + caption_variants(row["text"])
-                f.write(json.dumps({"image": str(DATA / row["image"]),
-                                    "captions": captions}) + "\n")
+                f.write(
+                    json.dumps({"image": str(DATA / row["image"]), "captions": captions}) + "\n"
+                )
         out[split] = path
     return out
 
@@ -128,17 +161,28 @@ def _timed(state: dict, name: str, work: Path, fn):
     logger.info("stage %s ...", name)
     start, cpu_start = time.monotonic(), time.process_time()
     result = fn()
-    state[name] = {"seconds": round(time.monotonic() - start, 1),
-                   "cpu_seconds": round(time.process_time() - cpu_start, 1), "result": result}
+    state[name] = {
+        "seconds": round(time.monotonic() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "result": result,
+    }
     (work / "recipe.json").write_text(json.dumps(state, indent=2) + "\n")
-    logger.info("stage %s: %.0f s (%.0f CPU s)", name, state[name]["seconds"],
-                state[name]["cpu_seconds"])
+    logger.info(
+        "stage %s: %.0f s (%.0f CPU s)", name, state[name]["seconds"], state[name]["cpu_seconds"]
+    )
     return result
 
 
 def _evaluate(checkpoint: str, manifest: Path, out: Path) -> dict:
-    metrics = evaluate(EvalConfig(checkpoint=checkpoint, data=str(manifest),
-                                  output_dir=str(out), num_workers=0, batch_size=128))
+    metrics = evaluate(
+        EvalConfig(
+            checkpoint=checkpoint,
+            data=str(manifest),
+            output_dir=str(out),
+            num_workers=0,
+            batch_size=128,
+        )
+    )
     return {k: metrics[k] for k in metrics if k.startswith(("i2t", "t2i", "average"))}
 
 
@@ -165,12 +209,26 @@ def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict
 
     def vqkd() -> str:
         v = recipe["vqkd"]
-        result = train_visual_tokenizer(VisualTokenizerConfig(
-            output_dir=str(work / "vqkd"), data=(str(train),), preset="vqkd-base",
-            overrides=v["overrides"], teacher="pixels", batch_size=v["batch_size"],
-            max_steps=v["max_steps"], lr=v["lr"], warmup_steps=v["warmup_steps"],
-            crop_scale=CROP, hflip=0.0, device="cpu", num_workers=0, tensorboard=False,
-            log_every=50, save_every=10_000))
+        result = train_visual_tokenizer(
+            VisualTokenizerConfig(
+                output_dir=str(work / "vqkd"),
+                data=(str(train),),
+                preset="vqkd-base",
+                overrides=v["overrides"],
+                teacher="pixels",
+                batch_size=v["batch_size"],
+                max_steps=v["max_steps"],
+                lr=v["lr"],
+                warmup_steps=v["warmup_steps"],
+                crop_scale=CROP,
+                hflip=0.0,
+                device="cpu",
+                num_workers=0,
+                tensorboard=False,
+                log_every=50,
+                save_every=10_000,
+            )
+        )
         logger.info("VQ-KD codebook usage %.2f", result.metrics.get("codebook_usage", float("nan")))
         return str(result.path)
 
@@ -178,54 +236,109 @@ def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict
 
     def pretrain_stage() -> str:
         p = recipe["pretrain"]
-        result = pretrain(PretrainConfig(
-            output_dir=str(work / "pretrain"), preset=PRESET, model_overrides=model_overrides,
-            tokenizer=spm_path, visual_tokenizer=vqkd_path, pair_data=(str(train),),
-            text_data=(str(train),), image_data=(str(train),), text_batch_size=p["batch"],
-            image_batch_size=p["batch"], pair_batch_size=p["batch"], text_max_len=MAX_TEXT_LEN,
-            pair_max_len=MAX_TEXT_LEN, crop_scale=CROP, hflip=0.0, num_workers=0,
-            min_mask_block=p["min_mask_block"], max_steps=p["max_steps"], lr=p["lr"],
-            warmup_steps=p["warmup_steps"], drop_path_rate=p["drop_path_rate"], device="cpu",
-            log_every=50, save_every=200, tensorboard=False, resume="latest"))
+        result = pretrain(
+            PretrainConfig(
+                output_dir=str(work / "pretrain"),
+                preset=PRESET,
+                model_overrides=model_overrides,
+                tokenizer=spm_path,
+                visual_tokenizer=vqkd_path,
+                pair_data=(str(train),),
+                text_data=(str(train),),
+                image_data=(str(train),),
+                text_batch_size=p["batch"],
+                image_batch_size=p["batch"],
+                pair_batch_size=p["batch"],
+                text_max_len=MAX_TEXT_LEN,
+                pair_max_len=MAX_TEXT_LEN,
+                crop_scale=CROP,
+                hflip=0.0,
+                num_workers=0,
+                min_mask_block=p["min_mask_block"],
+                max_steps=p["max_steps"],
+                lr=p["lr"],
+                warmup_steps=p["warmup_steps"],
+                drop_path_rate=p["drop_path_rate"],
+                device="cpu",
+                log_every=50,
+                save_every=200,
+                tensorboard=False,
+                resume="latest",
+            )
+        )
         return str(result.checkpoint)
 
     pretrained = _timed(state, "pretrain", work, pretrain_stage)
     f = recipe["finetune"]
     base_ft = dict(
-        train=str(train), val=str(manifests["val"]),
-        batch_size=f["batch_size"], max_steps=f["max_steps"], lr=f["lr"], weight_decay=0.05,
-        layer_decay=f["layer_decay"], drop_path_rate=f["drop_path_rate"], crop_scale=CROP,
-        hflip=0.0, device="cpu", num_workers=0, eval_every=f["eval_every"], log_every=50,
-        save_every=300, tensorboard=False, resume="latest", seed=0)
+        train=str(train),
+        val=str(manifests["val"]),
+        batch_size=f["batch_size"],
+        max_steps=f["max_steps"],
+        lr=f["lr"],
+        weight_decay=0.05,
+        layer_decay=f["layer_decay"],
+        drop_path_rate=f["drop_path_rate"],
+        crop_scale=CROP,
+        hflip=0.0,
+        device="cpu",
+        num_workers=0,
+        eval_every=f["eval_every"],
+        log_every=50,
+        save_every=300,
+        tensorboard=False,
+        resume="latest",
+        seed=0,
+    )
 
     def finetune_stage() -> str:
         finetune(FinetuneConfig(**base_ft, output_dir=str(work / "finetune"), init=pretrained))
         return str(work / "finetune" / "best")
 
     best = _timed(state, "finetune", work, finetune_stage)
-    test = _timed(state, "evaluate", work,
-                  lambda: _evaluate(best, manifests["test"], work / "eval-test"))
+    test = _timed(
+        state, "evaluate", work, lambda: _evaluate(best, manifests["test"], work / "eval-test")
+    )
 
     def export() -> str:
         ckpt = load_checkpoint(best)
-        model_id = save_checkpoint(ckpt.model, out, preset=ckpt.preset, tokenizer=ckpt.tokenizer,
-                                   preprocess=ckpt.preprocess, dtype=torch.float16)
-        (out / "metrics.json").write_text(json.dumps({"test": test, "model_id": model_id},
-                                                     indent=2) + "\n")
+        model_id = save_checkpoint(
+            ckpt.model,
+            out,
+            preset=ckpt.preset,
+            tokenizer=ckpt.tokenizer,
+            preprocess=ckpt.preprocess,
+            dtype=torch.float16,
+        )
+        (out / "metrics.json").write_text(
+            json.dumps({"test": test, "model_id": model_id}, indent=2) + "\n"
+        )
         return model_id
 
     model_id = _timed(state, "export", work, export)
-    summary = {"model_id": model_id, "test": test,
-               "seconds": {k: v["seconds"] for k, v in state.items()},
-               "cpu_seconds": {k: v["cpu_seconds"] for k, v in state.items()}}
+    summary = {
+        "model_id": model_id,
+        "test": test,
+        "seconds": {k: v["seconds"] for k, v in state.items()},
+        "cpu_seconds": {k: v["cpu_seconds"] for k, v in state.items()},
+    }
     if compare:
-        summary["compare"] = _compare(state, work, base_ft, tokenizer, model_overrides, manifests,
-                                      recipe, test)
+        summary["compare"] = _compare(
+            state, work, base_ft, tokenizer, model_overrides, manifests, recipe, test
+        )
     return summary
 
 
-def _compare(state: dict, work: Path, base_ft: dict, tokenizer: TextTokenizer,
-             model_overrides: dict, manifests: dict[str, Path], recipe: dict, test: dict) -> dict:
+def _compare(
+    state: dict,
+    work: Path,
+    base_ft: dict,
+    tokenizer: TextTokenizer,
+    model_overrides: dict,
+    manifests: dict[str, Path],
+    recipe: dict,
+    test: dict,
+) -> dict:
     """The compute of vqkd + pretrain + finetune, spent on fine-tuning only.
 
     Compute is measured as the process's CPU time (all its threads; data loading runs in the
@@ -242,30 +355,49 @@ def _compare(state: dict, work: Path, base_ft: dict, tokenizer: TextTokenizer,
         torch.manual_seed(0)
         model = create_model(PRESET, **model_overrides)
         path = work / "scratch-init"
-        save_checkpoint(model, path, preset=PRESET, tokenizer=tokenizer,
-                        preprocess=PreprocessConfig(img_size=model_overrides["img_size"],
-                                                    max_text_len=MAX_TEXT_LEN))
+        save_checkpoint(
+            model,
+            path,
+            preset=PRESET,
+            tokenizer=tokenizer,
+            preprocess=PreprocessConfig(
+                img_size=model_overrides["img_size"], max_text_len=MAX_TEXT_LEN
+            ),
+        )
         return str(path)
 
     init = _timed(state, "scratch-init", work, scratch_init)
 
     def scratch() -> str:
-        settings = {**base_ft, "max_steps": steps, "lr": recipe["scratch_lr"],
-                    "layer_decay": 1.0, "eval_every": max(1, steps // 6)}
+        settings = {
+            **base_ft,
+            "max_steps": steps,
+            "lr": recipe["scratch_lr"],
+            "layer_decay": 1.0,
+            "eval_every": max(1, steps // 6),
+        }
         finetune(FinetuneConfig(**settings, output_dir=str(work / "scratch"), init=init))
         return str(work / "scratch" / "best")
 
     best = _timed(state, "scratch", work, scratch)
-    scratch_test = _timed(state, "scratch-evaluate", work,
-                          lambda: _evaluate(best, manifests["test"], work / "eval-scratch"))
+    scratch_test = _timed(
+        state,
+        "scratch-evaluate",
+        work,
+        lambda: _evaluate(best, manifests["test"], work / "eval-scratch"),
+    )
     result = {
         "budget_cpu_seconds": round(budget, 1),
         "pretrain_then_finetune": {
             "cpu_seconds": round(budget, 1),
             "steps": {k: recipe[k]["max_steps"] for k in ("vqkd", "pretrain", "finetune")},
-            "test": test},
-        "finetune_from_scratch": {"cpu_seconds": state["scratch"]["cpu_seconds"],
-                                  "steps": steps, "test": scratch_test},
+            "test": test,
+        },
+        "finetune_from_scratch": {
+            "cpu_seconds": state["scratch"]["cpu_seconds"],
+            "steps": steps,
+            "test": scratch_test,
+        },
     }
     (work / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -275,8 +407,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo" / "model")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "demo-train")
-    parser.add_argument("--compare", action="store_true",
-                        help="also fine-tune from scratch with the same compute budget")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also fine-tune from scratch with the same compute budget",
+    )
     parser.add_argument("--smoke", action="store_true", help="2%% of the steps (a quick check)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -18,5 +18,12 @@ from indexer.manifest import TableInfo
 from indexer.report import IndexReport
 from indexer.search import Hit, Searcher
 
-__all__ = ["Hit", "IndexReport", "ProgressFn", "Searcher", "TableInfo", "index_images",
-           "index_texts"]
+__all__ = [
+    "Hit",
+    "IndexReport",
+    "ProgressFn",
+    "Searcher",
+    "TableInfo",
+    "index_images",
+    "index_texts",
+]

@@ -38,7 +38,7 @@ class DistContext:
 
     def shard(self, items: list[Any]) -> list[Any]:
         """This rank's items: every world_size-th, starting at rank."""
-        return items[self.rank::self.world_size]
+        return items[self.rank :: self.world_size]
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -83,8 +83,9 @@ def index_images(
         InputDataError: a source does not exist, or ``db`` is new and ``model`` is None.
         IndexMismatchError: ``model`` is not the model that built ``db``, or ``table`` holds texts.
     """
-    return _Run(db, model, table, "image", backend, index_type, device, progress, chunk_size,
-                batch_size).run_images(sources, num_workers)
+    return _Run(
+        db, model, table, "image", backend, index_type, device, progress, chunk_size, batch_size
+    ).run_images(sources, num_workers)
 
 
 def index_texts(
@@ -118,12 +119,17 @@ def index_texts(
         once and every reference is kept.
     """
     del num_workers  # sentencepiece tokenizes ~1M short texts/min in-process; no workers needed
-    return _Run(db, model, table, "text", backend, index_type, device, progress, chunk_size,
-                batch_size).run_texts(source, column, max_chars)
+    return _Run(
+        db, model, table, "text", backend, index_type, device, progress, chunk_size, batch_size
+    ).run_texts(source, column, max_chars)
 
 
 def load_index_model(
-    db: str | Path, model: str | Path | None, device: str = "auto", *, action: str = "given",
+    db: str | Path,
+    model: str | Path | None,
+    device: str = "auto",
+    *,
+    action: str = "given",
 ) -> tuple[Checkpoint, DbManifest | None]:
     """Load the checkpoint for ``db``: ``model`` if given (it must be the index's model), else the
     one the manifest records."""
@@ -131,8 +137,10 @@ def load_index_model(
     manifest = DbManifest.read(db)
     if model is None:
         if manifest is None:
-            raise InputDataError(f"{db} holds no index yet (no {DbManifest.path_of(db).name}): "
-                                 "pass --model CKPT to choose the model")
+            raise InputDataError(
+                f"{db} holds no index yet (no {DbManifest.path_of(db).name}): "
+                "pass --model CKPT to choose the model"
+            )
         model = manifest.checkpoint_path(db)
         if not model.is_dir():
             raise CheckpointError(
@@ -141,8 +149,10 @@ def load_index_model(
             )
     ckpt = load_checkpoint(model, device=resolve_device(device))
     if not hasattr(ckpt.model, "encode_image"):
-        raise CheckpointError(f"{model} is a {ckpt.architecture} checkpoint; indexing needs a "
-                              "retrieval model (fine-tune it first)")
+        raise CheckpointError(
+            f"{model} is a {ckpt.architecture} checkpoint; indexing needs a "
+            "retrieval model (fine-tune it first)"
+        )
     if manifest is not None:
         manifest.check_model(db, ckpt.model_id, action=action)
     return ckpt, manifest
@@ -175,13 +185,24 @@ class _Plan:
 class _Run:
     """One indexing run against one table (see the module docstring)."""
 
-    def __init__(self, db: str | Path, model: str | Path | None, table: str, modality: str,
-                 backend: str | None, index_type: str | None, device: str,
-                 progress: ProgressFn | None, chunk_size: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        db: str | Path,
+        model: str | Path | None,
+        table: str,
+        modality: str,
+        backend: str | None,
+        index_type: str | None,
+        device: str,
+        progress: ProgressFn | None,
+        chunk_size: int,
+        batch_size: int,
+    ) -> None:
         self.start = time.perf_counter()
         if chunk_size < 1 or batch_size < 1:
-            raise InputDataError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and "
-                                 f"{batch_size}")
+            raise InputDataError(
+                f"chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}"
+            )
         self.db = Path(db)
         self.table = check_table_name(table)
         self.modality = modality
@@ -197,8 +218,9 @@ class _Run:
         self.report = IndexReport(table=self.table)
         self.store = self._open_table(manifest, backend, index_type)
 
-    def _open_table(self, manifest: DbManifest | None, backend: str | None,
-                    index_type: str | None) -> Store:
+    def _open_table(
+        self, manifest: DbManifest | None, backend: str | None, index_type: str | None
+    ) -> Store:
         if backend is not None:
             check_backend(backend)
         entry = manifest.tables.get(self.table) if manifest else None
@@ -223,15 +245,19 @@ class _Run:
         backend = backend or "lancedb"
         index_type = index_type or ("flat" if backend == "faiss" else "auto")
         if self.ctx.is_main:
-            store = open_store(self.db, self.table, backend, dim=self.dim, create=True,
-                               index_type=index_type)
+            store = open_store(
+                self.db, self.table, backend, dim=self.dim, create=True, index_type=index_type
+            )
             if manifest is None:
                 manifest = DbManifest(model_id=self.model_id, checkpoint="", dim=self.dim)
                 manifest.set_checkpoint(self.db, self.ckpt.path)
             elif not manifest.checkpoint_path(self.db).is_dir():
                 manifest.set_checkpoint(self.db, self.ckpt.path)  # the recorded copy moved
-            manifest.tables[self.table] = {"modality": self.modality, "backend": backend,
-                                           "index_type": index_type}
+            manifest.tables[self.table] = {
+                "modality": self.modality,
+                "backend": backend,
+                "index_type": index_type,
+            }
             manifest.write(self.db)
             store.recover()
         self.ctx.barrier()
@@ -241,18 +267,24 @@ class _Run:
 
     # -- the two kinds of input ------------------------------------------------------------------
 
-    def run_images(self, sources: Sequence[str | Path] | str | Path, num_workers: int) -> IndexReport:
+    def run_images(
+        self, sources: Sequence[str | Path] | str | Path, num_workers: int
+    ) -> IndexReport:
         scan = scan_images(sources)
         stored = self._stored()
-        by_path = {p: (r["sha256"], r["size"], mt)
-                   for r in stored for p, mt in zip(r["paths"], r["mtimes"], strict=True)}
+        by_path = {
+            p: (r["sha256"], r["size"], mt)
+            for r in stored
+            for p, mt in zip(r["paths"], r["mtimes"], strict=True)
+        }
         found: list[_Found] = []
         to_hash = []
         for item in scan.items:
             known = by_path.get(item.path)
             if known is not None and known[1] == item.size and known[2] == item.mtime:
-                found.append(_Found(item.path, known[0], item.size, item.mtime,
-                                    scan.labels.get(item.path)))
+                found.append(
+                    _Found(item.path, known[0], item.size, item.mtime, scan.labels.get(item.path))
+                )
             else:
                 to_hash.append(item)
         self.progress("hash", 0, len(to_hash))
@@ -267,34 +299,67 @@ class _Run:
             if isinstance(digest, tuple):
                 skipped.append((item.path, digest[1]))
             else:
-                found.append(_Found(item.path, digest, item.size, item.mtime,
-                                    scan.labels.get(item.path)))
+                found.append(
+                    _Found(item.path, digest, item.size, item.mtime, scan.labels.get(item.path))
+                )
         found.sort(key=lambda f: f.key)
-        plan = _plan(found, stored, modality="image", model_id=self.model_id,
-                     in_scope=scan.in_scope, still_exists=os.path.exists, refresh_mtime=True)
-        self._apply(plan, skipped, len(found) + len(skipped),
-                    lambda shard: self._embed_images(plan, shard, num_workers))
+        plan = _plan(
+            found,
+            stored,
+            modality="image",
+            model_id=self.model_id,
+            in_scope=scan.in_scope,
+            still_exists=os.path.exists,
+            refresh_mtime=True,
+        )
+        self._apply(
+            plan,
+            skipped,
+            len(found) + len(skipped),
+            lambda shard: self._embed_images(plan, shard, num_workers),
+        )
         return self.report
 
     def run_texts(self, source: str | Path, column: str | None, max_chars: int) -> IndexReport:
         scan = read_texts(source, column, max_chars)
-        found = sorted((_Found(t.ref, sha256_text(t.text), len(t.text.encode("utf-8")),
-                               scan.mtime, t.text) for t in scan.items), key=lambda f: f.key)
-        plan = _plan(found, self._stored(), modality="text", model_id=self.model_id,
-                     in_scope=scan.in_scope,
-                     still_exists=lambda ref: os.path.exists(ref.rpartition(":")[0]),
-                     refresh_mtime=False)
-        self._apply(plan, list(scan.skipped), len(found) + len(scan.skipped),
-                    lambda shard: self._embed_texts(plan, shard))
+        found = sorted(
+            (
+                _Found(t.ref, sha256_text(t.text), len(t.text.encode("utf-8")), scan.mtime, t.text)
+                for t in scan.items
+            ),
+            key=lambda f: f.key,
+        )
+        plan = _plan(
+            found,
+            self._stored(),
+            modality="text",
+            model_id=self.model_id,
+            in_scope=scan.in_scope,
+            still_exists=lambda ref: os.path.exists(ref.rpartition(":")[0]),
+            refresh_mtime=False,
+        )
+        self._apply(
+            plan,
+            list(scan.skipped),
+            len(found) + len(scan.skipped),
+            lambda shard: self._embed_texts(plan, shard),
+        )
         return self.report
 
     # -- shared steps ------------------------------------------------------------------------------
 
     def _stored(self) -> list[dict[str, Any]]:
-        return self.store.read_meta().select(["sha256", "paths", "mtimes", "size", "text"]).to_pylist()
+        return (
+            self.store.read_meta().select(["sha256", "paths", "mtimes", "size", "text"]).to_pylist()
+        )
 
-    def _apply(self, plan: _Plan, skipped: list[tuple[str, str]], seen: int,
-               embed: Callable[[list[str]], list[tuple[str, str]]]) -> None:
+    def _apply(
+        self,
+        plan: _Plan,
+        skipped: list[tuple[str, str]],
+        seen: int,
+        embed: Callable[[list[str]], list[tuple[str, str]]],
+    ) -> None:
         self.ctx.barrier()  # every rank has read the stored rows before anyone writes
         if self.ctx.is_main:
             self._write_metadata_changes(plan)
@@ -311,8 +376,11 @@ class _Run:
 
         report = self.report
         report.seen = seen
-        report.unchanged, report.duplicates, report.removed = (plan.unchanged, plan.duplicates,
-                                                               plan.removed)
+        report.unchanged, report.duplicates, report.removed = (
+            plan.unchanged,
+            plan.duplicates,
+            plan.removed,
+        )
         report.skipped_reasons = list(skipped)
         for sha, reason in failures:
             first = plan.rows[sha]["paths"][0]
@@ -327,33 +395,49 @@ class _Run:
                 logger.warning("skipped %s: %s", where, reason)
             if not self.draws_progress:  # a front end that draws progress prints the report
                 logger.info("%s", report)
-        assert report.seen == (report.indexed + report.unchanged + report.duplicates
-                               + report.skipped), f"inconsistent counts: {report}"
+        assert report.seen == (
+            report.indexed + report.unchanged + report.duplicates + report.skipped
+        ), f"inconsistent counts: {report}"
 
     def _write_metadata_changes(self, plan: _Plan) -> None:
         """Deletions, then rows whose paths changed (their stored vectors are reused)."""
         if plan.deletes:
             self.store.delete(plan.deletes)
         for start in range(0, len(plan.updates), _FETCH_BLOCK):
-            shas = plan.updates[start:start + _FETCH_BLOCK]
+            shas = plan.updates[start : start + _FETCH_BLOCK]
             old = self.store.fetch(shas, with_vectors=True)
             order = old.column("sha256").to_pylist()
-            vectors = old.column("vector").combine_chunks().values.to_numpy(
-                zero_copy_only=False).reshape(-1, self.dim)
+            vectors = (
+                old.column("vector")
+                .combine_chunks()
+                .values.to_numpy(zero_copy_only=False)
+                .reshape(-1, self.dim)
+            )
             self.store.upsert(rows_from_vectors([plan.rows[s] for s in order], vectors, self.dim))
         if plan.deletes or plan.updates:
-            logger.info("%s: %d rows deleted, %d rows with changed paths", self.table,
-                        len(plan.deletes), len(plan.updates))
+            logger.info(
+                "%s: %d rows deleted, %d rows with changed paths",
+                self.table,
+                len(plan.deletes),
+                len(plan.updates),
+            )
 
-    def _embed_images(self, plan: _Plan, shard: list[str], num_workers: int) -> list[tuple[str, str]]:
+    def _embed_images(
+        self, plan: _Plan, shard: list[str], num_workers: int
+    ) -> list[tuple[str, str]]:
         paths = [plan.rows[sha]["path"] for sha in shard]
         writer = _ChunkWriter(self.store, plan, self.dim, self.chunk_size)
         failures: list[tuple[str, str]] = []
         done = 0
         self.progress("embed", 0, len(shard))
-        batches = embed_image_files(self.ckpt.model, self.ckpt.preprocess, paths,
-                                    batch_size=self.batch_size, num_workers=num_workers,
-                                    device=self.device)
+        batches = embed_image_files(
+            self.ckpt.model,
+            self.ckpt.preprocess,
+            paths,
+            batch_size=self.batch_size,
+            num_workers=num_workers,
+            device=self.device,
+        )
         for batch in batches:
             writer.add([shard[p] for p in batch.positions], batch.vectors)
             failures.extend((shard[p], reason) for p, reason in batch.failures)
@@ -367,9 +451,14 @@ class _Run:
         writer = _ChunkWriter(self.store, plan, self.dim, self.chunk_size)
         done = 0
         self.progress("embed", 0, len(shard))
-        for vectors in embed_texts(self.ckpt.model, self.ckpt.tokenizer, texts,
-                                   batch_size=self.batch_size, device=self.device):
-            writer.add(shard[done:done + len(vectors)], vectors)
+        for vectors in embed_texts(
+            self.ckpt.model,
+            self.ckpt.tokenizer,
+            texts,
+            batch_size=self.batch_size,
+            device=self.device,
+        ):
+            writer.add(shard[done : done + len(vectors)], vectors)
             done += len(vectors)
             self.progress("embed", done, len(shard))
         writer.flush()
@@ -399,9 +488,12 @@ class _ChunkWriter:
             return
         vectors = np.concatenate(self.vectors)
         for start in range(0, len(self.shas), self.chunk_size):
-            shas = self.shas[start:start + self.chunk_size]
-            rows = rows_from_vectors([self.plan.rows[s] for s in shas],
-                                     vectors[start:start + self.chunk_size], self.dim)
+            shas = self.shas[start : start + self.chunk_size]
+            rows = rows_from_vectors(
+                [self.plan.rows[s] for s in shas],
+                vectors[start : start + self.chunk_size],
+                self.dim,
+            )
             self.store.append(rows)
         self.shas, self.vectors, self.buffered = [], [], 0
 
@@ -424,8 +516,9 @@ def _plan(
     """
     plan = _Plan()
     stored_by_sha = {r["sha256"]: r for r in stored}
-    stored_keys = {k: (r["sha256"], mt) for r in stored
-                   for k, mt in zip(r["paths"], r["mtimes"], strict=True)}
+    stored_keys = {
+        k: (r["sha256"], mt) for r in stored for k, mt in zip(r["paths"], r["mtimes"], strict=True)
+    }
     target: dict[str, dict[str, float]] = {}
     first: dict[str, _Found] = {}
     found_keys = set()
@@ -457,17 +550,23 @@ def _plan(
         source = first.get(sha)
         old = stored_by_sha.get(sha)
         plan.rows[sha] = {
-            "sha256": sha, "modality": modality,
+            "sha256": sha,
+            "modality": modality,
             "path": paths[0] if modality == "image" else None,
-            "paths": paths, "mtimes": mtimes,
+            "paths": paths,
+            "mtimes": mtimes,
             "text": source.text if source is not None else (old or {}).get("text"),
             "size": source.size if source is not None else (old or {}).get("size"),
-            "mtime": mtimes[0], "model_id": model_id,
+            "mtime": mtimes[0],
+            "model_id": model_id,
         }
         if old is None:
             plan.to_embed.append(sha)
-        elif (old["paths"], old["mtimes"], old.get("text")) != (paths, mtimes,
-                                                                plan.rows[sha]["text"]):
+        elif (old["paths"], old["mtimes"], old.get("text")) != (
+            paths,
+            mtimes,
+            plan.rows[sha]["text"],
+        ):
             plan.updates.append(sha)
     plan.deletes = [sha for sha in stored_by_sha if sha not in target]
     return plan

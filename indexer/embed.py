@@ -52,8 +52,9 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def load_query_image(source: str | Path | bytes | BinaryIO | Image.Image,
-                     preprocess: PreprocessConfig) -> torch.Tensor:
+def load_query_image(
+    source: str | Path | bytes | BinaryIO | Image.Image, preprocess: PreprocessConfig
+) -> torch.Tensor:
     """One image (path, bytes, file object or PIL image) -> (3, S, S), decoded as the indexer does.
 
     Raises:
@@ -88,13 +89,17 @@ class ImageFiles(Dataset):
         except Beit3Error as exc:
             return position, None, _reason(str(exc), path)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
-            return position, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return (
+                position,
+                None,
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
 
 
 def _reason(message: str, path: str) -> str:
     """load_image's message without the leading ``<path>: ``: the report names the path."""
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 class _Collated(NamedTuple):
@@ -150,10 +155,15 @@ def embed_image_files(
     Decoding and preprocessing run in ``num_workers`` DataLoader processes (0: in this process).
     """
     loader = DataLoader(
-        ImageFiles(paths, preprocess), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        ImageFiles(paths, preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
         multiprocessing_context="fork" if num_workers > 0 and _has_fork() else None,
     )
     dim = model.embed_dim
@@ -168,13 +178,18 @@ def embed_image_files(
         if batch.images is None:
             yield EmbeddedBatch([], np.zeros((0, dim), np.float32), batch.failures)
             continue
-        yield EmbeddedBatch(batch.positions, encode_images(model, batch.images, device),
-                            batch.failures)
+        yield EmbeddedBatch(
+            batch.positions, encode_images(model, batch.images, device), batch.failures
+        )
 
 
 @torch.inference_mode()
 def embed_texts(
-    model: nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], *, batch_size: int = 256,
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
     device: torch.device,
 ) -> Iterator[np.ndarray]:
     """Embed texts in order, ``batch_size`` at a time -> (B, D) float32 unit vectors per batch.
@@ -182,8 +197,7 @@ def embed_texts(
     Texts longer than the tokenizer's ``max_len`` are truncated (the official behaviour).
     """
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]))
+        batch = tokenizer(list(texts[start : start + batch_size]))
         with _autocast(device):
-            vectors = model.encode_text(batch.text_ids.to(device),
-                                        batch.padding_mask.to(device))
+            vectors = model.encode_text(batch.text_ids.to(device), batch.padding_mask.to(device))
         yield vectors.float().cpu().numpy()

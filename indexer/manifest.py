@@ -60,11 +60,15 @@ class DbManifest:
             data = json.loads(path.read_text())
             manifest = cls(**data)
         except (json.JSONDecodeError, TypeError) as exc:
-            raise InputDataError(f"{path}: not a valid beit3 index manifest ({exc}); "
-                                 "delete the directory and re-index") from None
+            raise InputDataError(
+                f"{path}: not a valid beit3 index manifest ({exc}); "
+                "delete the directory and re-index"
+            ) from None
         if manifest.format_version > FORMAT_VERSION:
-            raise InputDataError(f"{path}: format_version {manifest.format_version} is newer "
-                                 f"than this library's {FORMAT_VERSION}; upgrade beit3-search")
+            raise InputDataError(
+                f"{path}: format_version {manifest.format_version} is newer "
+                f"than this library's {FORMAT_VERSION}; upgrade beit3-search"
+            )
         return manifest
 
     def write(self, db: str | Path) -> None:
@@ -94,9 +98,15 @@ class DbManifest:
 
     def table_info(self, name: str, count: int) -> TableInfo:
         entry = self.tables[name]
-        return TableInfo(name=name, modality=entry["modality"], count=count,
-                         backend=entry["backend"], model_id=self.model_id, dim=self.dim,
-                         index_type=entry.get("index_type"))
+        return TableInfo(
+            name=name,
+            modality=entry["modality"],
+            count=count,
+            backend=entry["backend"],
+            model_id=self.model_id,
+            dim=self.dim,
+            index_type=entry.get("index_type"),
+        )
 
 
 def check_table_name(name: str) -> str:

@@ -68,22 +68,31 @@ class Searcher:
         IndexMismatchError: ``model`` is not the index's model.
     """
 
-    def __init__(self, db: str | Path, model: str | Path | None = None,
-                 device: str = "auto") -> None:
+    def __init__(
+        self, db: str | Path, model: str | Path | None = None, device: str = "auto"
+    ) -> None:
         start = time.perf_counter()
         self.db = Path(db)
         if DbManifest.read(self.db) is None:
-            raise InputDataError(f"{self.db} is not a beit3 index (no beit3_index.json); build one "
-                                 "with: beit3 index images FOLDER --db DIR --model CKPT")
+            raise InputDataError(
+                f"{self.db} is not a beit3 index (no beit3_index.json); build one "
+                "with: beit3 index images FOLDER --db DIR --model CKPT"
+            )
         self.device = resolve_device(device)
-        self.checkpoint, manifest = load_index_model(self.db, model, str(self.device),
-                                                     action="query")
+        self.checkpoint, manifest = load_index_model(
+            self.db, model, str(self.device), action="query"
+        )
         assert manifest is not None, "manifest checked above"
         self.manifest = manifest
         self.model_id = self.checkpoint.model_id
         self._stores: dict[str, Store] = {}
-        logger.info("opened index %s (%s, tables: %s) in %.1f s", self.db, self.model_id,
-                    ", ".join(manifest.tables) or "none", time.perf_counter() - start)
+        logger.info(
+            "opened index %s (%s, tables: %s) in %.1f s",
+            self.db,
+            self.model_id,
+            ", ".join(manifest.tables) or "none",
+            time.perf_counter() - start,
+        )
 
     # -- tables ------------------------------------------------------------------------------------
 
@@ -92,8 +101,9 @@ class Searcher:
         """name -> TableInfo (count read now)."""
         manifest = DbManifest.read(self.db) or self.manifest
         self.manifest = manifest
-        return {name: manifest.table_info(name, self._store(name).count())
-                for name in manifest.tables}
+        return {
+            name: manifest.table_info(name, self._store(name).count()) for name in manifest.tables
+        }
 
     def _store(self, table: str) -> Store:
         if table not in self.manifest.tables:
@@ -105,9 +115,13 @@ class Searcher:
             raise InputDataError(f"index {self.db} has no table {table!r}; its tables: {known}")
         if table not in self._stores:
             entry = self.manifest.tables[table]
-            self._stores[table] = open_store(self.db, table, entry["backend"],
-                                             dim=self.manifest.dim,
-                                             index_type=entry.get("index_type"))
+            self._stores[table] = open_store(
+                self.db,
+                table,
+                entry["backend"],
+                dim=self.manifest.dim,
+                index_type=entry.get("index_type"),
+            )
         return self._stores[table]
 
     # -- queries -----------------------------------------------------------------------------------
@@ -120,16 +134,19 @@ class Searcher:
                 raise InputDataError("the text query is empty; type a few words")
             batch = self.checkpoint.tokenizer([query.strip()])
             with torch.inference_mode():
-                vector = model.encode_text(batch.text_ids.to(self.device),
-                                           batch.padding_mask.to(self.device))
+                vector = model.encode_text(
+                    batch.text_ids.to(self.device), batch.padding_mask.to(self.device)
+                )
             return vector.float().cpu().numpy()[0]
         if isinstance(query, bytes):
             query = io.BytesIO(query)
         if isinstance(query, Path | Image.Image) or hasattr(query, "read"):
             image = load_query_image(query, self.checkpoint.preprocess)
             return encode_images(model, image[None], self.device)[0]
-        raise InputDataError(f"cannot search with a {type(query).__name__}: pass a text (str) or "
-                             "an image (Path, bytes, file object or PIL image)")
+        raise InputDataError(
+            f"cannot search with a {type(query).__name__}: pass a text (str) or "
+            "an image (Path, bytes, file object or PIL image)"
+        )
 
     def search(self, query: Query, table: str, k: int = 10, offset: int = 0) -> list[Hit]:
         """The ``k`` best items of ``table`` for ``query``, after skipping ``offset``.
@@ -140,19 +157,23 @@ class Searcher:
         _check_page(k, offset)
         return self._hits(table, store.search(self.embed_query(query)[None], k, offset)[0], offset)
 
-    def search_vector(self, vector: np.ndarray, table: str, k: int = 10,
-                      offset: int = 0) -> list[Hit]:
+    def search_vector(
+        self, vector: np.ndarray, table: str, k: int = 10, offset: int = 0
+    ) -> list[Hit]:
         """Search with a (D,) unit vector of this model."""
         store = self._store(table)
         _check_page(k, offset)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         if vector.shape[0] != store.dim:
-            raise IndexMismatchError(f"query vector has {vector.shape[0]} dims; table {table!r} "
-                                     f"holds {store.dim}-d vectors of {self.model_id}")
+            raise IndexMismatchError(
+                f"query vector has {vector.shape[0]} dims; table {table!r} "
+                f"holds {store.dim}-d vectors of {self.model_id}"
+            )
         return self._hits(table, store.search(vector[None], k, offset)[0], offset)
 
-    def search_similar(self, table: str, item_id: str, target: str, k: int = 10,
-                       offset: int = 0) -> list[Hit]:
+    def search_similar(
+        self, table: str, item_id: str, target: str, k: int = 10, offset: int = 0
+    ) -> list[Hit]:
         """Search ``target`` with the stored vector of item ``item_id`` of ``table`` ("more like
         this"). When ``target`` is ``table`` the item itself is left out of the results."""
         vector = self.get_vector(table, item_id)
@@ -162,8 +183,10 @@ class Searcher:
             return self.search_vector(vector, target, k, offset)
         hits = [h for h in self.search_vector(vector, target, k + 1, offset) if h.id != item_id]
         hits = hits[:k]
-        return [Hit(offset + i + 1, h.score, h.table, h.modality, h.id, h.path, h.text, h.paths)
-                for i, h in enumerate(hits)]
+        return [
+            Hit(offset + i + 1, h.score, h.table, h.modality, h.id, h.path, h.text, h.paths)
+            for i, h in enumerate(hits)
+        ]
 
     def get(self, table: str, item_id: str) -> Hit | None:
         """The item ``item_id`` of ``table`` (rank 0, score NaN), or None if it is not there."""
@@ -188,9 +211,16 @@ class Searcher:
 
 
 def _hit(table: str, rank: int, score: float, row: dict[str, Any]) -> Hit:
-    return Hit(rank=rank, score=float(score), table=table, modality=row["modality"],
-               id=row["sha256"], path=row["path"], text=row["text"],
-               paths=tuple(row["paths"] or ()))
+    return Hit(
+        rank=rank,
+        score=float(score),
+        table=table,
+        modality=row["modality"],
+        id=row["sha256"],
+        path=row["path"],
+        text=row["text"],
+        paths=tuple(row["paths"] or ()),
+    )
 
 
 def _check_page(k: int, offset: int) -> None:

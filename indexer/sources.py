@@ -88,8 +88,10 @@ def scan_images(sources: Sequence[str | Path]) -> ImageScan:
             scan.files.add(path)
             _add_file(path, found, scan.skipped)
         else:
-            raise InputDataError(f"{source}: no such file or folder; pass image folders, image "
-                                 "files or a JSONL/CSV manifest")
+            raise InputDataError(
+                f"{source}: no such file or folder; pass image folders, image "
+                "files or a JSONL/CSV manifest"
+            )
     scan.items = sorted(found.values(), key=lambda item: item.path)
     return scan
 
@@ -114,8 +116,14 @@ def _add_file(path: str, found: dict[str, FileItem], skipped: list[tuple[str, st
     try:
         st = os.stat(path)
     except OSError as exc:
-        skipped.append((path, "no such file" if isinstance(exc, FileNotFoundError)
-                        else f"unreadable ({exc.strerror})"))
+        skipped.append(
+            (
+                path,
+                "no such file"
+                if isinstance(exc, FileNotFoundError)
+                else f"unreadable ({exc.strerror})",
+            )
+        )
         return
     if not os.path.isfile(path):
         skipped.append((path, "not a regular file"))
@@ -143,7 +151,10 @@ def _manifest_paths(manifest: Path, skipped: list[tuple[str, str]]) -> list[tupl
 
 
 def _manifest_values(
-    path: Path, candidates: Sequence[str], column: str | None, skipped: list[tuple[str, str]],
+    path: Path,
+    candidates: Sequence[str],
+    column: str | None,
+    skipped: list[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     """(``file:line``, value of the column) for each record of a JSONL or CSV/TSV file."""
     suffix = path.suffix.lower()
@@ -170,8 +181,12 @@ def _manifest_values(
                 continue
             chosen = chosen or next((c for c in wanted if c in record), None)
             if chosen is None or chosen not in record:
-                skipped.append((where, f"no field {' / '.join(wanted)}"
-                                       + ("" if column else "; pass --column")))
+                skipped.append(
+                    (
+                        where,
+                        f"no field {' / '.join(wanted)}" + ("" if column else "; pass --column"),
+                    )
+                )
                 continue
             value = record[chosen]
             if not isinstance(value, str):
@@ -180,8 +195,9 @@ def _manifest_values(
             out.append((where, value))
         return out
     text = raw.decode("utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""),
-                            delimiter="\t" if suffix == ".tsv" else ",")
+    reader = csv.DictReader(
+        io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","
+    )
     header = reader.fieldnames or []
     chosen = next((c for c in wanted if c in header), None)
     if chosen is None:
@@ -215,8 +231,9 @@ def _decode(data: bytes, where: str, skipped: list[tuple[str, str]]) -> str | No
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        skipped.append((where, f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at column "
-                               f"{exc.start + 1})"))
+        skipped.append(
+            (where, f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1})")
+        )
         return None
 
 
@@ -233,12 +250,17 @@ def hash_files(paths: Sequence[str], threads: int = 4) -> list[str | tuple[str, 
 
     Returns, per path, the hex digest or ``("error", reason)``.
     """
+
     def one(path: str) -> str | tuple[str, str]:
         try:
             return hash_file(path)
         except OSError as exc:
-            return ("error", "no such file" if isinstance(exc, FileNotFoundError)
-                    else f"unreadable ({exc.strerror})")
+            return (
+                "error",
+                "no such file"
+                if isinstance(exc, FileNotFoundError)
+                else f"unreadable ({exc.strerror})",
+            )
 
     if len(paths) < 8:
         return [one(p) for p in paths]
@@ -269,8 +291,9 @@ class TextScan:
         return ref.rpartition(":")[0] == self.file
 
 
-def read_texts(source: str | Path, column: str | None = None,
-               max_chars: int = MAX_TEXT_CHARS) -> TextScan:
+def read_texts(
+    source: str | Path, column: str | None = None, max_chars: int = MAX_TEXT_CHARS
+) -> TextScan:
     """Texts of a plain file (one per line), a JSONL file (a field) or a CSV/TSV file (a column).
 
     Empty texts (of JSONL/CSV records), texts over ``max_chars`` and lines that are not UTF-8 are
@@ -279,16 +302,19 @@ def read_texts(source: str | Path, column: str | None = None,
     """
     path = Path(os.path.abspath(source))
     if not path.is_file():
-        raise InputDataError(f"{source}: no such file; pass a text file (one text per line), "
-                             "a JSONL or a CSV file")
+        raise InputDataError(
+            f"{source}: no such file; pass a text file (one text per line), a JSONL or a CSV file"
+        )
     suffix = path.suffix.lower()
     scan = TextScan(file=str(path), mtime=path.stat().st_mtime)
     if suffix in MANIFEST_EXTENSIONS:
         records = _manifest_values(path, TEXT_COLUMNS, column, scan.skipped)
     else:
         if column is not None:
-            raise InputDataError(f"{source}: --column applies to JSONL/CSV/TSV files; this is "
-                                 "read as plain text, one text per line")
+            raise InputDataError(
+                f"{source}: --column applies to JSONL/CSV/TSV files; this is "
+                "read as plain text, one text per line"
+            )
         records = []
         for number, line_bytes in enumerate(_read_bytes(path).splitlines(), start=1):
             where = f"{path}:{number}"
@@ -302,8 +328,9 @@ def read_texts(source: str | Path, column: str | None = None,
         if not text:
             scan.skipped.append((where, "empty text"))
         elif len(text) > max_chars:
-            scan.skipped.append((where, f"text too long ({len(text):,} characters > "
-                                        f"{max_chars:,}); split it"))
+            scan.skipped.append(
+                (where, f"text too long ({len(text):,} characters > {max_chars:,}); split it")
+            )
         else:
             scan.items.append(TextItem(where, text))
     return scan

@@ -12,8 +12,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-    "purple": (140, 40, 180), "orange": (250, 140, 20), "black": (20, 20, 20), "cyan": (20, 200, 220),
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "black": (20, 20, 20),
+    "cyan": (20, 200, 220),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -35,8 +41,10 @@ def shape_image(color: str, shape: str, size: int = 64, seed: int = 0) -> Image.
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     elif shape == "triangle":
-        draw.polygon([(size // 2, margin), (margin, size - margin), (size - margin, size - margin)],
-                     fill=fill)
+        draw.polygon(
+            [(size // 2, margin), (margin, size - margin), (size - margin, size - margin)],
+            fill=fill,
+        )
     elif shape == "cross":
         w = size // 6
         draw.rectangle((size // 2 - w, margin, size // 2 + w, size - margin), fill=fill)

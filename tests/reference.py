@@ -60,12 +60,20 @@ def encoder_config(cfg: Beit3Config):
     from torchscale.architecture.config import EncoderConfig
 
     return EncoderConfig(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size,
-        multiway=True, layernorm_embedding=False, normalize_output=cfg.normalize_output,
-        no_output_layer=True, drop_path_rate=cfg.drop_path_rate,
-        encoder_embed_dim=cfg.embed_dim, encoder_attention_heads=cfg.num_heads,
-        encoder_ffn_embed_dim=cfg.ffn_dim, encoder_layers=cfg.depth,
-        max_source_positions=cfg.max_text_positions, layernorm_eps=cfg.layernorm_eps,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        vocab_size=cfg.vocab_size,
+        multiway=True,
+        layernorm_embedding=False,
+        normalize_output=cfg.normalize_output,
+        no_output_layer=True,
+        drop_path_rate=cfg.drop_path_rate,
+        encoder_embed_dim=cfg.embed_dim,
+        encoder_attention_heads=cfg.num_heads,
+        encoder_ffn_embed_dim=cfg.ffn_dim,
+        encoder_layers=cfg.depth,
+        max_source_positions=cfg.max_text_positions,
+        layernorm_eps=cfg.layernorm_eps,
     )
 
 
@@ -87,8 +95,9 @@ class ReferenceRetrieval(nn.Module):
         return nn.functional.normalize(self.vision_head(x[:, 0, :]), dim=-1)
 
     def encode_text(self, text_ids, padding_mask):
-        x = self.beit3(textual_tokens=text_ids, visual_tokens=None,
-                       text_padding_position=padding_mask)["encoder_out"]
+        x = self.beit3(
+            textual_tokens=text_ids, visual_tokens=None, text_padding_position=padding_mask
+        )["encoder_out"]
         return nn.functional.normalize(self.language_head(x[:, 0, :]), dim=-1)
 
 

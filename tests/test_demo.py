@@ -9,8 +9,12 @@ from app.demo import DEMO_CAPTIONS, DEMO_MODEL, build_demo_index
 from indexer import Searcher
 
 # query -> the caption of an emoji that must be in the top 5
-QUERIES = {"cat face": "cat face", "flag of Japan": "flag: Japan", "red heart": "red heart",
-           "pizza": "pizza"}
+QUERIES = {
+    "cat face": "cat face",
+    "flag of Japan": "flag: Japan",
+    "red heart": "red heart",
+    "pizza": "pizza",
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +24,15 @@ def demo_db(tmp_path_factory):
     picked = [r for i, r in enumerate(rows) if i % 20 == 0 or r["text"] in wanted]
     folder = tmp_path_factory.mktemp("demo")
     captions = folder / "captions.jsonl"
-    captions.write_text("".join(
-        json.dumps({**r, "image": str(DEMO_CAPTIONS.parent / r["image"])}) + "\n" for r in picked))
-    db, images, texts = build_demo_index(folder / "db", captions=captions, device="cpu",
-                                         num_workers=0)
+    captions.write_text(
+        "".join(
+            json.dumps({**r, "image": str(DEMO_CAPTIONS.parent / r["image"])}) + "\n"
+            for r in picked
+        )
+    )
+    db, images, texts = build_demo_index(
+        folder / "db", captions=captions, device="cpu", num_workers=0
+    )
     assert images.indexed + images.duplicates == len(picked)
     assert texts.indexed == len(picked)
     return db, captions, len(picked)

@@ -101,8 +101,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if (self.init is None) == (self.preset is None):
-            raise ConfigError("give exactly one of init (a checkpoint directory to start from) "
-                              "and preset (to train from scratch)")
+            raise ConfigError(
+                "give exactly one of init (a checkpoint directory to start from) "
+                "and preset (to train from scratch)"
+            )
         if self.spm is not None and self.init is not None:
             raise ConfigError("spm is for from-scratch runs; a checkpoint brings its own tokenizer")
         for name in ("batch_size", "accum_steps", "log_every", "save_every", "spm_vocab_size"):
@@ -113,8 +115,9 @@ class FinetuneConfig:
         if self.max_steps is None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0 (or give max_steps), got {self.epochs}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, "
-                              f"min_lr {self.min_lr}")
+            raise ConfigError(
+                f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, min_lr {self.min_lr}"
+            )
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -122,7 +125,9 @@ class FinetuneConfig:
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+            raise ConfigError(
+                f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} unknown; use one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:

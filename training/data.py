@@ -50,8 +50,9 @@ def is_shard_source(source: str | Path) -> bool:
     return path.is_dir() and any(path.glob("*.tar"))
 
 
-def read_source_texts(source: str | Path, image_column: str | None = None,
-                      text_column: str | None = None) -> Iterator[str]:
+def read_source_texts(
+    source: str | Path, image_column: str | None = None, text_column: str | None = None
+) -> Iterator[str]:
     """Every caption of a training source (to train a tokenizer on)."""
     if not is_shard_source(source):
         for record in read_pairs(source, image_column, text_column):
@@ -61,7 +62,9 @@ def read_source_texts(source: str | Path, image_column: str | None = None,
         with tarfile.open(shard, "r|*") as tar:
             for member in tar:
                 ext = member.name.rsplit("/", 1)[-1].partition(".")[2].lower()
-                data = tar.extractfile(member) if member.isfile() and ext in ("txt", "json") else None
+                data = (
+                    tar.extractfile(member) if member.isfile() and ext in ("txt", "json") else None
+                )
                 if data is None:
                     continue
                 raw = data.read().decode("utf-8", "replace")
@@ -73,7 +76,9 @@ def read_source_texts(source: str | Path, image_column: str | None = None,
                 except json.JSONDecodeError:
                     continue
                 value = next((meta[k] for k in ("text", "caption", "captions") if k in meta), None)
-                values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+                values = (
+                    [value] if isinstance(value, str) else value if isinstance(value, list) else []
+                )
                 yield from (v for v in values if isinstance(v, str) and v.strip())
 
 
@@ -93,9 +98,16 @@ class _SeededPairs(PairDataset):
 class _ShardStream(IterableDataset):
     """WebDataset shards in a seeded per-epoch shard order, through a seeded shuffle buffer."""
 
-    def __init__(self, shards: Sequence[Path], transform: TrainImageTransform,
-                 tokenizer: TextTokenizer, rank: int, world_size: int, seed: int,
-                 buffer_size: int) -> None:
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        transform: TrainImageTransform,
+        tokenizer: TextTokenizer,
+        rank: int,
+        world_size: int,
+        seed: int,
+        buffer_size: int,
+    ) -> None:
         self.shards = list(shards)
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -105,13 +117,19 @@ class _ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        order = torch.randperm(len(self.shards),
-                               generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(
+            len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
         tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         self.transform.rng = random.Random(f"augment:{tag}")
         rng = random.Random(f"shuffle:{tag}")
-        stream = WebDatasetPairs([self.shards[i] for i in order.tolist()], self.transform,
-                                 self.tokenizer, self.rank, self.world_size)
+        stream = WebDatasetPairs(
+            [self.shards[i] for i in order.tolist()],
+            self.transform,
+            self.tokenizer,
+            self.rank,
+            self.world_size,
+        )
         buffer: list[dict[str, Any]] = []
         for sample in stream:
             if sample is None:  # a broken image, already reported by WebDatasetPairs
@@ -180,11 +198,17 @@ class TrainData:
                 )
             usable = max(1, len(shards) // world_size)
             if num_workers > usable:
-                logger.warning("%s: %d shards per process, so %d data workers instead of %d",
-                               source, usable, usable, num_workers)
+                logger.warning(
+                    "%s: %d shards per process, so %d data workers instead of %d",
+                    source,
+                    usable,
+                    usable,
+                    num_workers,
+                )
                 num_workers = usable
             self.dataset: Dataset | IterableDataset = _ShardStream(
-                shards, transform, tokenizer, rank, world_size, seed, shuffle_buffer)
+                shards, transform, tokenizer, rank, world_size, seed, shuffle_buffer
+            )
             self.sampler = None
             self.num_pairs: int | None = None
             self.batches_per_epoch: int | None = None
@@ -202,8 +226,13 @@ class TrainData:
                 )
         self.generator = torch.Generator()
         self.loader = DataLoader(
-            self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            collate_fn=collate_pairs,
+            pin_memory=pin_memory,
             # An own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's drop-path masks would drift from the uninterrupted run's.
             generator=self.generator,
@@ -265,6 +294,8 @@ class ImageFiles(Dataset):
         bad = torch.tensor([i for x, i in items if x is None], dtype=torch.long)
         if not good:
             return None, torch.empty(0, dtype=torch.long), bad
-        return (torch.stack([x for x, _ in good]),
-                torch.tensor([i for _, i in good], dtype=torch.long), bad)
-
+        return (
+            torch.stack([x for x, _ in good]),
+            torch.tensor([i for _, i in good], dtype=torch.long),
+            bad,
+        )

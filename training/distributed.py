@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 def _active(info: DistInfo | None) -> bool:
-    return info is not None and info.world_size > 1 and dist.is_available() and dist.is_initialized()
+    return (
+        info is not None and info.world_size > 1 and dist.is_available() and dist.is_initialized()
+    )
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -70,6 +72,7 @@ def all_mean(value: Tensor, info: DistInfo | None) -> float:
 
 
 # Wrapping ----------------------------------------------------------------------------------
+
 
 def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard``) per encoder layer then the whole model.
@@ -125,6 +128,7 @@ def full_state_dict(model: nn.Module, strategy: str) -> dict[str, Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     module = model.module if strategy == "ddp" else model
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -55,10 +55,17 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
     ckpt = load_checkpoint(config.checkpoint, architecture="retrieval", device=info.device)
     records = read_pairs(config.data, config.image_column, config.text_column)
     metrics = evaluate_model(
-        ckpt.model, ckpt.tokenizer, ckpt.preprocess, records, dist_info=info,
-        batch_size=config.batch_size, num_workers=config.num_workers,
-        use_bf16=_use_bf16(config.precision, info.device), block_size=config.block_size,
-        ks=config.ks, progress=progress,
+        ckpt.model,
+        ckpt.tokenizer,
+        ckpt.preprocess,
+        records,
+        dist_info=info,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        use_bf16=_use_bf16(config.precision, info.device),
+        block_size=config.block_size,
+        ks=config.ks,
+        progress=progress,
     )
     result: dict[str, Any] = {**metrics, "model_id": ckpt.model_id, "data": str(config.data)}
     if config.output_dir is not None and info.is_main:
@@ -71,8 +78,10 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
 
 def _check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type != "cuda":
-        raise ConfigError("precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
-                          "here); use fp32 or auto")
+        raise ConfigError(
+            "precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
+            "here); use fp32 or auto"
+        )
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
@@ -118,13 +127,26 @@ def evaluate_model(
     try:
         with autocast(device, enabled=use_bf16):
             image_embeds, broken = _encode_images(
-                model, images, (img_lo, img_hi), preprocess, batch_size, num_workers, device,
-                image_calls, (lambda done: progress(done, total)) if progress and is_main else None,
+                model,
+                images,
+                (img_lo, img_hi),
+                preprocess,
+                batch_size,
+                num_workers,
+                device,
+                image_calls,
+                (lambda done: progress(done, total)) if progress and is_main else None,
             )
             text_embeds = _encode_texts(
-                model, tokenizer, texts[txt_lo:txt_hi], batch_size, device, text_calls,
+                model,
+                tokenizer,
+                texts[txt_lo:txt_hi],
+                batch_size,
+                device,
+                text_calls,
                 (lambda done: progress(image_calls + done, total))
-                if progress and is_main else None,
+                if progress and is_main
+                else None,
             )
     finally:
         model.train(was_training)
@@ -141,33 +163,52 @@ def evaluate_model(
     if image_embeds.shape[0] == 0 or text_embeds.shape[0] == 0:
         raise InputDataError("no readable image with a caption to evaluate on")
     metrics = retrieval_recall(image_embeds, text_embeds, owner_t, ks, block_size)
-    metrics.update(num_images=int(image_embeds.shape[0]), num_texts=int(text_embeds.shape[0]),
-                   skipped_images=int(broken.sum()))
+    metrics.update(
+        num_images=int(image_embeds.shape[0]),
+        num_texts=int(text_embeds.shape[0]),
+        skipped_images=int(broken.sum()),
+    )
     if is_main:
-        logger.info("evaluated %d images and %d captions in %.1f s (%d unreadable images skipped)",
-                    metrics["num_images"], metrics["num_texts"], time.monotonic() - start,
-                    metrics["skipped_images"])
+        logger.info(
+            "evaluated %d images and %d captions in %.1f s (%d unreadable images skipped)",
+            metrics["num_images"],
+            metrics["num_texts"],
+            time.monotonic() - start,
+            metrics["skipped_images"],
+        )
     return metrics
 
 
 def _encode_images(
-    model: nn.Module, paths: Sequence[str], span: tuple[int, int], preprocess: PreprocessConfig,
-    batch_size: int, num_workers: int, device: torch.device, calls: int,
+    model: nn.Module,
+    paths: Sequence[str],
+    span: tuple[int, int],
+    preprocess: PreprocessConfig,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    calls: int,
     progress: Callable[[int], None] | None,
 ) -> tuple[Tensor, Tensor]:
     """This rank's images -> ((n, D) float32 embeddings, (n,) broken flags); broken rows are 0."""
     lo, hi = span
     dataset = Subset(ImageFiles(paths, preprocess), range(lo, hi))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=ImageFiles.collate, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # never draw from the global RNG
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=ImageFiles.collate,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )  # never draw from the global RNG
     out: Tensor | None = None
     broken = torch.zeros(hi - lo, dtype=torch.long, device=device)
     done = 0
     empty = torch.zeros(0, 3, preprocess.img_size, preprocess.img_size, device=device)
     for batch, index, bad in loader:
-        embeds = model.encode_image(batch.to(device, non_blocking=True)
-                                    if batch is not None else empty)
+        embeds = model.encode_image(
+            batch.to(device, non_blocking=True) if batch is not None else empty
+        )
         if out is None:
             out = torch.zeros(hi - lo, embeds.shape[1], device=device)
         out[(index - lo).to(device)] = embeds.float()
@@ -184,8 +225,13 @@ def _encode_images(
 
 
 def _encode_texts(
-    model: nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int,
-    device: torch.device, calls: int, progress: Callable[[int], None] | None,
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    calls: int,
+    progress: Callable[[int], None] | None,
 ) -> Tensor:
     chunks = []
     for call in range(calls):
@@ -212,11 +258,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     header = "             " + "".join(f"{'R@' + str(k):>8}" for k in ks)
     rows = [header]
     for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        rows.append(f"{label:13s}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}"
-                                             for k in ks))
+        rows.append(f"{label:13s}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in ks))
     line = f"average {100 * metrics['average']:.2f}"
     if "num_images" in metrics:
-        line += (f"  ({metrics['num_images']} images, {metrics['num_texts']} captions"
-                 f", {metrics.get('skipped_images', 0)} unreadable images skipped)")
+        line += (
+            f"  ({metrics['num_images']} images, {metrics['num_texts']} captions"
+            f", {metrics.get('skipped_images', 0)} unreadable images skipped)"
+        )
     rows.append(line)
     return "\n".join(rows)

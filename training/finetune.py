@@ -95,14 +95,18 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     """
     info = init_distributed(config.device)
     if config.precision == "bf16" and info.device.type != "cuda":
-        raise ConfigError("precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
-                          "here); use fp32 or auto")
+        raise ConfigError(
+            "precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
+            "here); use fp32 or auto"
+        )
     use_bf16 = info.device.type == "cuda" and config.precision in ("auto", "bf16")
     out = Path(config.output_dir)
     resume_from = resume_dir(config, out)
     if is_shard_source(config.train) and config.max_steps is None:
-        raise ConfigError(f"{config.train}: WebDataset shards have no known length; "
-                          "give the run length with --max-steps")
+        raise ConfigError(
+            f"{config.train}: WebDataset shards have no known length; "
+            "give the run length with --max-steps"
+        )
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     start = _build_start(config, info, out)
@@ -111,36 +115,65 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     # gets a gradient.
     model.beit3.vision_embed.mask_token.requires_grad_(False)
     data = TrainData(
-        config.train, tokenizer=start.tokenizer, preprocess=start.preprocess,
-        batch_size=config.batch_size, rank=info.rank, world_size=info.world_size,
-        seed=config.seed, num_workers=config.num_workers, image_column=config.image_column,
-        text_column=config.text_column, crop_scale=config.crop_scale, hflip=config.hflip,
-        shuffle_buffer=config.shuffle_buffer, pin_memory=info.device.type == "cuda",
+        config.train,
+        tokenizer=start.tokenizer,
+        preprocess=start.preprocess,
+        batch_size=config.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        image_column=config.image_column,
+        text_column=config.text_column,
+        crop_scale=config.crop_scale,
+        hflip=config.hflip,
+        shuffle_buffer=config.shuffle_buffer,
+        pin_memory=info.device.type == "cuda",
     )
-    val_records = read_pairs(config.val, config.image_column, config.text_column) \
-        if config.val else None
+    val_records = (
+        read_pairs(config.val, config.image_column, config.text_column) if config.val else None
+    )
     total_steps = config.max_steps or math.ceil(
-        config.epochs * data.batches_per_epoch / config.accum_steps)  # type: ignore[operator]
-    warmup = config.warmup_steps if config.warmup_steps is not None \
+        config.epochs * data.batches_per_epoch / config.accum_steps
+    )  # type: ignore[operator]
+    warmup = (
+        config.warmup_steps
+        if config.warmup_steps is not None
         else round(WARMUP_FRACTION * total_steps)
-    layer_decay = config.layer_decay if config.layer_decay is not None \
+    )
+    layer_decay = (
+        config.layer_decay
+        if config.layer_decay is not None
         else (LAYER_DECAY_FROM_CHECKPOINT if config.init else 1.0)
+    )
     strategy = _strategy(config, info, model.config)
     resolved = config.replace(
-        max_steps=total_steps, warmup_steps=warmup, layer_decay=layer_decay, strategy=strategy,
-        precision="bf16" if use_bf16 else "fp32", spm=config.spm if config.init is None else None,
-        max_text_len=start.preprocess.max_text_len, img_size=model.config.img_size,
+        max_steps=total_steps,
+        warmup_steps=warmup,
+        layer_decay=layer_decay,
+        strategy=strategy,
+        precision="bf16" if use_bf16 else "fp32",
+        spm=config.spm if config.init is None else None,
+        max_text_len=start.preprocess.max_text_len,
+        img_size=model.config.img_size,
         eval_batch_size=config.eval_batch_size or config.batch_size,
     )
     if info.is_main:
-        write_run_config(out, {
-            **dataclasses.asdict(resolved), "preset": start.preset,
-            "init_model_id": start.init_model_id, "world_size": info.world_size,
-            "device": str(info.device), "num_train_pairs": data.num_pairs,
-            "steps_per_epoch": data.batches_per_epoch // config.accum_steps
-            if data.batches_per_epoch else None,
-            "global_batch_size": config.batch_size * info.world_size,
-        })
+        write_run_config(
+            out,
+            {
+                **dataclasses.asdict(resolved),
+                "preset": start.preset,
+                "init_model_id": start.init_model_id,
+                "world_size": info.world_size,
+                "device": str(info.device),
+                "num_train_pairs": data.num_pairs,
+                "steps_per_epoch": data.batches_per_epoch // config.accum_steps
+                if data.batches_per_epoch
+                else None,
+                "global_batch_size": config.batch_size * info.world_size,
+            },
+        )
 
     # Resumed weights go in before wrapping (FSDP shards whatever the module holds).
     if resume_from is not None:
@@ -148,8 +181,9 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         load_state_dict_checked(model, weights, source=str(resume_from), preset=start.preset)
     model.to(info.device)
     wrapped = wrap_model(model, strategy, info)
-    optimizer = build_optimizer(model, config.replace(layer_decay=layer_decay), info.device,
-                                strategy)
+    optimizer = build_optimizer(
+        model, config.replace(layer_decay=layer_decay), info.device, strategy
+    )
     step, best = 0, {"average": -math.inf, "step": 0}
     if resume_from is not None:
         extra = restore(resume_from, model, wrapped, optimizer, strategy, info)
@@ -164,13 +198,35 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     if info.is_main:
         logger.info(
             "fine-tuning %s%s: %s pairs, %d steps from step %d, global batch %d x %d accum on "
-            "%d process(es) (%s, %s)", start.preset,
+            "%d process(es) (%s, %s)",
+            start.preset,
             f" from {config.init}" if config.init else " from scratch",
-            data.num_pairs if data.num_pairs is not None else "streamed", total_steps, step,
-            config.batch_size * info.world_size, config.accum_steps, info.world_size,
-            strategy, "bf16" if use_bf16 else "fp32")
-    loop = _Loop(config, info, start, data, wrapped, model, optimizer, strategy, use_bf16,
-                 run_log, val_records, total_steps, warmup, layer_decay, best)
+            data.num_pairs if data.num_pairs is not None else "streamed",
+            total_steps,
+            step,
+            config.batch_size * info.world_size,
+            config.accum_steps,
+            info.world_size,
+            strategy,
+            "bf16" if use_bf16 else "fp32",
+        )
+    loop = _Loop(
+        config,
+        info,
+        start,
+        data,
+        wrapped,
+        model,
+        optimizer,
+        strategy,
+        use_bf16,
+        run_log,
+        val_records,
+        total_steps,
+        warmup,
+        layer_decay,
+        best,
+    )
     try:
         loop.run(step, progress)
     finally:
@@ -179,19 +235,38 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     export_model(wrapped, strategy, start, final, info)
     barrier(info)
     if info.is_main:
-        logger.info("finished %d steps in %.1f s; skipped %d samples with unreadable images; "
-                    "final model in %s", total_steps, loop.elapsed, loop.skipped, final)
+        logger.info(
+            "finished %d steps in %.1f s; skipped %d samples with unreadable images; "
+            "final model in %s",
+            total_steps,
+            loop.elapsed,
+            loop.skipped,
+            final,
+        )
     return final
 
 
 class _Loop:
     """The training loop and its periodic duties (logging, evaluation, checkpoints)."""
 
-    def __init__(self, config: FinetuneConfig, info: DistInfo, start: Start, data: TrainData,
-                 wrapped: nn.Module, model: Beit3ForRetrieval, optimizer: torch.optim.Optimizer,
-                 strategy: str, use_bf16: bool, run_log: RunLogger,
-                 val_records: list | None, total_steps: int, warmup: int, layer_decay: float,
-                 best: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        info: DistInfo,
+        start: Start,
+        data: TrainData,
+        wrapped: nn.Module,
+        model: Beit3ForRetrieval,
+        optimizer: torch.optim.Optimizer,
+        strategy: str,
+        use_bf16: bool,
+        run_log: RunLogger,
+        val_records: list | None,
+        total_steps: int,
+        warmup: int,
+        layer_decay: float,
+        best: dict[str, Any],
+    ) -> None:
         self.config, self.info, self.start, self.data = config, info, start, data
         self.wrapped, self.model, self.optimizer = wrapped, model, optimizer
         self.strategy, self.use_bf16, self.run_log = strategy, use_bf16, run_log
@@ -216,8 +291,14 @@ class _Loop:
                 batch = next(batches)
                 last = micro == config.accum_steps - 1
                 with grad_sync(self.wrapped, self.strategy, enabled=last):
-                    loss = forward_backward(self.wrapped, self.criterion, batch, info.device,
-                                            self.use_bf16, scale=1 / config.accum_steps)
+                    loss = forward_backward(
+                        self.wrapped,
+                        self.criterion,
+                        batch,
+                        info.device,
+                        self.use_bf16,
+                        scale=1 / config.accum_steps,
+                    )
                 losses.append(loss)
                 window_samples += batch.images.shape[0]
             if self.strategy == "fsdp":
@@ -228,20 +309,27 @@ class _Loop:
 
             if step % config.log_every == 0 or step == self.total_steps:
                 loss_value = all_mean(torch.stack(losses).mean(), info)
-                samples = all_mean(torch.tensor(float(window_samples), device=info.device),
-                                   info) * info.world_size
+                samples = (
+                    all_mean(torch.tensor(float(window_samples), device=info.device), info)
+                    * info.world_size
+                )
                 now = time.monotonic()
                 self.run_log.log(
-                    step, force=True, loss=loss_value, lr=lr,
+                    step,
+                    force=True,
+                    loss=loss_value,
+                    lr=lr,
                     logit_scale=float(self.model.logit_scale.detach().float().exp()),
-                    epoch=self._epoch(), samples_per_s=samples / max(now - window_start, 1e-9),
+                    epoch=self._epoch(),
+                    samples_per_s=samples / max(now - window_start, 1e-9),
                 )
                 window_start, window_samples = now, 0
             if progress is not None and info.is_main:
                 progress(step, self.total_steps)
             if self.val_records is not None and (
-                    step == self.total_steps
-                    or (config.eval_every is not None and step % config.eval_every == 0)):
+                step == self.total_steps
+                or (config.eval_every is not None and step % config.eval_every == 0)
+            ):
                 self._evaluate(step)
             if step % config.save_every == 0 or step == self.total_steps:
                 self._save(step)
@@ -269,9 +357,14 @@ class _Loop:
         config = self.config
         eval_model = self.wrapped if self.strategy == "fsdp" else self.model
         metrics = evaluate_model(
-            eval_model, self.start.tokenizer, self.start.preprocess, self.val_records or [],
-            dist_info=self.info, batch_size=config.eval_batch_size or config.batch_size,
-            num_workers=config.num_workers, use_bf16=self.use_bf16,
+            eval_model,
+            self.start.tokenizer,
+            self.start.preprocess,
+            self.val_records or [],
+            dist_info=self.info,
+            batch_size=config.eval_batch_size or config.batch_size,
+            num_workers=config.num_workers,
+            use_bf16=self.use_bf16,
         )
         recalls = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_", "average"))}
         self.run_log.log(step, force=True, **{f"val/{k}": v for k, v in recalls.items()})
@@ -280,42 +373,69 @@ class _Loop:
             export_model(self.wrapped, self.strategy, self.start, self.out / "best", self.info)
             if self.info.is_main:
                 (self.out / "best.json").write_text(
-                    json.dumps({"step": step, **metrics}, indent=2) + "\n")
+                    json.dumps({"step": step, **metrics}, indent=2) + "\n"
+                )
                 logger.info("new best mean recall %.4f at step %d", recalls["average"], step)
 
     def _save(self, step: int) -> None:
         extra = {
-            "data": self.data.position(), "best": self.best,
+            "data": self.data.position(),
+            "best": self.best,
             "rank_rng": gather_rng_states(),
-            "batch": {"batch_size": self.config.batch_size, "world_size": self.info.world_size,
-                      "accum_steps": self.config.accum_steps},
+            "batch": {
+                "batch_size": self.config.batch_size,
+                "world_size": self.info.world_size,
+                "accum_steps": self.config.accum_steps,
+            },
             "strategy": self.strategy,
         }
         if self.strategy == "fsdp":
-            save_fsdp_state(self.out, step, self.wrapped, self.optimizer, self.start, extra,
-                             self.config.keep_checkpoints, self.info)
+            save_fsdp_state(
+                self.out,
+                step,
+                self.wrapped,
+                self.optimizer,
+                self.start,
+                extra,
+                self.config.keep_checkpoints,
+                self.info,
+            )
         elif self.info.is_main:
-            save_train_state(self.out, step, model=self.model, optimizer=self.optimizer,
-                             preset=self.start.preset, tokenizer=self.start.tokenizer,
-                             preprocess=self.start.preprocess, extra=extra,
-                             keep=self.config.keep_checkpoints)
+            save_train_state(
+                self.out,
+                step,
+                model=self.model,
+                optimizer=self.optimizer,
+                preset=self.start.preset,
+                tokenizer=self.start.tokenizer,
+                preprocess=self.start.preprocess,
+                extra=extra,
+                keep=self.config.keep_checkpoints,
+            )
         barrier(self.info)
 
 
-def build_optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device,
-                    strategy: str = "none") -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, config: FinetuneConfig, device: torch.device, strategy: str = "none"
+) -> torch.optim.AdamW:
     """AdamW over the official groups (no decay for 1-D tensors, biases, cls token, vision
     positions, logit_scale; lr scale layer_decay^(L + 1 - layer id)); fused kernels on CUDA
     (not under FSDP, whose parameters are DTensors)."""
-    groups = param_groups(model, config.weight_decay, config.layer_decay,
-                          model.config.depth)  # type: ignore[union-attr]
+    groups = param_groups(model, config.weight_decay, config.layer_decay, model.config.depth)  # type: ignore[union-attr]
     fused = device.type == "cuda" and strategy != "fsdp"
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
+    )
 
 
-def forward_backward(model: nn.Module, criterion: nn.Module, batch: PairBatch,
-                     device: torch.device, use_bf16: bool, scale: float = 1.0) -> Tensor:
+def forward_backward(
+    model: nn.Module,
+    criterion: nn.Module,
+    batch: PairBatch,
+    device: torch.device,
+    use_bf16: bool,
+    scale: float = 1.0,
+) -> Tensor:
     """One micro-batch: embed images and texts, contrastive loss, backward of ``scale x loss``.
 
     Returns:
@@ -333,11 +453,17 @@ def forward_backward(model: nn.Module, criterion: nn.Module, batch: PairBatch,
 
 def _empty_batch(img_size: int) -> PairBatch:
     ids = torch.full((0, 2), PAD_ID, dtype=torch.long)
-    return PairBatch(torch.zeros(0, 3, img_size, img_size), ids, ids.eq(PAD_ID),
-                     torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    return PairBatch(
+        torch.zeros(0, 3, img_size, img_size),
+        ids,
+        ids.eq(PAD_ID),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+    )
 
 
 # Setup -------------------------------------------------------------------------------------
+
 
 def _strategy(config: FinetuneConfig, info: DistInfo, model_config: Beit3Config) -> str:
     if info.world_size == 1:
@@ -347,8 +473,10 @@ def _strategy(config: FinetuneConfig, info: DistInfo, model_config: Beit3Config)
     if config.strategy == "auto":
         return "fsdp" if model_config.depth >= 24 else "ddp"
     if config.strategy == "none":
-        raise ConfigError(f"strategy none trains one process, but {info.world_size} were "
-                          "started; use ddp, fsdp or auto")
+        raise ConfigError(
+            f"strategy none trains one process, but {info.world_size} were "
+            "started; use ddp, fsdp or auto"
+        )
     return config.strategy
 
 
@@ -367,8 +495,9 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
             preprocess = dataclasses.replace(preprocess, max_text_len=config.max_text_len)
             tokenizer = TextTokenizer(tokenizer.path, max_len=config.max_text_len)
         base = get_preset(ckpt.preset)
-        export = ckpt.config.replace(drop_path_rate=base.drop_path_rate,
-                                     use_checkpoint=base.use_checkpoint)
+        export = ckpt.config.replace(
+            drop_path_rate=base.drop_path_rate, use_checkpoint=base.use_checkpoint
+        )
         model = ckpt.model.train()
         return Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)  # type: ignore[arg-type]
     assert config.preset is not None
@@ -380,8 +509,9 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
         overrides["img_size"] = config.img_size
     model = create_model(config.preset, **overrides, **knobs)
     base = get_preset(config.preset)
-    export = model.config.replace(drop_path_rate=base.drop_path_rate,
-                                  use_checkpoint=base.use_checkpoint)
+    export = model.config.replace(
+        drop_path_rate=base.drop_path_rate, use_checkpoint=base.use_checkpoint
+    )
     preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
     return Start(model, tokenizer, preprocess, config.preset, None, export)  # type: ignore[arg-type]
 
@@ -393,9 +523,13 @@ def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
         started = time.monotonic()
         # The first 2M captions are plenty (and spare a full pass over large shard sets).
         texts = itertools.islice(
-            read_source_texts(config.train, config.image_column, config.text_column), 2_000_000)
+            read_source_texts(config.train, config.image_column, config.text_column), 2_000_000
+        )
         train_sentencepiece(texts, path, vocab_size=config.spm_vocab_size)
-        logger.info("trained a sentencepiece tokenizer on the training captions (%.1f s): %s",
-                    time.monotonic() - started, path)
+        logger.info(
+            "trained a sentencepiece tokenizer on the training captions (%.1f s): %s",
+            time.monotonic() - started,
+            path,
+        )
     barrier(info)
     return path

@@ -33,8 +33,9 @@ class ClipLoss(nn.Module):
         dist_info: a :class:`beit3.runtime.DistInfo` instead of rank / world_size.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1,
-                 dist_info: DistInfo | None = None) -> None:
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, dist_info: DistInfo | None = None
+    ) -> None:
         super().__init__()
         if dist_info is not None:
             rank, world_size = dist_info.rank, dist_info.world_size
@@ -75,8 +76,10 @@ class ClipLoss(nn.Module):
         labels = torch.arange(local, device=image_embeds.device) + offset
         logits_per_image = scale * image_embeds @ all_texts.T  # (B, B_global)
         logits_per_text = scale * text_embeds @ all_images.T  # (B, B_global)
-        loss = (F.cross_entropy(logits_per_image, labels, reduction="sum")
-                + F.cross_entropy(logits_per_text, labels, reduction="sum")) / 2
+        loss = (
+            F.cross_entropy(logits_per_image, labels, reduction="sum")
+            + F.cross_entropy(logits_per_text, labels, reduction="sum")
+        ) / 2
         return loss / mean_batch
 
 
@@ -95,6 +98,5 @@ def _gather_ragged(x: Tensor, sizes: list[int]) -> Tensor:
         return gather_features(x)
     padded = F.pad(x, (0, 0, 0, largest - x.shape[0]))  # (B_max, D)
     gathered = gather_features(padded)  # (world * B_max, D), rank-major
-    keep = torch.cat([torch.arange(n, device=x.device) + r * largest
-                      for r, n in enumerate(sizes)])
+    keep = torch.cat([torch.arange(n, device=x.device) + r * largest for r, n in enumerate(sizes)])
     return gathered.index_select(0, keep)

@@ -47,8 +47,14 @@ def recall_at_k(
     """
     scores = scores.float()
     return _recall(
-        lambda a, b: scores[a:b], lambda a, b: scores[:, a:b].T,
-        scores.shape[0], scores.shape[1], text_to_image, ks, block_size, scores.device,
+        lambda a, b: scores[a:b],
+        lambda a, b: scores[:, a:b].T,
+        scores.shape[0],
+        scores.shape[1],
+        text_to_image,
+        ks,
+        block_size,
+        scores.device,
     )
 
 
@@ -70,7 +76,11 @@ def retrieval_recall(
     return _recall(
         lambda a, b: image_embeds[a:b] @ text_embeds.T,  # (b - a, N_txt)
         lambda a, b: text_embeds[a:b] @ image_embeds.T,  # (b - a, N_img)
-        image_embeds.shape[0], text_embeds.shape[0], text_to_image, ks, block_size,
+        image_embeds.shape[0],
+        text_embeds.shape[0],
+        text_to_image,
+        ks,
+        block_size,
         image_embeds.device,
     )
 
@@ -99,12 +109,22 @@ def _recall(
         "text_to_image holds an index outside the images"
     )
     ks = sorted(set(int(k) for k in ks))
-    i2t_ranks = torch.cat([_image_to_text_ranks(image_rows(a, min(a + block_size, num_images)),
-                                                a, owner)
-                           for a in range(0, num_images, block_size)] or [owner.new_empty(0)])
-    t2i_ranks = torch.cat([_text_to_image_ranks(text_rows(a, min(a + block_size, num_texts)),
-                                                owner[a:a + block_size])
-                           for a in range(0, num_texts, block_size)] or [owner.new_empty(0)])
+    i2t_ranks = torch.cat(
+        [
+            _image_to_text_ranks(image_rows(a, min(a + block_size, num_images)), a, owner)
+            for a in range(0, num_images, block_size)
+        ]
+        or [owner.new_empty(0)]
+    )
+    t2i_ranks = torch.cat(
+        [
+            _text_to_image_ranks(
+                text_rows(a, min(a + block_size, num_texts)), owner[a : a + block_size]
+            )
+            for a in range(0, num_texts, block_size)
+        ]
+        or [owner.new_empty(0)]
+    )
     i2t_ranks = i2t_ranks[i2t_ranks >= 0]  # -1: an image without captions
     metrics: dict[str, float] = {}
     for k in ks:

@@ -30,8 +30,16 @@ from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
 from training.distributed import barrier, full_state_dict
 
-__all__ = ["Start", "check_same_batches", "export_model", "read_weights", "restore", "resume_dir",
-           "save_fsdp_state", "truncate_metrics"]
+__all__ = [
+    "Start",
+    "check_same_batches",
+    "export_model",
+    "read_weights",
+    "restore",
+    "resume_dir",
+    "save_fsdp_state",
+    "truncate_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +76,10 @@ def resume_dir(config: FinetuneConfig, out: Path) -> Path | None:
         return latest
     path = Path(config.resume)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
-                          f"use 'latest' or a directory under {out / 'checkpoints'}")
+        raise ConfigError(
+            f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
+            f"use 'latest' or a directory under {out / 'checkpoints'}"
+        )
     return path
 
 
@@ -79,15 +89,23 @@ def read_weights(step_dir: Path) -> dict[str, Tensor]:
     return load_file(str(step_dir / "model.safetensors"))
 
 
-def restore(step_dir: Path, model: nn.Module, wrapped: nn.Module,
-             optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo) -> dict[str, Any]:
+def restore(
+    step_dir: Path,
+    model: nn.Module,
+    wrapped: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy: str,
+    info: DistInfo,
+) -> dict[str, Any]:
     """Optimizer, step, RNG and the saved extras of a step directory (weights are in already)."""
     saved = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
     extra = saved.get("extra", {})
     saved_strategy = extra.get("strategy", "none")
     if (saved_strategy == "fsdp") != (strategy == "fsdp"):
-        raise ConfigError(f"{step_dir} was written by a {saved_strategy} run; resume it with "
-                          f"the same strategy (this run: {strategy})")
+        raise ConfigError(
+            f"{step_dir} was written by a {saved_strategy} run; resume it with "
+            f"the same strategy (this run: {strategy})"
+        )
     if strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
@@ -103,15 +121,22 @@ def restore(step_dir: Path, model: nn.Module, wrapped: nn.Module,
     rng = extra.get("rank_rng") or []
     if len(rng) == info.world_size:
         set_rank_rng_state(rng, info.rank)
-    return {**extra, "step": int(saved["step"]),
-            "best": extra.get("best", {"average": -math.inf, "step": 0})}
+    return {
+        **extra,
+        "step": int(saved["step"]),
+        "best": extra.get("best", {"average": -math.inf, "step": 0}),
+    }
 
 
-def check_same_batches(extra: dict[str, Any], config: FinetuneConfig, info: DistInfo,
-                        step_dir: Path) -> None:
+def check_same_batches(
+    extra: dict[str, Any], config: FinetuneConfig, info: DistInfo, step_dir: Path
+) -> None:
     saved = extra.get("batch", {})
-    now = {"batch_size": config.batch_size, "world_size": info.world_size,
-           "accum_steps": config.accum_steps}
+    now = {
+        "batch_size": config.batch_size,
+        "world_size": info.world_size,
+        "accum_steps": config.accum_steps,
+    }
     if saved and saved != now:
         raise ConfigError(
             f"{step_dir} was trained with {saved}, this run has {now}; the data position "
@@ -124,27 +149,41 @@ def truncate_metrics(out: Path, step: int) -> None:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def export_model(wrapped: nn.Module, strategy: str, start: Start, path: Path,
-            info: DistInfo) -> None:
+def export_model(
+    wrapped: nn.Module, strategy: str, start: Start, path: Path, info: DistInfo
+) -> None:
     """Write the model as a plain checkpoint directory (collective under FSDP)."""
     state = full_state_dict(wrapped, strategy)
     if info.is_main:
         with torch.device("meta"):
             clean = Beit3ForRetrieval(start.export_config)
-        load_state_dict_checked(clean, state, source="the trained model", preset=start.preset,
-                                assign=True)
-        save_checkpoint(clean, path, preset=start.preset, tokenizer=start.tokenizer,
-                        preprocess=start.preprocess)
+        load_state_dict_checked(
+            clean, state, source="the trained model", preset=start.preset, assign=True
+        )
+        save_checkpoint(
+            clean, path, preset=start.preset, tokenizer=start.tokenizer, preprocess=start.preprocess
+        )
     barrier(info)
 
 
-def save_fsdp_state(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                     start: Start, extra: dict[str, Any], keep: int, info: DistInfo) -> None:
+def save_fsdp_state(
+    out: Path,
+    step: int,
+    wrapped: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    start: Start,
+    extra: dict[str, Any],
+    keep: int,
+    info: DistInfo,
+) -> None:
     """FSDP version of ``beit3.runtime.save_train_state``: same layout, the optimizer state
     sharded in ``optimizer-dcp/`` (each rank writes its shard); ``trainer_state.pt`` last."""
     import torch.distributed.checkpoint as dcp
@@ -152,18 +191,19 @@ def save_fsdp_state(out: Path, step: int, wrapped: nn.Module, optimizer: torch.o
 
     directory = out / "checkpoints" / f"step-{step:08d}"
     export_model(wrapped, "fsdp", start, directory, info)
-    dcp.save({"optimizer": get_optimizer_state_dict(wrapped, optimizer)},
-             checkpoint_id=str(directory / OPTIMIZER_DIR))
+    dcp.save(
+        {"optimizer": get_optimizer_state_dict(wrapped, optimizer)},
+        checkpoint_id=str(directory / OPTIMIZER_DIR),
+    )
     barrier(info)
     if info.is_main:
-        state = {"step": step, "optimizer": None, "rng": None, "extra": extra,
-                 "time": time.time()}
+        state = {"step": step, "optimizer": None, "rng": None, "extra": extra, "time": time.time()}
         tmp = directory / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.rename(directory / STATE_FILE)
-        complete = sorted(p for p in (out / "checkpoints").glob("step-*")
-                          if (p / STATE_FILE).is_file())
+        complete = sorted(
+            p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()
+        )
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved training state at step %d to %s", step, directory)
-

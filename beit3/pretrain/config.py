@@ -111,13 +111,25 @@ class PretrainConfig:
         for name in ("pair_data", "text_data", "image_data", "crop_scale", "betas"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
-        for name in ("text_mask_ratio", "pair_text_mask_ratio", "image_mask_ratio",
-                     "pair_image_mask_ratio", "hflip"):
+        for name in (
+            "text_mask_ratio",
+            "pair_text_mask_ratio",
+            "image_mask_ratio",
+            "pair_image_mask_ratio",
+            "hflip",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {value}")
-        for name in ("text_batch_size", "image_batch_size", "pair_batch_size", "num_workers",
-                     "warmup_steps", "keep_checkpoints", "seed"):
+        for name in (
+            "text_batch_size",
+            "image_batch_size",
+            "pair_batch_size",
+            "num_workers",
+            "warmup_steps",
+            "keep_checkpoints",
+            "seed",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_steps", "log_every", "save_every", "min_mask_block"):
@@ -125,11 +137,13 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("text_max_len", "pair_max_len"):
             if getattr(self, name) < 3:
-                raise ConfigError(f"{name} must be >= 3 (<s>, a token, </s>), got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(
+                    f"{name} must be >= 3 (<s>, a token, </s>), got {getattr(self, name)}"
+                )
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, "
-                              f"min_lr {self.min_lr}")
+            raise ConfigError(
+                f"need 0 <= min_lr <= lr and lr > 0, got lr {self.lr}, min_lr {self.min_lr}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.sharding not in ("auto", "ddp", "fsdp"):
@@ -137,8 +151,10 @@ class PretrainConfig:
         if self.text_batch_size + self.image_batch_size + self.pair_batch_size == 0:
             raise ConfigError("every batch size is 0: nothing to train on")
         if not (self.pair_data or self.text_data or self.image_data):
-            raise ConfigError("no training data: give pair_data (--pairs), text_data (--texts) "
-                              "or image_data (--images)")
+            raise ConfigError(
+                "no training data: give pair_data (--pairs), text_data (--texts) "
+                "or image_data (--images)"
+            )
         if self.resume is not None and self.resume != "latest" and not self.resume:
             raise ConfigError("resume must be 'latest' or a step directory")
 

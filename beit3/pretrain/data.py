@@ -38,8 +38,17 @@ from beit3.masking import IGNORE_INDEX, BlockMasking, compact_positions, mask_te
 from beit3.tokenizer import PAD_ID, TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform, load_image
 
-__all__ = ["KINDS", "BatchMasker", "BatchStream", "ImageDataset", "KeyedDataset", "MaskedBatch",
-           "build_streams", "list_images", "max_masked"]
+__all__ = [
+    "KINDS",
+    "BatchMasker",
+    "BatchStream",
+    "ImageDataset",
+    "KeyedDataset",
+    "MaskedBatch",
+    "build_streams",
+    "list_images",
+    "max_masked",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +75,9 @@ class MaskedBatch(NamedTuple):
     index: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedBatch:
-        return MaskedBatch(*(t.to(device, non_blocking=non_blocking) if t is not None else None
-                             for t in self))
+        return MaskedBatch(
+            *(t.to(device, non_blocking=non_blocking) if t is not None else None for t in self)
+        )
 
     def pin_memory(self) -> MaskedBatch:
         return MaskedBatch(*(t.pin_memory() if t is not None else None for t in self))
@@ -120,12 +130,22 @@ class BatchMasker:
                 image_positions, _ = compact_positions(image_mask)
         if self.kind != "image":
             text_ids, padding_mask, text_positions, text_targets = self._mask_texts(
-                [s["text_ids"] for s in kept], rngs)
-        return MaskedBatch(images, text_ids, padding_mask, image_mask, text_positions,
-                           text_targets, image_positions, index)
+                [s["text_ids"] for s in kept], rngs
+            )
+        return MaskedBatch(
+            images,
+            text_ids,
+            padding_mask,
+            image_mask,
+            text_positions,
+            text_targets,
+            image_positions,
+            index,
+        )
 
-    def _mask_texts(self, texts: list[list[int]], rngs: list[np.random.Generator]
-                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _mask_texts(
+        self, texts: list[list[int]], rngs: list[np.random.Generator]
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         length = max(len(t) for t in texts)
         if self.pad_to is not None:
             length = max(length, self.pad_to)
@@ -139,13 +159,20 @@ class BatchMasker:
         chosen = np.zeros(ids.shape, dtype=bool)
         for row, rng in enumerate(rngs):
             inputs[row], chosen[row] = mask_text_row(
-                ids[row], self.text_ratio, self.mask_id, rng, random_ratio=0.1 if self.bert else 0,
-                keep_ratio=0.1 if self.bert else 0, random_range=self.random_range)
+                ids[row],
+                self.text_ratio,
+                self.mask_id,
+                rng,
+                random_ratio=0.1 if self.bert else 0,
+                keep_ratio=0.1 if self.bert else 0,
+                random_range=self.random_range,
+            )
         positions, valid = compact_positions(torch.from_numpy(chosen))
         if self.text_slots is not None:
             if positions.shape[1] > self.text_slots:
-                raise ConfigError(f"{positions.shape[1]} masked tokens exceed the {self.text_slots} "
-                                  "static slots")
+                raise ConfigError(
+                    f"{positions.shape[1]} masked tokens exceed the {self.text_slots} static slots"
+                )
             extra = self.text_slots - positions.shape[1]
             positions = torch.nn.functional.pad(positions, (0, extra))
             valid = torch.nn.functional.pad(valid, (0, extra))
@@ -160,6 +187,7 @@ def max_masked(length: int, ratio: float) -> int:
 
 
 # Datasets ------------------------------------------------------------------------------------
+
 
 class ImageDataset(Dataset):
     """Images only (the image-only stream): decodes and transforms one image; None if broken."""
@@ -187,8 +215,9 @@ class ImageDataset(Dataset):
 class KeyedDataset(Dataset):
     """Looks samples up by (epoch, index) and seeds the crop per sample."""
 
-    def __init__(self, base: Dataset, transform: TrainImageTransform | None, seed: int,
-                 kind: str) -> None:
+    def __init__(
+        self, base: Dataset, transform: TrainImageTransform | None, seed: int, kind: str
+    ) -> None:
         self.base, self.transform, self.seed, self.kind = base, transform, seed, kind
 
     def __len__(self) -> int:
@@ -222,10 +251,21 @@ class _KeyedSampler(Sampler[tuple[int, int]]):
 class _KeyedShards(IterableDataset):
     """WebDataset samples keyed by (epoch, rank, worker, counter); crops seeded per worker."""
 
-    def __init__(self, base: WebDatasetPairs, transform: TrainImageTransform, seed: int,
-                 kind: str, epoch: int) -> None:
+    def __init__(
+        self,
+        base: WebDatasetPairs,
+        transform: TrainImageTransform,
+        seed: int,
+        kind: str,
+        epoch: int,
+    ) -> None:
         self.base, self.transform, self.seed, self.kind, self.epoch = (
-            base, transform, seed, kind, epoch)
+            base,
+            transform,
+            seed,
+            kind,
+            epoch,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = get_worker_info()
@@ -239,6 +279,7 @@ class _KeyedShards(IterableDataset):
 
 # Streams -------------------------------------------------------------------------------------
 
+
 class BatchStream:
     """Endless batches of one kind, resumable at (epoch, position in this rank's shard).
 
@@ -251,9 +292,19 @@ class BatchStream:
         pin_memory: pin batches (CUDA).
     """
 
-    def __init__(self, dataset: Dataset | WebDatasetPairs, batch_size: int, collate: BatchMasker,
-                 *, rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, transform: TrainImageTransform | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset | WebDatasetPairs,
+        batch_size: int,
+        collate: BatchMasker,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        transform: TrainImageTransform | None = None,
+    ) -> None:
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.seed, self.transform = seed, transform
@@ -267,24 +318,36 @@ class BatchStream:
                 raise InputDataError(
                     f"the {collate.kind} stream has {len(dataset)} samples "  # type: ignore[arg-type]
                     f"({self.sampler.num_samples} per process), fewer than its batch size "
-                    f"{batch_size}; lower {collate.kind}_batch_size or add data")
+                    f"{batch_size}; lower {collate.kind}_batch_size or add data"
+                )
         self._iter: Iterator[MaskedBatch | None] | None = None
         self._loader: DataLoader | None = None
 
     def _open(self) -> Iterator[MaskedBatch | None]:
         # Its own generator: a loader draws a base seed per iterator, which must not advance the
         # global RNG (drop path), or a resumed run would diverge from an uninterrupted one.
-        common = {"batch_size": self.batch_size, "collate_fn": self.collate, "drop_last": True,
-                  "num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "generator": torch.Generator().manual_seed(self.seed)}
+        common = {
+            "batch_size": self.batch_size,
+            "collate_fn": self.collate,
+            "drop_last": True,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
         if self.streaming:
             assert self.transform is not None, "streaming needs the transform to seed"
-            source = _KeyedShards(self.dataset, self.transform, self.seed,  # type: ignore[arg-type]
-                                  self.collate.kind, self.epoch)
+            source = _KeyedShards(
+                self.dataset,
+                self.transform,
+                self.seed,  # type: ignore[arg-type]
+                self.collate.kind,
+                self.epoch,
+            )
             iterator = iter(DataLoader(source, **common))
             if self.position:
-                logger.info("%s stream: skipping %d samples to resume", self.collate.kind,
-                            self.position)
+                logger.info(
+                    "%s stream: skipping %d samples to resume", self.collate.kind, self.position
+                )
             for _ in range(self.position // self.batch_size):
                 next(iterator, None)
             return iterator
@@ -293,8 +356,12 @@ class BatchStream:
         if self._loader is None:
             # One loader for the whole run: its workers persist across epochs, and the sampler
             # (iterated in this process) is moved to the next epoch / resume point in between.
-            self._loader = DataLoader(self.dataset, sampler=_KeyedSampler(self.sampler),
-                                      persistent_workers=self.num_workers > 0, **common)
+            self._loader = DataLoader(
+                self.dataset,
+                sampler=_KeyedSampler(self.sampler),
+                persistent_workers=self.num_workers > 0,
+                **common,
+            )
         return iter(self._loader)
 
     def __iter__(self) -> BatchStream:
@@ -305,7 +372,8 @@ class BatchStream:
         while True:
             if self._iter is None:
                 if self.sampler is not None and (
-                        self.sampler.num_samples - self.position < self.batch_size):
+                    self.sampler.num_samples - self.position < self.batch_size
+                ):
                     self.epoch, self.position = self.epoch + 1, 0
                 self._iter = self._open()
             try:
@@ -314,8 +382,10 @@ class BatchStream:
                 if self.position == 0:
                     empty_epochs += 1
                     if empty_epochs > 1:
-                        raise InputDataError(f"the {self.collate.kind} stream yields no full "
-                                             "batch (too few readable samples)") from None
+                        raise InputDataError(
+                            f"the {self.collate.kind} stream yields no full "
+                            "batch (too few readable samples)"
+                        ) from None
                 self._iter = None
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
@@ -333,6 +403,7 @@ class BatchStream:
 
 # Building the streams from a config ------------------------------------------------------------
 
+
 def _is_shards(source: str) -> bool:
     path = Path(source)
     if "{" in source or path.suffix.lower() == ".tar":
@@ -343,17 +414,26 @@ def _is_shards(source: str) -> bool:
 def list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir() and not any(path.glob("*.txt")):
-        images = sorted(str(p.resolve()) for p in path.rglob("*")
-                        if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = sorted(
+            str(p.resolve()) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not images:
             raise InputDataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return images
     return list(dict.fromkeys(r.image for r in read_pairs(source)))
 
 
-def build_streams(config: Any, spm: str | Path, *, img_size: int, grid_size: int,
-                  use_images: bool, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> dict[str, BatchStream]:
+def build_streams(
+    config: Any,
+    spm: str | Path,
+    *,
+    img_size: int,
+    grid_size: int,
+    use_images: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> dict[str, BatchStream]:
     """The active streams of a :class:`~beit3.pretrain.config.PretrainConfig`, by kind.
 
     A kind is active when its batch size is > 0 and it has data (texts default to the pair
@@ -366,39 +446,59 @@ def build_streams(config: Any, spm: str | Path, *, img_size: int, grid_size: int
     random_range = (4, pair_tok.num_pieces + 1)
 
     def transform() -> TrainImageTransform:
-        return TrainImageTransform(preprocess, scale=config.crop_scale, hflip=config.hflip,
-                                   rng=random.Random(config.seed))
+        return TrainImageTransform(
+            preprocess, scale=config.crop_scale, hflip=config.hflip, rng=random.Random(config.seed)
+        )
 
     def masker(kind: str, text_ratio: float, image_ratio: float, max_len: int) -> BatchMasker:
-        masking = BlockMasking(grid_size, image_ratio, min_block=config.min_mask_block) \
-            if kind != "text" else None
-        return BatchMasker(kind, config.seed, pair_tok.mask_id, text_ratio, masking,
-                           config.bert_masking, random_range, pad_to=max_len if static else None,
-                           text_slots=max_masked(max_len, text_ratio) if static and text_ratio
-                           else None)
+        masking = (
+            BlockMasking(grid_size, image_ratio, min_block=config.min_mask_block)
+            if kind != "text"
+            else None
+        )
+        return BatchMasker(
+            kind,
+            config.seed,
+            pair_tok.mask_id,
+            text_ratio,
+            masking,
+            config.bert_masking,
+            random_range,
+            pad_to=max_len if static else None,
+            text_slots=max_masked(max_len, text_ratio) if static and text_ratio else None,
+        )
 
     shards = [s for s in config.pair_data if _is_shards(s)]
     manifests = [s for s in config.pair_data if not _is_shards(s)]
     if shards and manifests:
-        raise ConfigError("pair_data mixes WebDataset shards and manifests/folders; convert one "
-                          "kind or run them as separate stages")
+        raise ConfigError(
+            "pair_data mixes WebDataset shards and manifests/folders; convert one "
+            "kind or run them as separate stages"
+        )
     records: list[PairRecord] = []
     for source in manifests:
         records.extend(read_pairs(source, config.image_column, config.text_column))
     shard_paths = [p for s in shards for p in expand_shards(s)]
 
     streams: dict[str, BatchStream] = {}
-    common = {"rank": rank, "world_size": world_size, "seed": config.seed,
-              "num_workers": config.num_workers, "pin_memory": pin_memory}
+    common = {
+        "rank": rank,
+        "world_size": world_size,
+        "seed": config.seed,
+        "num_workers": config.num_workers,
+        "pin_memory": pin_memory,
+    }
 
     if config.pair_batch_size and use_images and (records or shard_paths):
         t = transform()
-        collate = masker("pair", config.pair_text_mask_ratio, config.pair_image_mask_ratio,
-                         config.pair_max_len)
+        collate = masker(
+            "pair", config.pair_text_mask_ratio, config.pair_image_mask_ratio, config.pair_max_len
+        )
         if shard_paths:
             data = WebDatasetPairs(shard_paths, t, pair_tok, rank, world_size)
-            streams["pair"] = BatchStream(data, config.pair_batch_size, collate, transform=t,
-                                          **common)
+            streams["pair"] = BatchStream(
+                data, config.pair_batch_size, collate, transform=t, **common
+            )
         else:
             data = KeyedDataset(PairDataset(records, t, pair_tok), t, config.seed, "pair")
             streams["pair"] = BatchStream(data, config.pair_batch_size, collate, **common)
@@ -416,8 +516,9 @@ def build_streams(config: Any, spm: str | Path, *, img_size: int, grid_size: int
             streams["image"] = BatchStream(data, config.image_batch_size, collate, **common)
         elif shard_paths:
             data = WebDatasetPairs(shard_paths, t, pair_tok, rank, world_size)
-            streams["image"] = BatchStream(data, config.image_batch_size, collate, transform=t,
-                                           **common)
+            streams["image"] = BatchStream(
+                data, config.image_batch_size, collate, transform=t, **common
+            )
 
     if config.text_batch_size:
         texts: list[str] = []
@@ -430,9 +531,13 @@ def build_streams(config: Any, spm: str | Path, *, img_size: int, grid_size: int
             data = KeyedDataset(TextLineDataset(texts, text_tok), None, config.seed, "text")
             streams["text"] = BatchStream(data, config.text_batch_size, collate, **common)
         elif shard_paths:
-            logger.warning("no text-only data: the captions of WebDataset shards are not reused "
-                           "as a text stream; pass text_data (--texts) for masked LM on texts")
+            logger.warning(
+                "no text-only data: the captions of WebDataset shards are not reused "
+                "as a text stream; pass text_data (--texts) for masked LM on texts"
+            )
     if not streams:
-        raise ConfigError("no active data stream: check the data sources and batch sizes "
-                          "(images also need a visual tokenizer)")
+        raise ConfigError(
+            "no active data stream: check the data sources and batch sizes "
+            "(images also need a visual tokenizer)"
+        )
     return streams

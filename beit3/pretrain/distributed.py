@@ -20,8 +20,14 @@ from torch import Tensor, nn
 from beit3.pretrain.data import MaskedBatch
 from beit3.pretrain.model import Beit3ForPretraining, PretrainingOutput
 
-__all__ = ["StepModule", "all_reduce_sum", "full_model_state", "full_state", "load_optimizer_state",
-           "wrap_model"]
+__all__ = [
+    "StepModule",
+    "all_reduce_sum",
+    "full_model_state",
+    "full_state",
+    "load_optimizer_state",
+    "wrap_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +41,14 @@ class StepModule(nn.Module):
 
     def forward(self, batches: Mapping[str, MaskedBatch]) -> dict[str, PretrainingOutput]:
         return {
-            kind: self.model(images=b.images, text_ids=b.text_ids, padding_mask=b.padding_mask,
-                             image_mask=b.image_mask, text_positions=b.text_positions,
-                             image_positions=b.image_positions)
+            kind: self.model(
+                images=b.images,
+                text_ids=b.text_ids,
+                padding_mask=b.padding_mask,
+                image_mask=b.image_mask,
+                text_positions=b.text_positions,
+                image_positions=b.image_positions,
+            )
             for kind, b in batches.items()
         }
 
@@ -62,8 +73,9 @@ def shard_fsdp(model: Beit3ForPretraining) -> None:
     fully_shard(model)
 
 
-def wrap_model(model: Beit3ForPretraining, sharding: str, device: torch.device,
-               find_unused: bool) -> nn.Module:
+def wrap_model(
+    model: Beit3ForPretraining, sharding: str, device: torch.device, find_unused: bool
+) -> nn.Module:
     """The module to call each step: StepModule, wrapped in DDP when distributed with ``ddp``
     (FSDP shards ``model`` in place before the optimizer is built; see :func:`shard_fsdp`)."""
     step = StepModule(model)
@@ -72,13 +84,17 @@ def wrap_model(model: Beit3ForPretraining, sharding: str, device: torch.device,
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(
-        step, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused, gradient_as_bucket_view=True,
-        broadcast_buffers=False)
+        step,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+    )
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer
-               ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Full CPU state dicts of model and optimizer (a collective under FSDP: call on all ranks;
     the result is complete on rank 0)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -88,28 +104,33 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """Full CPU model state dict (a collective under FSDP; complete on rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                         step_dir: str | Path) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step_dir: str | Path
+) -> None:
     """Restore the optimizer state saved by the training loop (parameter names as keys)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     from beit3.runtime import STATE_FILE
 
     saved = torch.load(Path(step_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
 
 
 class StateDictHolder:

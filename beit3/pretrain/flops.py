@@ -36,8 +36,12 @@ def encoder_flops(dim: int, ffn: int, depth: int, tokens: int) -> float:
     return depth * (tokens * per_token + 4 * tokens * tokens * dim)
 
 
-def step_flops(cfg: Beit3Config, streams: dict[str, StreamShape], codebook_size: int,
-               vocab_size: int | None = None) -> dict[str, float]:
+def step_flops(
+    cfg: Beit3Config,
+    streams: dict[str, StreamShape],
+    codebook_size: int,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
     """Training FLOPs (forward + backward) of one step, per kind of batch."""
     vocab = vocab_size or cfg.vocab_size
     out = {}
@@ -54,9 +58,15 @@ def step_flops(cfg: Beit3Config, streams: dict[str, StreamShape], codebook_size:
 def vqkd_encode_flops(cfg: VqkdConfig, images: int) -> float:
     """Forward FLOPs of ``VQKD.encode`` for ``images`` images (encoder, task layer, lookup)."""
     tokens = cfg.num_patches + 1
-    per_image = encoder_flops(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.depth,
-                              tokens)
+    per_image = encoder_flops(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.depth, tokens)
     per_image += 2 * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim * cfg.num_patches
-    per_image += cfg.num_patches * 2 * (cfg.embed_dim**2 + cfg.embed_dim * cfg.codebook_dim
-                                        + cfg.codebook_dim * cfg.codebook_size)
+    per_image += (
+        cfg.num_patches
+        * 2
+        * (
+            cfg.embed_dim**2
+            + cfg.embed_dim * cfg.codebook_dim
+            + cfg.codebook_dim * cfg.codebook_size
+        )
+    )
     return float(images * per_image)

@@ -43,8 +43,9 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor) -> MaskedStats:
     """
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_targets = targets.reshape(-1)
-    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+    loss_sum = F.cross_entropy(
+        flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     with torch.no_grad():
         valid = flat_targets != IGNORE_INDEX
         count = valid.sum().float()
@@ -60,8 +61,9 @@ class MaskedModelingLoss(nn.Module):
             pair weight applies to both the pair's MLM and MIM part).
     """
 
-    def __init__(self, text_weight: float = 1.0, image_weight: float = 1.0,
-                 pair_weight: float = 1.0) -> None:
+    def __init__(
+        self, text_weight: float = 1.0, image_weight: float = 1.0, pair_weight: float = 1.0
+    ) -> None:
         super().__init__()
         self.weights = {"text": text_weight, "image": image_weight, "pair": pair_weight}
         if any(w < 0 for w in self.weights.values()):

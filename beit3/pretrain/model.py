@@ -87,8 +87,9 @@ class Beit3ForPretraining(nn.Module):
         Returns:
             :class:`PretrainingOutput` with logits in the autocast dtype.
         """
-        out = self.beit3(images=images, text_ids=text_ids, padding_mask=padding_mask,
-                         image_mask=image_mask)
+        out = self.beit3(
+            images=images, text_ids=text_ids, padding_mask=padding_mask, image_mask=image_mask
+        )
         hidden, num_vision = out.hidden_states, out.num_vision_tokens
         mlm = mim = None
         if text_positions is not None:

@@ -55,8 +55,16 @@ from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from beit3.vqkd import VQKD, load_vqkd
 
-__all__ = ["PretrainResult", "StepOutput", "build_optimizer", "compile_layers", "load_pretrained",
-           "model_config", "pretrain", "train_step"]
+__all__ = [
+    "PretrainResult",
+    "StepOutput",
+    "build_optimizer",
+    "compile_layers",
+    "load_pretrained",
+    "model_config",
+    "pretrain",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +87,26 @@ def _resolve_tokenizer(config: PretrainConfig) -> Path:
         return Path(config.tokenizer)
     if config.init_from and (Path(config.init_from) / "tokenizer").is_dir():
         return Path(config.init_from) / "tokenizer"
-    raise ConfigError("pretraining needs a text tokenizer: pass tokenizer (--tokenizer, a "
-                      "sentencepiece model; 'beit3 tokenizer train-text' makes one) or init_from")
+    raise ConfigError(
+        "pretraining needs a text tokenizer: pass tokenizer (--tokenizer, a "
+        "sentencepiece model; 'beit3 tokenizer train-text' makes one) or init_from"
+    )
 
 
 def _needs_images(config: PretrainConfig) -> bool:
-    return bool((config.pair_data and config.pair_batch_size)
-                or (config.image_data and config.image_batch_size))
+    return bool(
+        (config.pair_data and config.pair_batch_size)
+        or (config.image_data and config.image_batch_size)
+    )
 
 
 def model_config(config: PretrainConfig) -> Beit3Config:
     """The backbone config of a run: its preset, overrides, drop path and checkpointing."""
-    overrides = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint,
-                 **config.model_overrides}
+    overrides = {
+        "drop_path_rate": config.drop_path_rate,
+        "use_checkpoint": config.use_checkpoint,
+        **config.model_overrides,
+    }
     return create_config(config.preset, **overrides)
 
 
@@ -102,10 +117,18 @@ def _load_init(model: Beit3ForPretraining, path: Path) -> None:
     meta = read_checkpoint_config(path)
     own = model.state_dict()
     state = load_file(str(path / "model.safetensors"))
-    keep = {k: v for k, v in state.items()
-            if k.startswith("beit3.") or (k in own and own[k].shape == v.shape)}
-    load_state_dict_checked(model, keep, source=str(path), preset=meta["preset"],
-                            allow_missing=lambda k: not k.startswith("beit3."))
+    keep = {
+        k: v
+        for k, v in state.items()
+        if k.startswith("beit3.") or (k in own and own[k].shape == v.shape)
+    }
+    load_state_dict_checked(
+        model,
+        keep,
+        source=str(path),
+        preset=meta["preset"],
+        allow_missing=lambda k: not k.startswith("beit3."),
+    )
     logger.info("initialised from %s (%s)", path, meta.get("model_id", "?"))
 
 
@@ -113,8 +136,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Bei
     """Load a pretraining checkpoint directory with its heads, in eval mode."""
     model = load_checkpoint(path, device=device).model
     if not isinstance(model, Beit3ForPretraining):
-        raise CheckpointError(f"{path} is not a pretraining checkpoint (it has no MLM/MIM heads); "
-                              "load it with beit3.load_checkpoint")
+        raise CheckpointError(
+            f"{path} is not a pretraining checkpoint (it has no MLM/MIM heads); "
+            "load it with beit3.load_checkpoint"
+        )
     return model
 
 
@@ -129,34 +154,44 @@ def _unused_parameters(kinds: set[str], config: PretrainConfig) -> bool:
     vision = bool(kinds & {"image", "pair"})
     language = bool(kinds & {"text", "pair"})
     mlm = ("text" in kinds and config.text_mask_ratio > 0) or (
-        "pair" in kinds and config.pair_text_mask_ratio > 0)
+        "pair" in kinds and config.pair_text_mask_ratio > 0
+    )
     mim = ("image" in kinds and config.image_mask_ratio > 0) or (
-        "pair" in kinds and config.pair_image_mask_ratio > 0)
+        "pair" in kinds and config.pair_image_mask_ratio > 0
+    )
     return not (vision and language and mlm and mim)
 
 
-def _step_parts(batches: dict[str, MaskedBatch], outputs: dict[str, Any],
-                codes: dict[str, torch.Tensor]) -> dict[str, MaskedStats]:
+def _step_parts(
+    batches: dict[str, MaskedBatch], outputs: dict[str, Any], codes: dict[str, torch.Tensor]
+) -> dict[str, MaskedStats]:
     stats: dict[str, MaskedStats] = {}
     for kind, batch in batches.items():
         out = outputs[kind]
         if out.mlm_logits is not None:
             stats["text_mlm" if kind == "text" else "pair_mlm"] = masked_cross_entropy(
-                out.mlm_logits, batch.text_targets)
+                out.mlm_logits, batch.text_targets
+            )
         if out.mim_logits is not None:
             targets = torch.gather(codes[kind], 1, batch.image_positions)  # (B, Ki)
             stats["image_mim" if kind == "image" else "pair_mim"] = masked_cross_entropy(
-                out.mim_logits, targets)
+                out.mim_logits, targets
+            )
     return stats
 
 
-def build_optimizer(model: torch.nn.Module, config: PretrainConfig, device: torch.device
-                    ) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, config: PretrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW over the official weight-decay groups; fused on CUDA unless configured off."""
     fused = device.type == "cuda" if config.fused_optimizer is None else config.fused_optimizer
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                             betas=config.betas, eps=config.eps,
-                             **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        **({"fused": True} if fused else {}),
+    )
 
 
 def compile_layers(model: Beit3ForPretraining) -> None:
@@ -174,8 +209,12 @@ def compile_layers(model: Beit3ForPretraining) -> None:
     rates = {float(layer.drop_path) for layer in layers}
     needed = 3 * len(rates) + 2  # 3 layouts per rate, plus slack for a short last batch
     if needed > dynamo_config.recompile_limit:
-        logger.warning("torch.compile: %d distinct drop-path rates give %d layer graphs to build "
-                       "(set drop_path_rate=0 for 3)", len(rates), 3 * len(rates))
+        logger.warning(
+            "torch.compile: %d distinct drop-path rates give %d layer graphs to build "
+            "(set drop_path_rate=0 for 3)",
+            len(rates),
+            3 * len(rates),
+        )
         dynamo_config.recompile_limit = needed
     for layer in layers:
         layer.compile()
@@ -218,15 +257,19 @@ def train_step(
     codes: dict[str, torch.Tensor] = {}
     with autocast:
         if vqkd is not None:
-            codes = {k: vqkd.encode(b.images) for k, b in batches.items()
-                     if b.images is not None and b.image_positions is not None}
+            codes = {
+                k: vqkd.encode(b.images)
+                for k, b in batches.items()
+                if b.images is not None and b.image_positions is not None
+            }
         outputs = forward(batches)
     stats = _step_parts(batches, outputs, codes)
     counts = pdist.all_reduce_sum(torch.stack([s.count for s in stats.values()]))
     loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world_size)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(stats, codes, grad_norm)
@@ -252,7 +295,10 @@ class _Window:
             self.codes.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
     def read(self, weights: dict[str, float]) -> dict[str, float]:
-        sums, codes = pdist.all_reduce_sum(self.sums.clone()), pdist.all_reduce_sum(self.codes.clone())
+        sums, codes = (
+            pdist.all_reduce_sum(self.sums.clone()),
+            pdist.all_reduce_sum(self.codes.clone()),
+        )
         values = sums.cpu().tolist()
         metrics: dict[str, float] = {}
         total = 0.0
@@ -296,8 +342,9 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     if use_bf16 and not cuda:
         logger.warning("bf16 autocast is only used on CUDA; running fp32 on %s", device)
         use_bf16 = False
-    config = config.replace(static_shapes=config.compile if config.static_shapes is None
-                            else config.static_shapes)
+    config = config.replace(
+        static_shapes=config.compile if config.static_shapes is None else config.static_shapes
+    )
     output_dir = Path(config.output_dir)
     if info.is_main:
         write_run_config(output_dir, config)
@@ -309,8 +356,10 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     tokenizer = TextTokenizer(spm, max_len=config.pair_max_len)
     cfg = model_config(config)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but {config.preset}'s "
-                          f"text table has {cfg.vocab_size} rows; set model_overrides vocab_size")
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but {config.preset}'s "
+            f"text table has {cfg.vocab_size} rows; set model_overrides vocab_size"
+        )
     vqkd: VQKD | None = None
     if config.visual_tokenizer:
         vqkd = load_vqkd(config.visual_tokenizer, device=device)
@@ -319,11 +368,14 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
                 f"visual tokenizer {config.visual_tokenizer} works on {vqkd.config.img_size}-px "
                 f"images with a {vqkd.config.grid_size}x{vqkd.config.grid_size} grid; "
                 f"{config.preset} has {cfg.img_size}-px images and a {cfg.grid_size}x"
-                f"{cfg.grid_size} grid: train a tokenizer for this size")
+                f"{cfg.grid_size} grid: train a tokenizer for this size"
+            )
     elif _needs_images(config):
-        raise ConfigError("pretraining on images needs a visual tokenizer: train one with "
-                          "'beit3 tokenizer train-visual' and pass visual_tokenizer "
-                          "(--visual-tokenizer), or set the image and pair batch sizes to 0")
+        raise ConfigError(
+            "pretraining on images needs a visual tokenizer: train one with "
+            "'beit3 tokenizer train-visual' and pass visual_tokenizer "
+            "(--visual-tokenizer), or set the image and pair batch sizes to 0"
+        )
 
     torch.manual_seed(config.seed)  # same initial weights on every rank
     codebook_size = vqkd.config.codebook_size if vqkd else DEFAULT_CODEBOOK_SIZE
@@ -355,15 +407,29 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     if step_dir is not None:
         pdist.load_optimizer_state(model, optimizer, step_dir)
 
-    streams = build_streams(config, spm, img_size=cfg.img_size, grid_size=cfg.grid_size,
-                            use_images=vqkd is not None, rank=info.rank,
-                            world_size=info.world_size, pin_memory=cuda)
+    streams = build_streams(
+        config,
+        spm,
+        img_size=cfg.img_size,
+        grid_size=cfg.grid_size,
+        use_images=vqkd is not None,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=cuda,
+    )
     for kind, stream in streams.items():
         if kind in extra.get("streams", {}):
             stream.load_state_dict(extra["streams"][kind])
-    logger.info("pretraining %s on %s: streams %s, steps %d..%d, %s, %s", config.preset, device,
-                ", ".join(f"{k} x{s.batch_size}" for k, s in streams.items()), start_step,
-                config.max_steps, "bf16" if use_bf16 else "fp32", sharding)
+    logger.info(
+        "pretraining %s on %s: streams %s, steps %d..%d, %s, %s",
+        config.preset,
+        device,
+        ", ".join(f"{k} x{s.batch_size}" for k, s in streams.items()),
+        start_step,
+        config.max_steps,
+        "bf16" if use_bf16 else "fp32",
+        sharding,
+    )
 
     forward = pdist.wrap_model(model, sharding, device, _unused_parameters(set(streams), config))
     loss_fn = MaskedModelingLoss(config.text_weight, config.image_weight, config.pair_weight)
@@ -377,44 +443,70 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         model_state, optim_state = pdist.full_state(model, optimizer)
         rng = gather_rng_states()
         if info.is_main:
-            shadow = model if not (sharding == "fsdp" and pdist.is_distributed()) \
+            shadow = (
+                model
+                if not (sharding == "fsdp" and pdist.is_distributed())
                 else pdist.shadow_model(model, model_state)
-            save_train_state(output_dir, step, model=shadow,
-                             optimizer=pdist.StateDictHolder(optim_state), preset=config.preset,
-                             tokenizer=tokenizer, preprocess=PreprocessConfig(
-                                 img_size=cfg.img_size, max_text_len=config.pair_max_len),
-                             extra={"streams": {k: s.state_dict() for k, s in streams.items()},
-                                    "rng": rng},
-                             keep=config.keep_checkpoints)
+            )
+            save_train_state(
+                output_dir,
+                step,
+                model=shadow,
+                optimizer=pdist.StateDictHolder(optim_state),
+                preset=config.preset,
+                tokenizer=tokenizer,
+                preprocess=PreprocessConfig(
+                    img_size=cfg.img_size, max_text_len=config.pair_max_len
+                ),
+                extra={"streams": {k: s.state_dict() for k, s in streams.items()}, "rng": rng},
+                keep=config.keep_checkpoints,
+            )
         if pdist.is_distributed():
             dist.barrier()
 
     model.train()
     step = start_step
     while step < config.max_steps:
-        set_lr(optimizer, cosine_lr(step, config.max_steps, config.warmup_steps, config.lr,
-                                    config.min_lr))
-        batches = {kind: next(stream).to(device, non_blocking=cuda)
-                   for kind, stream in streams.items()}
-        out = train_step(forward, model, optimizer, loss_fn, batches, vqkd, world_size=world,
-                         bf16=use_bf16, grad_clip=config.grad_clip)
+        set_lr(
+            optimizer,
+            cosine_lr(step, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+        )
+        batches = {
+            kind: next(stream).to(device, non_blocking=cuda) for kind, stream in streams.items()
+        }
+        out = train_step(
+            forward,
+            model,
+            optimizer,
+            loss_fn,
+            batches,
+            vqkd,
+            world_size=world,
+            bf16=use_bf16,
+            grad_clip=config.grad_clip,
+        )
         step += 1
 
         window.add(out.stats, out.codes)
         window.steps += 1
         window.samples += sum(b.size for b in batches.values())
-        window.tokens += sum(b.size * (num_vision if b.images is not None else 0)
-                             + (b.text_ids.numel() if b.text_ids is not None else 0)
-                             for b in batches.values())
+        window.tokens += sum(
+            b.size * (num_vision if b.images is not None else 0)
+            + (b.text_ids.numel() if b.text_ids is not None else 0)
+            for b in batches.values()
+        )
         if step % config.log_every == 0 or step == config.max_steps:
             metrics = window.read(loss_fn.weights)
             if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower the "
-                                         "learning rate or check the data")
+                raise FloatingPointError(
+                    f"loss is {metrics['loss']} at step {step}; lower the "
+                    "learning rate or check the data"
+                )
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             norm = out.grad_norm
-            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor")
-                                         else norm)
+            metrics["grad_norm"] = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )
             log.log(step, force=True, **metrics)
         if step % config.save_every == 0 or step == config.max_steps:
             save(step)
@@ -427,9 +519,15 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         model_state = pdist.full_model_state(model)
         if info.is_main:
             shadow = pdist.shadow_model(model, model_state)
-            model_id = save_checkpoint(shadow, final, preset=config.preset, tokenizer=tokenizer,
-                                       preprocess=PreprocessConfig(
-                                           img_size=cfg.img_size, max_text_len=config.pair_max_len))
+            model_id = save_checkpoint(
+                shadow,
+                final,
+                preset=config.preset,
+                tokenizer=tokenizer,
+                preprocess=PreprocessConfig(
+                    img_size=cfg.img_size, max_text_len=config.pair_max_len
+                ),
+            )
     else:  # resumed a finished run: nothing to train
         model_id = read_checkpoint_config(final).get("model_id", "")
     log.close()
@@ -437,4 +535,3 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         dist.barrier()
     logger.info("pretraining done: %d steps, final checkpoint %s", step, final)
     return PretrainResult(output_dir, final, model_id, step, metrics)
-

@@ -60,14 +60,17 @@ def build_teacher(name: str, config: VqkdConfig, device: torch.device) -> nn.Mod
         return PixelTeacher(config.patch_size, "none" if name == "pixels" else "patch")
     path = Path(name)
     if not path.is_dir():
-        raise ConfigError(f"teacher {name!r} is neither 'pixels', 'pixels-patchnorm' nor a "
-                          "checkpoint directory")
+        raise ConfigError(
+            f"teacher {name!r} is neither 'pixels', 'pixels-patchnorm' nor a checkpoint directory"
+        )
     teacher = Beit3Teacher.from_checkpoint(path, device=device)
     tcfg = teacher.backbone.config
     if (tcfg.img_size, tcfg.grid_size) != (config.img_size, config.grid_size):
-        raise ConfigError(f"teacher {path} sees {tcfg.img_size}-px images in a {tcfg.grid_size}-"
-                          f"wide grid; the tokenizer has {config.img_size} px, grid "
-                          f"{config.grid_size}: override img_size/patch_size to match")
+        raise ConfigError(
+            f"teacher {path} sees {tcfg.img_size}-px images in a {tcfg.grid_size}-"
+            f"wide grid; the tokenizer has {config.img_size} px, grid "
+            f"{config.grid_size}: override img_size/patch_size to match"
+        )
     return teacher
 
 
@@ -77,20 +80,25 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         skip = param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed"))
         (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _broadcast_codebook(model: VQKD) -> None:
     if pdist.is_distributed():
-        for buffer in (model.quantize.embedding.weight, model.quantize.embedding.initted,
-                       model.quantize.cluster_size):
+        for buffer in (
+            model.quantize.embedding.weight,
+            model.quantize.embedding.initted,
+            model.quantize.cluster_size,
+        ):
             dist.broadcast(buffer, 0)
 
 
-def train_visual_tokenizer(config: VisualTokenizerConfig,
-                           progress: Callable[[int, int], None] | None = None
-                           ) -> VisualTokenizerResult:
+def train_visual_tokenizer(
+    config: VisualTokenizerConfig, progress: Callable[[int, int], None] | None = None
+) -> VisualTokenizerResult:
     """Train a VQ-KD tokenizer; see the module docstring.
 
     Args:
@@ -108,35 +116,53 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
     teacher_dim = teacher.out_dim(vq_config.in_chans)
     if teacher_dim != vq_config.teacher_dim:
         if "teacher_dim" in config.overrides:
-            raise ConfigError(f"teacher {config.teacher} gives {teacher_dim} features per patch "
-                              f"but teacher_dim is overridden to {vq_config.teacher_dim}")
-        logger.info("teacher %s gives %d features per patch: decoder output set to %d",
-                    config.teacher, teacher_dim, teacher_dim)
+            raise ConfigError(
+                f"teacher {config.teacher} gives {teacher_dim} features per patch "
+                f"but teacher_dim is overridden to {vq_config.teacher_dim}"
+            )
+        logger.info(
+            "teacher %s gives %d features per patch: decoder output set to %d",
+            config.teacher,
+            teacher_dim,
+            teacher_dim,
+        )
         vq_config = vq_config.replace(teacher_dim=teacher_dim)
     if info.is_main:
         write_run_config(output_dir, config)
 
     torch.manual_seed(config.seed)
     model = VQKD(vq_config).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=config.betas)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+    )
     forward: nn.Module = model
     if pdist.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                          broadcast_buffers=False)
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, broadcast_buffers=False
+        )
     preprocess = PreprocessConfig(img_size=vq_config.img_size)
-    transform = TrainImageTransform(preprocess, scale=config.crop_scale, hflip=config.hflip,
-                                    rng=random.Random(config.seed))
+    transform = TrainImageTransform(
+        preprocess, scale=config.crop_scale, hflip=config.hflip, rng=random.Random(config.seed)
+    )
     paths = [p for s in config.data for p in list_images(s)]
-    dataset = KeyedDataset(ImageDataset(list(dict.fromkeys(paths)), transform), transform,
-                     config.seed, "image")
-    stream = BatchStream(dataset, config.batch_size, _ImageCollate(),  # type: ignore[arg-type]
-                         rank=info.rank, world_size=info.world_size, seed=config.seed,
-                         num_workers=config.num_workers, pin_memory=cuda)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 \
-        else contextlib.nullcontext()
+    dataset = KeyedDataset(
+        ImageDataset(list(dict.fromkeys(paths)), transform), transform, config.seed, "image"
+    )
+    stream = BatchStream(
+        dataset,
+        config.batch_size,
+        _ImageCollate(),  # type: ignore[arg-type]
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        pin_memory=cuda,
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    )
     generator = torch.Generator().manual_seed(config.seed)
 
     # k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast.
@@ -149,8 +175,12 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
     if info.is_main:
         model.quantize.kmeans_init_(torch.cat(vectors).cpu(), config.kmeans_iters, generator)
     _broadcast_codebook(model)
-    logger.info("codebook of %d x %d initialised by k-means on %d vectors",
-                vq_config.codebook_size, vq_config.codebook_dim, sum(v.shape[0] for v in vectors))
+    logger.info(
+        "codebook of %d x %d initialised by k-means on %d vectors",
+        vq_config.codebook_size,
+        vq_config.codebook_dim,
+        sum(v.shape[0] for v in vectors),
+    )
 
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     usage = torch.zeros(vq_config.codebook_size, device=device)  # this log window
@@ -161,8 +191,10 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
     tokenizer_dir = output_dir / "tokenizer"
     model.train()
     for step in range(1, config.max_steps + 1):
-        set_lr(optimizer, cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr,
-                                    config.min_lr))
+        set_lr(
+            optimizer,
+            cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+        )
         images = next(stream).to(device, non_blocking=cuda)
         with autocast:
             targets = teacher(images)
@@ -182,7 +214,8 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
         if config.reseed_every and step % config.reseed_every == 0:
             if info.is_main:
                 reseeded_total += model.quantize.reseed_dead_codes_(
-                    out.z.cpu(), recent, config.dead_code_threshold, generator)
+                    out.z.cpu(), recent, config.dead_code_threshold, generator
+                )
             _broadcast_codebook(model)
             recent.zero_()
         if step % config.log_every == 0 or step == config.max_steps:
@@ -190,12 +223,15 @@ def train_visual_tokenizer(config: VisualTokenizerConfig,
             world = dist.get_world_size() if pdist.is_distributed() else 1
             probs = usage / usage.sum().clamp(min=1)
             entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
-            metrics = {"loss": values[0] / world, "rec_loss": values[1] / world,
-                       "commit_loss": values[2] / world,
-                       "codebook_usage": float((usage > 0).float().mean()),
-                       "codebook_perplexity": math.exp(entropy),
-                       "codes_reseeded": float(reseeded_total),
-                       "lr": optimizer.param_groups[0]["lr"]}
+            metrics = {
+                "loss": values[0] / world,
+                "rec_loss": values[1] / world,
+                "commit_loss": values[2] / world,
+                "codebook_usage": float((usage > 0).float().mean()),
+                "codebook_perplexity": math.exp(entropy),
+                "codes_reseeded": float(reseeded_total),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             log.log(step, force=True, **metrics)
             usage.zero_()
             sums.zero_()

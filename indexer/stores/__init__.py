@@ -40,24 +40,36 @@ FAISS_INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 # sha256: content hash (the key); path: a representative path (None for texts); paths: every
 # path / text reference with this content, sorted, and mtimes parallel to it; size in bytes (of the
 # file, or of the UTF-8 text); mtime of the representative.
-ROW_COLUMNS = ("sha256", "vector", "modality", "path", "paths", "mtimes", "text", "size", "mtime",
-               "model_id")
+ROW_COLUMNS = (
+    "sha256",
+    "vector",
+    "modality",
+    "path",
+    "paths",
+    "mtimes",
+    "text",
+    "size",
+    "mtime",
+    "model_id",
+)
 META_COLUMNS = tuple(c for c in ROW_COLUMNS if c != "vector")
 
 
 def row_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("sha256", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
-        pa.field("modality", pa.string()),
-        pa.field("path", pa.string()),
-        pa.field("paths", pa.list_(pa.string())),
-        pa.field("mtimes", pa.list_(pa.float64())),
-        pa.field("text", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("mtime", pa.float64()),
-        pa.field("model_id", pa.string()),
-    ])
+    return pa.schema(
+        [
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("modality", pa.string()),
+            pa.field("path", pa.string()),
+            pa.field("paths", pa.list_(pa.string())),
+            pa.field("mtimes", pa.list_(pa.float64())),
+            pa.field("text", pa.string()),
+            pa.field("size", pa.int64()),
+            pa.field("mtime", pa.float64()),
+            pa.field("model_id", pa.string()),
+        ]
+    )
 
 
 def rows_from_vectors(meta: Sequence[dict[str, Any]], vectors: np.ndarray, dim: int) -> pa.Table:
@@ -76,8 +88,7 @@ def import_optional(module: str, package: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"the {module!r} backend needs the package {package!r}: pip install {package} "
-            f"({exc})"
+            f"the {module!r} backend needs the package {package!r}: pip install {package} ({exc})"
         ) from None
 
 

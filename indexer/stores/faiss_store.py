@@ -63,12 +63,22 @@ class FaissStore(Store):
     backend = "faiss"
 
     def __init__(
-        self, db: Path, table: str, *, dim: int, create: bool = False, index_type: str = "flat",
-        nprobe: int = 32, ef_search: int = 128, k_factor: int = 32,
+        self,
+        db: Path,
+        table: str,
+        *,
+        dim: int,
+        create: bool = False,
+        index_type: str = "flat",
+        nprobe: int = 32,
+        ef_search: int = 128,
+        k_factor: int = 32,
     ) -> None:
         if index_type not in FAISS_INDEX_TYPES:
-            raise InputDataError(f"unknown FAISS index type {index_type!r}; choose one of "
-                                 f"{', '.join(FAISS_INDEX_TYPES)}")
+            raise InputDataError(
+                f"unknown FAISS index type {index_type!r}; choose one of "
+                f"{', '.join(FAISS_INDEX_TYPES)}"
+            )
         self.name = table
         self.dim = dim
         self.dir = Path(db) / "faiss" / table
@@ -81,8 +91,14 @@ class FaissStore(Store):
             if not create:
                 raise InputDataError(f"{db}: no FAISS table {table!r}; build it with beit3 index")
             self.pending_dir.mkdir(parents=True, exist_ok=True)
-            state = {"version": 0, "count": 0, "dim": dim, "index_type": index_type,
-                     "built_as": "flat", "built_on": 0}
+            state = {
+                "version": 0,
+                "count": 0,
+                "dim": dim,
+                "index_type": index_type,
+                "built_as": "flat",
+                "built_on": 0,
+            }
             _write_json(self.dir / "state.json", state)
         if state["dim"] != dim:
             raise IndexMismatchError(
@@ -158,13 +174,15 @@ class FaissStore(Store):
         if index is None or index.ntotal == 0 or offset >= index.ntotal:
             return [[] for _ in queries]
         want = min(k + offset, index.ntotal)
-        _set_search_params(index, nprobe=self.nprobe, ef_search=max(self.ef_search, want),
-                           k_factor=self.k_factor)
+        _set_search_params(
+            index, nprobe=self.nprobe, ef_search=max(self.ef_search, want), k_factor=self.k_factor
+        )
         scores, ids = index.search(queries, want)
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
-            pairs = [(float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True)
-                     if i >= 0][offset:]
+            pairs = [
+                (float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True) if i >= 0
+            ][offset:]
             rows = meta.take(pa.array([i for _, i in pairs], pa.int64())).to_pylist()
             results.append([Match(s, row) for (s, _), row in zip(pairs, rows, strict=True)])
         return results
@@ -193,8 +211,11 @@ class FaissStore(Store):
     def _pending(self) -> list[Path]:
         if not self.pending_dir.is_dir():
             return []
-        return sorted(p for p in self.pending_dir.iterdir() if p.name.endswith(".parquet")
-                      and not p.name.startswith("."))
+        return sorted(
+            p
+            for p in self.pending_dir.iterdir()
+            if p.name.endswith(".parquet") and not p.name.startswith(".")
+        )
 
     def recover(self) -> None:
         if self._pending():
@@ -234,14 +255,16 @@ class FaissStore(Store):
 
         if updates:
             order = np.arange(meta.num_rows)
-            extra = pa.Table.from_pylist([updates[p] for p in sorted(updates)],
-                                         schema=meta.schema)
+            extra = pa.Table.from_pylist([updates[p] for p in sorted(updates)], schema=meta.schema)
             order[sorted(updates)] = meta.num_rows + np.arange(len(updates))
             meta = pa.concat_tables([meta, extra]).take(pa.array(order))
         kept_meta = meta.filter(pa.array(keep)) if not keep.all() else meta
         new_meta = pa.Table.from_pylist([r for r, _ in added.values()], schema=meta.schema)
-        new_vectors = (np.stack([v for _, v in added.values()]) if added
-                       else np.zeros((0, self.dim), np.float32))
+        new_vectors = (
+            np.stack([v for _, v in added.values()])
+            if added
+            else np.zeros((0, self.dim), np.float32)
+        )
         all_meta = pa.concat_tables([kept_meta, new_meta])
         count = all_meta.num_rows
 
@@ -253,35 +276,57 @@ class FaissStore(Store):
         built_as, built_on = state.get("built_as", "flat"), state.get("built_on", 0)
         # Adding to the existing index keeps FAISS ids = row numbers when no row moved; an IVF-PQ
         # is retrained once the table doubled (its lists were fitted to the old data).
-        incremental = keep.all() and index is not None and (
-            (built_as == self.index_type and (built_as != "ivfpq" or count <= 2 * built_on))
-            or (built_as == "flat" and count < _MIN_ROWS_FOR_IVF)
+        incremental = (
+            keep.all()
+            and index is not None
+            and (
+                (built_as == self.index_type and (built_as != "ivfpq" or count <= 2 * built_on))
+                or (built_as == "flat" and count < _MIN_ROWS_FOR_IVF)
+            )
         )
         if incremental:
             index = _to_cpu(index)
             for block in range(0, len(new_vectors), _ADD_BLOCK):
-                index.add(new_vectors[block:block + _ADD_BLOCK])
+                index.add(new_vectors[block : block + _ADD_BLOCK])
         else:
             index, built_as = build_faiss_index(all_vectors, self.index_type)
             built_on = count
         _write_index(index, self.dir / f"index-{nxt}.faiss")
-        _write_json(self.dir / "state.json", {
-            "version": nxt, "count": count, "dim": self.dim, "index_type": self.index_type,
-            "built_as": built_as, "built_on": built_on,
-        })
+        _write_json(
+            self.dir / "state.json",
+            {
+                "version": nxt,
+                "count": count,
+                "dim": self.dim,
+                "index_type": self.index_type,
+                "built_as": built_as,
+                "built_on": built_on,
+            },
+        )
         for path in pending:
             path.unlink(missing_ok=True)
-        for name in (f"meta-{version}.parquet", f"vectors-{version}.npy",
-                     f"index-{version}.faiss"):
+        for name in (f"meta-{version}.parquet", f"vectors-{version}.npy", f"index-{version}.faiss"):
             (self.dir / name).unlink(missing_ok=True)
-        logger.info("committed %s: %d rows (+%d, -%d, %d updated) as %s in %.1f s", self.name,
-                    count, len(added), int((~keep).sum()), len(updates), built_as,
-                    time.perf_counter() - start)
+        logger.info(
+            "committed %s: %d rows (+%d, -%d, %d updated) as %s in %.1f s",
+            self.name,
+            count,
+            len(added),
+            int((~keep).sum()),
+            len(updates),
+            built_as,
+            time.perf_counter() - start,
+        )
 
 
 def build_faiss_index(
-    vectors: np.ndarray, index_type: str, *, hnsw_m: int = 32, ef_construction: int = 40,
-    nlist: int | None = None, pq_m: int | None = None,
+    vectors: np.ndarray,
+    index_type: str,
+    *,
+    hnsw_m: int = 32,
+    ef_construction: int = 40,
+    nlist: int | None = None,
+    pq_m: int | None = None,
 ) -> tuple[Any, str]:
     """Build an inner-product index over (N, D) unit vectors.
 
@@ -312,8 +357,9 @@ def build_faiss_index(
         nbits = max(4, min(8, int(math.log2(count / 39))))
         # Over ~1k lists an HNSW graph on the centroids assigns vectors ~100x faster than a scan.
         coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
-        index = faiss.index_factory(dim, f"{coarse},PQ{pq_m}x{nbits},RFlat",
-                                    faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(
+            dim, f"{coarse},PQ{pq_m}x{nbits},RFlat", faiss.METRIC_INNER_PRODUCT
+        )
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index.base_index))
         # Polysemous training (on by default) is ~20x the rest of the training time and only
         # serves Hamming-filtered search, which the exact re-ranking makes pointless.
@@ -321,11 +367,12 @@ def build_faiss_index(
         ivf.cp.niter = 10  # k-means iterations for the lists: 25 (default) gains nothing here
         sample = min(count, max(nlist * 40, 65_536))  # faiss asks for >= 39 per list
         rng = np.random.default_rng(0)
-        train = np.asarray(vectors[np.sort(rng.choice(count, sample, replace=False))],
-                           dtype=np.float32)
+        train = np.asarray(
+            vectors[np.sort(rng.choice(count, sample, replace=False))], dtype=np.float32
+        )
         _train(index, train)
     for block in range(0, count, _ADD_BLOCK):
-        index.add(np.ascontiguousarray(vectors[block:block + _ADD_BLOCK], dtype=np.float32))
+        index.add(np.ascontiguousarray(vectors[block : block + _ADD_BLOCK], dtype=np.float32))
     return index, index_type
 
 
@@ -383,12 +430,16 @@ def _write_vectors(path: Path, old: np.ndarray, keep: np.ndarray, new: np.ndarra
     """Write kept old rows then new rows to ``path`` (via a temporary name); returns a memmap."""
     total = int(keep.sum()) + len(new)
     tmp = path.parent / f".{path.name}.tmp"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                    shape=(total, old.shape[1] if old.ndim == 2 else new.shape[1]))
+    out = np.lib.format.open_memmap(
+        tmp,
+        mode="w+",
+        dtype=np.float32,
+        shape=(total, old.shape[1] if old.ndim == 2 else new.shape[1]),
+    )
     row = 0
     for start in range(0, len(old), _ADD_BLOCK):
-        block = np.asarray(old[start:start + _ADD_BLOCK])[keep[start:start + _ADD_BLOCK]]
-        out[row:row + len(block)] = block
+        block = np.asarray(old[start : start + _ADD_BLOCK])[keep[start : start + _ADD_BLOCK]]
+        out[row : row + len(block)] = block
         row += len(block)
     out[row:] = new
     out.flush()

@@ -48,8 +48,15 @@ class LanceStore(Store):
     backend = "lancedb"
 
     def __init__(
-        self, db: Path, table: str, *, dim: int, create: bool = False,
-        index_type: str | None = None, nprobes: int = 32, refine_factor: int | None = None,
+        self,
+        db: Path,
+        table: str,
+        *,
+        dim: int,
+        create: bool = False,
+        index_type: str | None = None,
+        nprobes: int = 32,
+        refine_factor: int | None = None,
         auto_index_rows: int = AUTO_INDEX_ROWS,
     ) -> None:
         index_type = index_type or "auto"
@@ -67,8 +74,9 @@ class LanceStore(Store):
         self.refine_factor = refine_factor
         # Strong consistency: a long-lived reader (the app) sees every commit of an indexer
         # running beside it; on local disk the check is one small read per query.
-        self._conn = lancedb.connect(str(Path(db) / "lancedb"),
-                                     read_consistency_interval=datetime.timedelta(0))
+        self._conn = lancedb.connect(
+            str(Path(db) / "lancedb"), read_consistency_interval=datetime.timedelta(0)
+        )
         try:
             self._table = self._conn.open_table(table)
         except ValueError:
@@ -97,7 +105,7 @@ class LanceStore(Store):
         columns = list(META_COLUMNS) + (["vector"] if with_vectors else [])
         parts = []
         for start in range(0, len(shas), _IN_CHUNK):
-            part = shas[start:start + _IN_CHUNK]
+            part = shas[start : start + _IN_CHUNK]
             query = self._table.search().where(_in_filter(part)).select(columns).limit(None)
             parts.append(query.to_arrow())
         if not parts:
@@ -108,14 +116,18 @@ class LanceStore(Store):
         self._retry(lambda: self._table.add(rows))
 
     def upsert(self, rows: pa.Table) -> None:
-        self._retry(lambda: (
-            self._table.merge_insert("sha256").when_matched_update_all()
-            .when_not_matched_insert_all().execute(rows)
-        ))
+        self._retry(
+            lambda: (
+                self._table.merge_insert("sha256")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(rows)
+            )
+        )
 
     def delete(self, shas: Sequence[str]) -> None:
         for start in range(0, len(shas), _IN_CHUNK):
-            where = _in_filter(shas[start:start + _IN_CHUNK])
+            where = _in_filter(shas[start : start + _IN_CHUNK])
             self._retry(lambda where=where: self._table.delete(where))
 
     def commit(self) -> None:
@@ -124,8 +136,12 @@ class LanceStore(Store):
         if fragments > 16:
             start = time.perf_counter()
             self._table.optimize()
-            logger.info("compacted %s: %d fragments in %.1f s", self.name, fragments,
-                        time.perf_counter() - start)
+            logger.info(
+                "compacted %s: %d fragments in %.1f s",
+                self.name,
+                fragments,
+                time.perf_counter() - start,
+            )
         count = self.count()
         kind = self.index_type
         if kind == "exact":
@@ -135,25 +151,35 @@ class LanceStore(Store):
                 return
             kind = "ivf_flat"
         elif count < _MIN_ROWS_FOR_INDEX:
-            logger.info("table %s has %d rows: exact search, no %s index yet", self.name, count,
-                        kind)
+            logger.info(
+                "table %s has %d rows: exact search, no %s index yet", self.name, count, kind
+            )
             return
         if self._table.list_indices():
             self._table.optimize()  # adds new rows to the existing index
             return
         start = time.perf_counter()
         # With a config, create_index's first argument is the column (lancedb 0.40).
-        self._table.create_index("vector", replace=True,
-                                 config=lance_index_config(kind, count, self.dim))
-        logger.info("built a LanceDB %s index on %d rows in %.1f s", kind, count,
-                    time.perf_counter() - start)
+        self._table.create_index(
+            "vector", replace=True, config=lance_index_config(kind, count, self.dim)
+        )
+        logger.info(
+            "built a LanceDB %s index on %d rows in %.1f s",
+            kind,
+            count,
+            time.perf_counter() - start,
+        )
 
     def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
         results = []
         for vector in np.asarray(vectors, dtype=np.float32):
-            query = (self._table.search(vector, vector_column_name="vector")
-                     .distance_type("dot").limit(k).offset(offset)
-                     .select([*META_COLUMNS, "_distance"]))
+            query = (
+                self._table.search(vector, vector_column_name="vector")
+                .distance_type("dot")
+                .limit(k)
+                .offset(offset)
+                .select([*META_COLUMNS, "_distance"])
+            )
             if self._table.list_indices():
                 query = query.nprobes(self.nprobes)
                 if self.refine_factor:
@@ -189,8 +215,9 @@ def lance_index_config(index_type: str, count: int, dim: int) -> Any:
     if index_type == "ivf_flat":
         return IvfFlat(distance_type="dot", num_partitions=partitions)
     if index_type == "ivf_pq":
-        return IvfPq(distance_type="dot", num_partitions=partitions,
-                     num_sub_vectors=max(1, dim // 16))
+        return IvfPq(
+            distance_type="dot", num_partitions=partitions, num_sub_vectors=max(1, dim // 16)
+        )
     return IvfHnswSq(distance_type="dot", num_partitions=max(1, partitions // 16))
 
 

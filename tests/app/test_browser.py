@@ -31,8 +31,12 @@ QUERY = "a red circle"
 def chromium() -> str:
     path = chromium_path()
     if path is None:
-        pytest.skip("chromium is not installed: `apt-get install -y chromium` or `make system-deps`")
-    pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install -e '.[test]'")
+        pytest.skip(
+            "chromium is not installed: `apt-get install -y chromium` or `make system-deps`"
+        )
+    pytest.importorskip(
+        "playwright.sync_api", reason="playwright is a test extra: pip install -e '.[test]'"
+    )
     return path
 
 
@@ -50,7 +54,8 @@ def test_query_in_chromium_shows_result_images(chromium, app_db, app_searcher, t
         got = search_text(page, QUERY)
         assert got == _cards(app_searcher.search(QUERY, "images", k=10))
         images = page.locator(f"{GALLERY} img").evaluate_all(
-            "els => els.map(e => [e.currentSrc, e.naturalWidth])")
+            "els => els.map(e => [e.currentSrc, e.naturalWidth])"
+        )
         assert len(images) == 10 and all(width > 0 for _, width in images)
         # Thumbnails come from Streamlit's media store, never from a file path of the index.
         assert {urlparse(src).path.split("/")[1] for src, _ in images} == {"media"}
@@ -59,8 +64,11 @@ def test_query_in_chromium_shows_result_images(chromium, app_db, app_searcher, t
 
         first = app_searcher.search(QUERY, "images", k=1)[0]
         similar = click_similar(page, 0)
-        want = [h for h in app_searcher.search_similar("images", first.id, "images", k=10)
-                if h.id != first.id]
+        want = [
+            h
+            for h in app_searcher.search_similar("images", first.id, "images", k=10)
+            if h.id != first.id
+        ]
         assert similar == _cards(want)
         page.screenshot(path=str(shots / "similar.png"))
     assert "Traceback" not in log.read_text()

@@ -19,7 +19,9 @@ def test_convert_writes_a_loadable_checkpoint(tmp_path, spm_path):
     ref = build_reference(model.config, model.state_dict())
     pth = tmp_path / "beit3_tiny.pth"
     torch.save({"model": ref.state_dict()}, pth)
-    result = runner.invoke(cli, ["convert", str(pth), str(tmp_path / "out"), "--spm", str(spm_path)])
+    result = runner.invoke(
+        cli, ["convert", str(pth), str(tmp_path / "out"), "--spm", str(spm_path)]
+    )
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(tmp_path / "out")
     assert ckpt.model_id in result.output
@@ -28,14 +30,20 @@ def test_convert_writes_a_loadable_checkpoint(tmp_path, spm_path):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, spm_path):
     junk = tmp_path / "junk.pth"
     junk.write_text("hello")
-    result = runner.invoke(cli, ["convert", str(junk), str(tmp_path / "out"), "--spm", str(spm_path)])
+    result = runner.invoke(
+        cli, ["convert", str(junk), str(tmp_path / "out"), "--spm", str(spm_path)]
+    )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line]
-    assert lines == [f"error: {junk}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"]
+    assert lines == [
+        f"error: {junk}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    ]
 
 
 def test_missing_file_is_a_usage_error(tmp_path):
-    result = runner.invoke(cli, ["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o"),
-                                 "--spm", str(tmp_path / "x")])
+    result = runner.invoke(
+        cli,
+        ["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o"), "--spm", str(tmp_path / "x")],
+    )
     assert result.exit_code == 2
     assert "does not exist" in result.output

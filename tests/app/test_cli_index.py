@@ -29,13 +29,28 @@ def cli_db(tmp_path_factory, tiny_checkpoint):
     write_shapes(root / "shapes")
     (root / "caps.txt").write_text("\n".join(caption(c, s) for c, s in pairs()) + "\n")
     db = root / "db"
-    images = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
-                                 "--model", str(tiny_checkpoint), "--workers", "0"])
+    images = runner.invoke(
+        cli,
+        [
+            "index",
+            "images",
+            str(root / "shapes"),
+            "--db",
+            str(db),
+            "--model",
+            str(tiny_checkpoint),
+            "--workers",
+            "0",
+        ],
+    )
     assert images.exit_code == 0, images.output
-    assert "images: seen 32, indexed 32, unchanged 0, duplicates 0, removed 0, skipped 0" \
+    assert (
+        "images: seen 32, indexed 32, unchanged 0, duplicates 0, removed 0, skipped 0"
         in images.stdout
-    texts = runner.invoke(cli, ["index", "texts", str(root / "caps.txt"), "--db", str(db),
-                                "--backend", "faiss"])
+    )
+    texts = runner.invoke(
+        cli, ["index", "texts", str(root / "caps.txt"), "--db", str(db), "--backend", "faiss"]
+    )
     assert texts.exit_code == 0, texts.output
     assert "texts: seen 32, indexed 32" in texts.stdout
     return root, db
@@ -56,13 +71,29 @@ def test_search_prints_rank_score_and_path(cli_db):
 def test_image_query_with_json_output(cli_db):
     root, db = cli_db
     image = root / "shapes" / "blue_cross_0.png"
-    same = runner.invoke(cli, ["search", str(image), "--image", "--db", str(db), "--k", "1",
-                               "--json"])
+    same = runner.invoke(
+        cli, ["search", str(image), "--image", "--db", str(db), "--k", "1", "--json"]
+    )
     assert same.exit_code == 0, same.output
     (hit,) = json.loads(same.stdout)
     assert hit["path"] == str(image) and hit["score"] == pytest.approx(1.0, abs=1e-5)
-    texts = runner.invoke(cli, ["search", str(image), "--image", "--db", str(db), "--table",
-                                "texts", "--k", "4", "--offset", "2", "--json"])
+    texts = runner.invoke(
+        cli,
+        [
+            "search",
+            str(image),
+            "--image",
+            "--db",
+            str(db),
+            "--table",
+            "texts",
+            "--k",
+            "4",
+            "--offset",
+            "2",
+            "--json",
+        ],
+    )
     hits = json.loads(texts.stdout)
     assert [h["rank"] for h in hits] == [3, 4, 5, 6]
     assert all(h["modality"] == "text" and h["text"].startswith("a ") for h in hits)
@@ -70,8 +101,9 @@ def test_image_query_with_json_output(cli_db):
 
 def test_rerun_reports_nothing_to_embed(cli_db):
     root, db = cli_db
-    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
-                                 "--workers", "0"])
+    result = runner.invoke(
+        cli, ["index", "images", str(root / "shapes"), "--db", str(db), "--workers", "0"]
+    )
     assert result.exit_code == 0, result.output
     assert "seen 32, indexed 0, unchanged 32" in result.stdout
 
@@ -86,17 +118,30 @@ def test_bad_input_exits_2_with_one_line(cli_db, tmp_path, other_checkpoint):
     root, db = cli_db
     result = runner.invoke(cli, ["search", "x", "--db", str(tmp_path)])
     assert result.exit_code == 2
-    assert _error_line(result) == (f"error: {tmp_path} is not a beit3 index (no "
-                                   "beit3_index.json); build one with: beit3 index images "
-                                   "FOLDER --db DIR --model CKPT")
+    assert _error_line(result) == (
+        f"error: {tmp_path} is not a beit3 index (no "
+        "beit3_index.json); build one with: beit3 index images "
+        "FOLDER --db DIR --model CKPT"
+    )
 
-    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db", str(db),
-                                 "--model", str(other_checkpoint)])
+    result = runner.invoke(
+        cli,
+        [
+            "index",
+            "images",
+            str(root / "shapes"),
+            "--db",
+            str(db),
+            "--model",
+            str(other_checkpoint),
+        ],
+    )
     assert result.exit_code == 2
     assert _error_line(result).startswith(f"error: index {db} was built by beit3-tiny@")
 
-    result = runner.invoke(cli, ["index", "images", str(root / "shapes"), "--db",
-                                 str(tmp_path / "new")])
+    result = runner.invoke(
+        cli, ["index", "images", str(root / "shapes"), "--db", str(tmp_path / "new")]
+    )
     assert result.exit_code == 2
     assert "holds no index yet" in _error_line(result)
 
@@ -106,11 +151,14 @@ def test_bad_input_exits_2_with_one_line(cli_db, tmp_path, other_checkpoint):
 
     result = runner.invoke(cli, ["search", "x", "--db", str(db), "--table", "nope"])
     assert result.exit_code == 2
-    assert _error_line(result) == f"error: index {db} has no table 'nope'; its tables: images, texts"
+    assert (
+        _error_line(result) == f"error: index {db} has no table 'nope'; its tables: images, texts"
+    )
 
 
 def test_missing_path_is_a_usage_error(tmp_path):
-    result = runner.invoke(cli, ["index", "images", str(tmp_path / "nope"), "--db",
-                                 str(tmp_path / "db")])
+    result = runner.invoke(
+        cli, ["index", "images", str(tmp_path / "nope"), "--db", str(tmp_path / "db")]
+    )
     assert result.exit_code == 2
     assert "does not exist" in result.output

@@ -31,17 +31,44 @@ def visual(tmp_path_factory, manifest):
 
 def _tiny_args(spm_path) -> list[str]:
     vocab = TextTokenizer(spm_path).vocab_size
-    return ["--preset", "beit3-tiny", "--tokenizer", str(spm_path),
-            "--set", f'model_overrides={{"vocab_size": {vocab}}}', "--set", "num_workers=0",
-            "--set", "tensorboard=false", "--set", "text_batch_size=8",
-            "--set", "image_batch_size=8", "--set", "pair_batch_size=8"]
+    return [
+        "--preset",
+        "beit3-tiny",
+        "--tokenizer",
+        str(spm_path),
+        "--set",
+        f'model_overrides={{"vocab_size": {vocab}}}',
+        "--set",
+        "num_workers=0",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "text_batch_size=8",
+        "--set",
+        "image_batch_size=8",
+        "--set",
+        "pair_batch_size=8",
+    ]
 
 
 def test_pretrain_smoke_mode(tmp_path, spm_path, manifest, visual):
-    result = runner.invoke(cli, ["pretrain", "--output-dir", str(tmp_path / "run"),
-                                 "--pairs", str(manifest), "--visual-tokenizer", str(visual),
-                                 "--max-steps", "2", "--set", "log_every=1",
-                                 *_tiny_args(spm_path)])
+    result = runner.invoke(
+        cli,
+        [
+            "pretrain",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--pairs",
+            str(manifest),
+            "--visual-tokenizer",
+            str(visual),
+            "--max-steps",
+            "2",
+            "--set",
+            "log_every=1",
+            *_tiny_args(spm_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "pretrained 2 steps" in result.output and "beit3-tiny@" in result.output
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
@@ -49,26 +76,66 @@ def test_pretrain_smoke_mode(tmp_path, spm_path, manifest, visual):
 
 
 def test_pretrain_typo_is_one_line_exit_2(tmp_path, spm_path, manifest):
-    result = runner.invoke(cli, ["pretrain", "--output-dir", str(tmp_path), "--pairs",
-                                 str(manifest), "--set", "text_mask_ratoi=0.2"])
+    result = runner.invoke(
+        cli,
+        [
+            "pretrain",
+            "--output-dir",
+            str(tmp_path),
+            "--pairs",
+            str(manifest),
+            "--set",
+            "text_mask_ratoi=0.2",
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: unknown PretrainConfig key 'text_mask_ratoi'; did you mean 'text_mask_ratio'?"]
+        "error: unknown PretrainConfig key 'text_mask_ratoi'; did you mean 'text_mask_ratio'?"
+    ]
 
 
 def test_pretrain_on_images_without_visual_tokenizer_exit_2(tmp_path, spm_path, manifest):
-    result = runner.invoke(cli, ["pretrain", "--output-dir", str(tmp_path / "run"), "--pairs",
-                                 str(manifest), "--max-steps", "1", *_tiny_args(spm_path)])
+    result = runner.invoke(
+        cli,
+        [
+            "pretrain",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--pairs",
+            str(manifest),
+            "--max-steps",
+            "1",
+            *_tiny_args(spm_path),
+        ],
+    )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "needs a visual tokenizer" in lines[0]
 
 
 def test_train_visual_writes_a_tokenizer(tmp_path, manifest):
-    result = runner.invoke(cli, ["tokenizer", "train-visual", str(manifest), "--output-dir",
-                                 str(tmp_path), "--preset", "vqkd-tiny", "--max-steps", "4",
-                                 "--batch-size", "16", "--override", "codebook_size=16",
-                                 "--set", "num_workers=0", "--set", "tensorboard=false"])
+    result = runner.invoke(
+        cli,
+        [
+            "tokenizer",
+            "train-visual",
+            str(manifest),
+            "--output-dir",
+            str(tmp_path),
+            "--preset",
+            "vqkd-tiny",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--override",
+            "codebook_size=16",
+            "--set",
+            "num_workers=0",
+            "--set",
+            "tensorboard=false",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "codebook usage" in result.output
     config = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
@@ -77,10 +144,26 @@ def test_train_visual_writes_a_tokenizer(tmp_path, manifest):
 
 def test_train_text_makes_a_tokenizer(tmp_path):
     corpus = tmp_path / "texts.txt"
-    corpus.write_text("\n".join(f"a {c} {s} number {i}" for i in range(30)
-                                for c in ("red", "green", "blue") for s in ("circle", "cross")))
-    result = runner.invoke(cli, ["tokenizer", "train-text", str(corpus), "--output",
-                                 str(tmp_path / "spm"), "--vocab-size", "60"])
+    corpus.write_text(
+        "\n".join(
+            f"a {c} {s} number {i}"
+            for i in range(30)
+            for c in ("red", "green", "blue")
+            for s in ("circle", "cross")
+        )
+    )
+    result = runner.invoke(
+        cli,
+        [
+            "tokenizer",
+            "train-text",
+            str(corpus),
+            "--output",
+            str(tmp_path / "spm"),
+            "--vocab-size",
+            "60",
+        ],
+    )
     assert result.exit_code == 0, result.output
     tok = TextTokenizer(tmp_path / "spm")
     assert tok.decode(tok.encode("a red circle")) == "a red circle"

@@ -30,18 +30,45 @@ def _caption_folder(folder):
 def test_finetune_then_eval_on_a_caption_folder(tmp_path):
     data = _caption_folder(tmp_path / "pairs")
     run = tmp_path / "run"
-    result = runner.invoke(cli, [
-        "finetune", str(data), "--output-dir", str(run), "--preset", "beit3-tiny",
-        "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
-        "--no-tensorboard",
-    ])
+    result = runner.invoke(
+        cli,
+        [
+            "finetune",
+            str(data),
+            "--output-dir",
+            str(run),
+            "--preset",
+            "beit3-tiny",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+            "--no-tensorboard",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"final model: {run / 'final'}" in result.output
     assert load_checkpoint(run / "final").preset == "beit3-tiny"
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2]
 
-    result = runner.invoke(cli, ["eval", str(run / "final"), str(data), "--output-dir",
-                                 str(tmp_path / "eval"), "--num-workers", "0"])
+    result = runner.invoke(
+        cli,
+        [
+            "eval",
+            str(run / "final"),
+            str(data),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--num-workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "image->text" in result.output and "(12 images, 12 captions" in result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -53,13 +80,33 @@ def _error_lines(result):
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path, tiny_checkpoint):
-    result = runner.invoke(cli, ["finetune", str(tmp_path / "nope.jsonl"), "--output-dir",
-                                 str(tmp_path / "r"), "--preset", "beit3-tiny"])
+    result = runner.invoke(
+        cli,
+        [
+            "finetune",
+            str(tmp_path / "nope.jsonl"),
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--preset",
+            "beit3-tiny",
+        ],
+    )
     assert result.exit_code == 2
     assert _error_lines(result) == [f"error: {tmp_path / 'nope.jsonl'}: no such file or folder"]
 
-    result = runner.invoke(cli, ["finetune", "x.jsonl", "--output-dir", str(tmp_path / "r"),
-                                 "--preset", "beit3-tiny", "--init", str(tiny_checkpoint)])
+    result = runner.invoke(
+        cli,
+        [
+            "finetune",
+            "x.jsonl",
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--preset",
+            "beit3-tiny",
+            "--init",
+            str(tiny_checkpoint),
+        ],
+    )
     assert result.exit_code == 2
     assert _error_lines(result)[0].startswith("error: give exactly one of init")
 
@@ -67,5 +114,6 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, tiny_checkpoint):
     empty.write_text(json.dumps({"image": "a.png", "text": ""}) + "\n")
     result = runner.invoke(cli, ["eval", str(tiny_checkpoint), str(empty)])
     assert result.exit_code == 2
-    assert _error_lines(result) == [f"error: {empty}: no usable image-text pairs (every row "
-                                    "lacked an image or text)"]
+    assert _error_lines(result) == [
+        f"error: {empty}: no usable image-text pairs (every row lacked an image or text)"
+    ]

@@ -54,8 +54,10 @@ def cards(at: AppTest) -> list[tuple[str, str]]:
 
 
 def expected_cards(hits) -> list[tuple[str, str]]:
-    return [(f"**{md_escape(Path(h.path).name)}**", f"score {h.score:.3f} \u00b7 #{h.rank}")
-            for h in hits]
+    return [
+        (f"**{md_escape(Path(h.path).name)}**", f"score {h.score:.3f} \u00b7 #{h.rank}")
+        for h in hits
+    ]
 
 
 def text_rows(at: AppTest) -> list[tuple[str, str]]:
@@ -103,7 +105,8 @@ def test_more_results_loads_the_next_page_until_the_index_ends(page, app_searche
     search(page, QUERY)
     page.button(key="more-images").click().run()
     want = app_searcher.search(QUERY, "images", k=PAGE) + app_searcher.search(
-        QUERY, "images", k=PAGE, offset=PAGE)
+        QUERY, "images", k=PAGE, offset=PAGE
+    )
     assert cards(page) == expected_cards(want)
     page.button(key="more-images").click().run()
     page.button(key="more-images").click().run()  # 40 asked for, 32 in the index
@@ -135,9 +138,11 @@ def test_example_button_runs_its_query(page, app_searcher):
 
 def test_examples_come_from_the_indexed_texts(page):
     labels = [b.label for b in page.button if (b.key or "").startswith("example-")]
-    captions = {f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange",
-                                      "black", "cyan") for s in ("circle", "square", "triangle",
-                                                                 "cross")}
+    captions = {
+        f"a {c} {s}"
+        for c in ("red", "green", "blue", "yellow", "purple", "orange", "black", "cyan")
+        for s in ("circle", "square", "triangle", "cross")
+    }
     assert 2 <= len(labels) <= 3 and set(labels) <= captions
 
 
@@ -148,8 +153,11 @@ def test_similar_searches_with_the_clicked_image(page, app_searcher):
     no_traceback(page)
     name = Path(first.path).name
     assert any(f"More like **{md_escape(name)}**" == m.value for m in page.markdown)
-    want = [h for h in app_searcher.search_similar("images", first.id, "images", k=PAGE)
-            if h.id != first.id]
+    want = [
+        h
+        for h in app_searcher.search_similar("images", first.id, "images", k=PAGE)
+        if h.id != first.id
+    ]
     assert cards(page) == expected_cards(want)
     assert page.text_input(key="q").value == ""
     texts = app_searcher.search_similar("images", first.id, "texts", k=TEXT_PAGE)
@@ -192,8 +200,9 @@ def test_uploaded_image_finds_similar_images_and_texts(page, app_searcher, app_d
     path = app_db.parent / "images" / "red_circle_0.png"
     page.file_uploader[0].set_value(("mine.png", path.read_bytes(), "image/png")).run()
     no_traceback(page)
-    assert any(m.value == "Images and texts like **mine\\.png** (your upload)"
-               for m in page.markdown)
+    assert any(
+        m.value == "Images and texts like **mine\\.png** (your upload)" for m in page.markdown
+    )
     assert cards(page) == expected_cards(app_searcher.search(path, "images", k=PAGE))
     texts = app_searcher.search(path, "texts", k=TEXT_PAGE)
     assert [r[1] for r in text_rows(page)] == [md_escape(h.text) for h in texts]
@@ -204,7 +213,8 @@ def test_upload_that_is_not_an_image_gets_a_message(page):
     no_traceback(page)
     assert [w.value for w in page.warning] == [
         "notes.png is not an image we can read (PNG, JPEG, WebP, GIF, BMP or TIFF). "
-        "Pick an image file and try again."]
+        "Pick an image file and try again."
+    ]
     assert not page.grid
 
 
@@ -213,8 +223,8 @@ def test_upload_with_too_many_pixels_gets_a_message(page):
     page.file_uploader[0].set_value(("poster.png", huge, "image/png")).run()
     no_traceback(page)
     assert [w.value for w in page.warning] == [
-        "poster.png is 9000\u00d75000 pixels (45 MP); the limit is 40 MP. "
-        "Resize it and try again."]
+        "poster.png is 9000\u00d75000 pixels (45 MP); the limit is 40 MP. Resize it and try again."
+    ]
 
 
 def test_upload_over_the_size_limit_gets_a_message(monkeypatch, app_db):
@@ -291,10 +301,12 @@ def test_decode_upload_accepts_an_image_and_refuses_empty_bytes():
 
 
 def test_examples_from_names_and_texts():
-    assert examples_from_names(["/x/red_circle_0.png", "/x/IMG_0042.jpg", "/y/red_circle_1.png",
-                                None, "/x/Blue-Sky.webp"]) == ["red circle", "blue sky"]
-    assert examples_from_texts(["a dog", "A dog", "x", "a very long caption " * 5, "a cat"],
-                               limit=3) == ["a dog", "a cat"]
+    assert examples_from_names(
+        ["/x/red_circle_0.png", "/x/IMG_0042.jpg", "/y/red_circle_1.png", None, "/x/Blue-Sky.webp"]
+    ) == ["red circle", "blue sky"]
+    assert examples_from_texts(
+        ["a dog", "A dog", "x", "a very long caption " * 5, "a cat"], limit=3
+    ) == ["a dog", "a cat"]
 
 
 def test_parse_app_args_reports_unknown_arguments():
@@ -309,18 +321,36 @@ def test_parse_app_args_reports_unknown_arguments():
 def test_app_command_serves_the_packaged_page_headless(monkeypatch, app_db, tiny_checkpoint):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    result = CliRunner().invoke(cli, ["app", "--db", str(app_db), "--port", "8765",
-                                      "--model", str(tiny_checkpoint), "--max-upload-mb", "5"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "app",
+            "--db",
+            str(app_db),
+            "--port",
+            "8765",
+            "--model",
+            str(tiny_checkpoint),
+            "--max-upload-mb",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (cmd,) = calls
     assert cmd[1:5] == ["-m", "streamlit", "run", str(APP_FILE)]
-    flags = dict(zip(cmd[5:cmd.index("--"):2], cmd[6:cmd.index("--"):2], strict=True))
+    flags = dict(zip(cmd[5 : cmd.index("--") : 2], cmd[6 : cmd.index("--") : 2], strict=True))
     assert flags["--server.headless"] == "true"
     assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == "8765"
     assert flags["--server.maxUploadSize"] == "5"
     assert flags["--browser.gatherUsageStats"] == "false"
-    assert cmd[cmd.index("--") + 1:] == ["--db", str(app_db), "--model", str(tiny_checkpoint),
-                                         "--max-upload-mb", "5"]
+    assert cmd[cmd.index("--") + 1 :] == [
+        "--db",
+        str(app_db),
+        "--model",
+        str(tiny_checkpoint),
+        "--max-upload-mb",
+        "5",
+    ]
     assert "http://127.0.0.1:8765" in result.output
 
 

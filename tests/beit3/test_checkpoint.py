@@ -33,8 +33,9 @@ def test_round_trip_is_bit_exact(tiny_checkpoint):
 
 def test_overrides_and_fp16_storage(tmp_path, tokenizer):
     model = create_model("beit3-tiny", img_size=64, drop_path_rate=0.1)
-    model_id = save_checkpoint(model, tmp_path / "c", preset="beit3-tiny", tokenizer=tokenizer,
-                               dtype=torch.float16)
+    model_id = save_checkpoint(
+        model, tmp_path / "c", preset="beit3-tiny", tokenizer=tokenizer, dtype=torch.float16
+    )
     ckpt = load_checkpoint(tmp_path / "c")
     assert ckpt.config.img_size == 64
     assert ckpt.config.drop_path_rate == 0.0  # a run setting, not saved
@@ -105,7 +106,10 @@ def _official_pth(tmp_path, cfg, extra=None, half=True, wrap="model"):
 def test_official_pth_converts_with_no_missing_keys_and_same_outputs(tmp_path, spm_path, caplog):
     cfg = create_config("beit3-tiny")
     dim = cfg.embed_dim
-    extra = {"mim_head.weight": torch.zeros(8192, dim).half(), "mim_head.bias": torch.zeros(8192).half()}
+    extra = {
+        "mim_head.weight": torch.zeros(8192, dim).half(),
+        "mim_head.bias": torch.zeros(8192).half(),
+    }
     pth, ref = _official_pth(tmp_path, cfg, extra=extra)
     model_id = import_official(pth, tmp_path / "converted", spm=spm_path)
     ckpt = load_checkpoint(tmp_path / "converted")
@@ -115,10 +119,12 @@ def test_official_pth_converts_with_no_missing_keys_and_same_outputs(tmp_path, s
     pad = torch.zeros(2, 7, dtype=torch.bool)
     ref = ref.half().float()  # the file is fp16: compare with the same rounded weights
     with torch.no_grad():
-        torch.testing.assert_close(ckpt.model.encode_image(images), ref.encode_image(images),
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ckpt.model.encode_text(ids, pad), ref.encode_text(ids, pad),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ckpt.model.encode_image(images), ref.encode_image(images), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            ckpt.model.encode_text(ids, pad), ref.encode_text(ids, pad), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_official_pth_interpolates_positions_to_a_larger_image(tmp_path, spm_path):
@@ -131,8 +137,9 @@ def test_official_pth_interpolates_positions_to_a_larger_image(tmp_path, spm_pat
     assert table.shape == (3 + 16, cfg.embed_dim)
     assert torch.equal(table[:3], old[:3])  # 2 unused rows and CLS are kept
     grid = old[3:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic",
-                                               align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        grid, size=(4, 4), mode="bicubic", align_corners=False
+    )
     torch.testing.assert_close(table[3:], expected.permute(0, 2, 3, 1).reshape(16, -1))
     assert ckpt.preprocess.img_size == 64
 
@@ -185,8 +192,9 @@ def test_bad_official_files_are_clear_errors(tmp_path, spm_path):
 
 
 def test_run_settings_are_not_saved_and_architecture_args_are(tmp_path, tokenizer):
-    model = create_model("beit3-tiny", "pretraining", drop_path_rate=0.2, use_checkpoint=True,
-                         codebook_size=32)
+    model = create_model(
+        "beit3-tiny", "pretraining", drop_path_rate=0.2, use_checkpoint=True, codebook_size=32
+    )
     save_checkpoint(model, tmp_path / "p", preset="beit3-tiny", tokenizer=tokenizer)
     meta = json.loads((tmp_path / "p" / "config.json").read_text())
     assert meta["overrides"] == {}

@@ -30,7 +30,12 @@ def test_parameter_counts_match_official_retrieval_models(preset, tensors, param
 def test_giant_preset_is_the_papers_scale():
     cfg = get_preset("beit3-giant")
     assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.patch_size) == (
-        40, 1408, 16, 6144, 14)
+        40,
+        1408,
+        16,
+        6144,
+        14,
+    )
     _, params = _count("beit3-giant")
     # Decoupled layout at the paper's widths: two full experts, so more than the paper's 1.9B.
     assert 1.9e9 < params < 3.2e9
@@ -38,8 +43,15 @@ def test_giant_preset_is_the_papers_scale():
 
 def test_presets_are_named_canonically():
     names = list_presets()
-    assert {"beit3-tiny", "beit3-small", "beit3-base", "beit3-base-384", "beit3-large",
-            "beit3-large-384", "beit3-giant"} <= set(names)
+    assert {
+        "beit3-tiny",
+        "beit3-small",
+        "beit3-base",
+        "beit3-base-384",
+        "beit3-large",
+        "beit3-large-384",
+        "beit3-giant",
+    } <= set(names)
     assert all(n == n.lower() and n.startswith("beit3-") for n in names)
 
 
@@ -74,6 +86,11 @@ def test_invalid_values_are_rejected(overrides, message):
 def test_config_round_trips_and_derives():
     cfg = create_config("beit3-base-384")
     assert Beit3Config.from_dict(cfg.to_dict()) == cfg
-    assert (cfg.head_dim, cfg.num_patches, cfg.num_vision_tokens, cfg.ffn_dim) == (64, 576, 577, 3072)
+    assert (cfg.head_dim, cfg.num_patches, cfg.num_vision_tokens, cfg.ffn_dim) == (
+        64,
+        576,
+        577,
+        3072,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.depth = 3  # type: ignore[misc]

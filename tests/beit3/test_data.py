@@ -95,8 +95,12 @@ def test_dataset_skips_broken_images_once_and_collates(tmp_path, tokenizer, capl
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n".join(json.dumps({"image": p.name, "text": t}) for p, t in
-                                  [(good, "a red circle"), (broken, "x"), (broken, "y")]))
+    manifest.write_text(
+        "\n".join(
+            json.dumps({"image": p.name, "text": t})
+            for p, t in [(good, "a red circle"), (broken, "x"), (broken, "y")]
+        )
+    )
     ds = PairDataset(read_pairs(manifest), ImageTransform(PreprocessConfig(img_size=32)), tokenizer)
     samples = [ds[i] for i in range(len(ds))]
     assert samples[1] is None
@@ -125,12 +129,18 @@ def _png(color):
 
 def test_webdataset_shards_stream_and_split_by_rank(tmp_path, tokenizer):
     for s in range(2):
-        _write_shard(tmp_path / f"shard-{s:03d}.tar", [
-            (f"s{s}a.png", _png("red")), (f"s{s}a.txt", b"a red square"),
-            (f"s{s}b.jpg", b"not an image"), (f"s{s}b.txt", b"broken"),
-            (f"s{s}c.png", _png("blue")), (f"s{s}c.json", b'{"caption": "a blue square"}'),
-            (f"s{s}d.png", _png("green")),  # no caption: skipped
-        ])
+        _write_shard(
+            tmp_path / f"shard-{s:03d}.tar",
+            [
+                (f"s{s}a.png", _png("red")),
+                (f"s{s}a.txt", b"a red square"),
+                (f"s{s}b.jpg", b"not an image"),
+                (f"s{s}b.txt", b"broken"),
+                (f"s{s}c.png", _png("blue")),
+                (f"s{s}c.json", b'{"caption": "a blue square"}'),
+                (f"s{s}d.png", _png("green")),  # no caption: skipped
+            ],
+        )
     shards = expand_shards(tmp_path / "shard-{000..001}.tar")
     assert [p.name for p in shards] == ["shard-000.tar", "shard-001.tar"]
     transform = ImageTransform(PreprocessConfig(img_size=32))

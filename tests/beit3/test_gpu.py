@@ -35,8 +35,9 @@ def test_fp32_parity_on_cuda():
     images, ids, pad = (t.cuda() for t in _inputs(cfg, batch=2))
     with torch.no_grad():
         a = ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states
-        b = ref.beit3(textual_tokens=ids, visual_tokens=images,
-                      text_padding_position=pad)["encoder_out"]
+        b = ref.beit3(textual_tokens=ids, visual_tokens=images, text_padding_position=pad)[
+            "encoder_out"
+        ]
     assert (a - b).abs().max().item() <= 1e-4 * max(b.abs().max().item(), 1.0)
 
 

@@ -17,8 +17,10 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
             if p.ndim == 0:
                 continue
             if "layer_norm" in name or "ffn_layernorm" in name or "inner_attn_ln" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0)
-                        + 0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(
+                    (1.0 if name.endswith("weight") else 0.0)
+                    + 0.2 * torch.randn(p.shape, generator=gen)
+                )
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             else:
@@ -48,14 +50,22 @@ def test_outputs_match_official_implementation(preset):
     images, ids, pad = _inputs(cfg, batch=2 if preset == "beit3-base" else 3)
     with torch.no_grad():
         cases = {
-            "vision": (ours.beit3(images=images).hidden_states,
-                       ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"]),
-            "text": (ours.beit3(text_ids=ids, padding_mask=pad).hidden_states,
-                     ref.beit3(textual_tokens=ids, visual_tokens=None,
-                               text_padding_position=pad)["encoder_out"]),
-            "joint": (ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states,
-                      ref.beit3(textual_tokens=ids, visual_tokens=images,
-                                text_padding_position=pad)["encoder_out"]),
+            "vision": (
+                ours.beit3(images=images).hidden_states,
+                ref.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"],
+            ),
+            "text": (
+                ours.beit3(text_ids=ids, padding_mask=pad).hidden_states,
+                ref.beit3(textual_tokens=ids, visual_tokens=None, text_padding_position=pad)[
+                    "encoder_out"
+                ],
+            ),
+            "joint": (
+                ours.beit3(images=images, text_ids=ids, padding_mask=pad).hidden_states,
+                ref.beit3(textual_tokens=ids, visual_tokens=images, text_padding_position=pad)[
+                    "encoder_out"
+                ],
+            ),
             "image_embeds": (ours.encode_image(images), ref.encode_image(images)),
             "text_embeds": (ours.encode_text(ids, pad), ref.encode_text(ids, pad)),
         }
@@ -99,8 +109,11 @@ def test_text_only_forward_never_touches_vision_experts():
     _, ids, pad = _inputs(model.config)
     model.encode_text(ids, pad).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    vision = [n for n in grads if ".A." in n or n.startswith("beit3.vision_embed")
-              or n == "vision_head.weight"]
+    vision = [
+        n
+        for n in grads
+        if ".A." in n or n.startswith("beit3.vision_embed") or n == "vision_head.weight"
+    ]
     language = [n for n in grads if ".B." in n and "embed_positions" not in n]
     assert vision and language
     assert all(grads[n] is None for n in vision)
@@ -189,12 +202,16 @@ def test_first_token_only_equals_the_full_forward():
     _randomize(model)
     images, ids, pad = _inputs(cfg)
     with torch.no_grad():
-        for kwargs in ({"images": images}, {"text_ids": ids, "padding_mask": pad},
-                       {"images": images, "text_ids": ids, "padding_mask": pad}):
+        for kwargs in (
+            {"images": images},
+            {"text_ids": ids, "padding_mask": pad},
+            {"images": images, "text_ids": ids, "padding_mask": pad},
+        ):
             full = model.beit3(**kwargs)
             first = model.beit3(**kwargs, first_token_only=True)
             expected = [full.hidden_states[:, :1]]
             if "images" in kwargs and "text_ids" in kwargs:
                 expected.append(full.hidden_states[:, full.num_vision_tokens :][:, :1])
-            torch.testing.assert_close(first.hidden_states, torch.cat(expected, dim=1),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                first.hidden_states, torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5
+            )

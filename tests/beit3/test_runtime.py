@@ -44,15 +44,17 @@ def test_param_groups_follow_official_decay_rules():
     assert by_name["beit3.encoder.layers.0.ffn.A.fc1.bias"]["weight_decay"] == 0.0
     assert by_name["logit_scale"]["weight_decay"] == 0.0
     assert by_name["beit3.text_embed.weight"]["lr_scale"] == pytest.approx(0.65 ** (depth + 1))
-    assert by_name["beit3.encoder.layers.1.self_attn.q_proj.A.weight"]["lr_scale"] == \
-        pytest.approx(0.65)
+    assert by_name["beit3.encoder.layers.1.self_attn.q_proj.A.weight"]["lr_scale"] == pytest.approx(
+        0.65
+    )
     assert by_name["vision_head.weight"]["lr_scale"] == 1.0
     assert layer_id("beit3.encoder.layer_norm.A.weight", depth) == depth + 1
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
     set_lr(opt, 1e-3)
-    assert {round(g["lr"] / 1e-3, 6) for g in opt.param_groups} == \
-        {round(0.65**k, 6) for k in range(depth + 2)}
+    assert {round(g["lr"] / 1e-3, 6) for g in opt.param_groups} == {
+        round(0.65**k, 6) for k in range(depth + 2)
+    }
 
 
 def test_train_state_round_trip_restores_weights_optimizer_and_rng(tmp_path, tokenizer):
@@ -64,8 +66,15 @@ def test_train_state_round_trip_restores_weights_optimizer_and_rng(tmp_path, tok
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    save_train_state(tmp_path, 7, model=model, optimizer=opt, preset="beit3-tiny",
-                     tokenizer=tokenizer, extra={"epoch": 1, "batch": 3})
+    save_train_state(
+        tmp_path,
+        7,
+        model=model,
+        optimizer=opt,
+        preset="beit3-tiny",
+        tokenizer=tokenizer,
+        extra={"epoch": 1, "batch": 3},
+    )
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     # An incomplete newer step (no trainer_state.pt) is ignored.
     (tmp_path / "checkpoints" / "step-00000009").mkdir()
@@ -89,10 +98,19 @@ def test_only_newest_steps_are_kept(tmp_path, tokenizer):
     model = create_model("beit3-tiny")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in (1, 2, 3):
-        save_train_state(tmp_path, step, model=model, optimizer=opt, preset="beit3-tiny",
-                         tokenizer=tokenizer, keep=2)
+        save_train_state(
+            tmp_path,
+            step,
+            model=model,
+            optimizer=opt,
+            preset="beit3-tiny",
+            tokenizer=tokenizer,
+            keep=2,
+        )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-00000002", "step-00000003"]
+        "step-00000002",
+        "step-00000003",
+    ]
 
 
 def test_run_logger_and_run_config(tmp_path):

@@ -4,8 +4,13 @@ import torch
 from beit3 import CheckpointError, TextTokenizer
 from beit3.tokenizer import SPM_FILENAME
 
-TEXTS = ["a red circle", "A Blue SQUARE!", "", "zebra xylophone quokka 42 ünïcödé 🍕",
-         "a green triangle " * 30]
+TEXTS = [
+    "a red circle",
+    "A Blue SQUARE!",
+    "",
+    "zebra xylophone quokka 42 ünïcödé 🍕",
+    "a green triangle " * 30,
+]
 
 
 def test_ids_equal_xlm_roberta_tokenizer(spm_path, tmp_path):

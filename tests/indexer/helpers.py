@@ -31,8 +31,11 @@ def write_odd_images(folder: Path) -> list[Path]:
     save(shape_image("red", "circle", seed=11).convert("CMYK"), "cmyk.jpg", quality=95)
     gray = np.asarray(shape_image("blue", "square", seed=12).convert("L"), dtype=np.uint16) * 257
     save(Image.fromarray(gray), "gray16.png")
-    save(shape_image("green", "cross", seed=13).convert("P", palette=Image.Palette.ADAPTIVE),
-         "palette.png", transparency=0)
+    save(
+        shape_image("green", "cross", seed=13).convert("P", palette=Image.Palette.ADAPTIVE),
+        "palette.png",
+        transparency=0,
+    )
     rgba = shape_image("purple", "triangle", seed=14).convert("RGBA")
     rgba.putalpha(128)
     save(rgba, "alpha.png")
@@ -82,9 +85,14 @@ def write_bad_images(folder: Path) -> dict[str, str]:
 
 def png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (over Pillow's bomb limit)."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload)))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
     idat = zlib.compress(b"\x00" * 16)
@@ -108,8 +116,9 @@ def open_table(db: Path, table: str):
     manifest = DbManifest.read(db)
     assert manifest is not None
     entry = manifest.tables[table]
-    return open_store(db, table, entry["backend"], dim=manifest.dim,
-                      index_type=entry.get("index_type"))
+    return open_store(
+        db, table, entry["backend"], dim=manifest.dim, index_type=entry.get("index_type")
+    )
 
 
 def rows(db: Path, table: str) -> dict[str, dict]:
@@ -130,5 +139,11 @@ def rows(db: Path, table: str) -> dict[str, dict]:
 def run_python(code: str, *args: str, timeout: float = 50) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter at the repository root."""
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -11,8 +11,9 @@ from indexer import Searcher, index_images, index_texts
 from tests.indexer.helpers import rows, write_bad_images, write_odd_images
 
 
-def test_index_images_counts_every_item_and_skips_bad_ones_with_reasons(tmp_path, shapes_dir,
-                                                                        tiny_checkpoint):
+def test_index_images_counts_every_item_and_skips_bad_ones_with_reasons(
+    tmp_path, shapes_dir, tiny_checkpoint
+):
     odd = write_odd_images(shapes_dir / "odd")
     reasons = write_bad_images(shapes_dir / "bad")
     (shapes_dir / "copies").mkdir()
@@ -22,11 +23,18 @@ def test_index_images_counts_every_item_and_skips_bad_ones_with_reasons(tmp_path
     (shapes_dir / ".hidden").mkdir()
     shutil.copy(shapes_dir / "red_circle_0.png", shapes_dir / ".hidden" / "x.png")
 
-    report = index_images([shapes_dir], tmp_path / "db", tiny_checkpoint, num_workers=0,
-                          batch_size=7)
+    report = index_images(
+        [shapes_dir], tmp_path / "db", tiny_checkpoint, num_workers=0, batch_size=7
+    )
 
-    assert (report.seen, report.indexed, report.duplicates, report.unchanged, report.skipped,
-            report.removed) == (32 + 2 + len(odd) + len(reasons), 32 + len(odd), 2, 0, 5, 0)
+    assert (
+        report.seen,
+        report.indexed,
+        report.duplicates,
+        report.unchanged,
+        report.skipped,
+        report.removed,
+    ) == (32 + 2 + len(odd) + len(reasons), 32 + len(odd), 2, 0, 5, 0)
     got = {os.path.basename(path): reason for path, reason in report.skipped_reasons}
     assert set(got) == set(reasons)
     for name, start in reasons.items():
@@ -37,8 +45,9 @@ def test_index_images_counts_every_item_and_skips_bad_ones_with_reasons(tmp_path
     table = rows(tmp_path / "db", "images")
     assert len(table) == 32 + len(odd)
     red = next(r for r in table.values() if r["path"].endswith("/red_circle_0.png"))
-    assert red["paths"] == sorted([str(shapes_dir / "copies/red_circle_0.png"),
-                                   str(shapes_dir / "red_circle_0.png")])
+    assert red["paths"] == sorted(
+        [str(shapes_dir / "copies/red_circle_0.png"), str(shapes_dir / "red_circle_0.png")]
+    )
     assert red["path"] == red["paths"][0] and len(red["mtimes"]) == 2
     assert red["model_id"].startswith("beit3-tiny@") and red["modality"] == "image"
     assert red["size"] == (shapes_dir / "red_circle_0.png").stat().st_size
@@ -61,8 +70,9 @@ def test_exif_rotation_is_applied_before_embedding(tmp_path, shapes_dir, tiny_ch
     assert float(np.dot(stored, sideways)) < float(np.dot(stored, upright)) - 1e-4
 
 
-def test_rerun_embeds_nothing_and_touched_files_are_not_reembedded(tmp_path, shapes_dir,
-                                                                   tiny_checkpoint):
+def test_rerun_embeds_nothing_and_touched_files_are_not_reembedded(
+    tmp_path, shapes_dir, tiny_checkpoint
+):
     db = tmp_path / "db"
     first = index_images([shapes_dir], db, tiny_checkpoint, num_workers=0)
     before = rows(db, "images")
@@ -80,8 +90,9 @@ def test_rerun_embeds_nothing_and_touched_files_are_not_reembedded(tmp_path, sha
 
 
 @pytest.mark.parametrize("backend", ["lancedb", "faiss"])
-def test_deleted_file_disappears_and_changed_file_is_reembedded(tmp_path, shapes_dir,
-                                                                tiny_checkpoint, backend):
+def test_deleted_file_disappears_and_changed_file_is_reembedded(
+    tmp_path, shapes_dir, tiny_checkpoint, backend
+):
     db = tmp_path / "db"
     index_images([shapes_dir], db, tiny_checkpoint, backend=backend, num_workers=0)
     searcher = Searcher(db)
@@ -103,8 +114,9 @@ def test_deleted_file_disappears_and_changed_file_is_reembedded(tmp_path, shapes
     assert top.path == str(shapes_dir / "blue_circle_0.png") and top.score > 0.9999
 
 
-def test_other_folders_of_the_table_are_kept_but_their_deleted_files_go(tmp_path, shapes_dir,
-                                                                         tiny_checkpoint):
+def test_other_folders_of_the_table_are_kept_but_their_deleted_files_go(
+    tmp_path, shapes_dir, tiny_checkpoint
+):
     db = tmp_path / "db"
     other = tmp_path / "other"
     other.mkdir()
@@ -120,24 +132,34 @@ def test_other_folders_of_the_table_are_kept_but_their_deleted_files_go(tmp_path
     assert str(other / "a.png") in paths and str(other / "b.png") not in paths
 
 
-def test_manifest_of_image_paths_is_read_relative_to_itself(tmp_path, shapes_dir,
-                                                            tiny_checkpoint):
+def test_manifest_of_image_paths_is_read_relative_to_itself(tmp_path, shapes_dir, tiny_checkpoint):
     (shapes_dir / "list.jsonl").write_text(
         '{"image": "red_circle_0.png", "text": "a red circle"}\n'
         '{"image": "missing.png"}\n'
         "not json\n"
-        '{"caption": "no image field"}\n')
+        '{"caption": "no image field"}\n'
+    )
     (shapes_dir / "list.csv").write_text("file,text\nblue_cross_0.png,a blue cross\n")
 
-    report = index_images([shapes_dir / "list.jsonl", shapes_dir / "list.csv"], tmp_path / "db",
-                          tiny_checkpoint, num_workers=0)
+    report = index_images(
+        [shapes_dir / "list.jsonl", shapes_dir / "list.csv"],
+        tmp_path / "db",
+        tiny_checkpoint,
+        num_workers=0,
+    )
 
     assert (report.seen, report.indexed, report.skipped) == (5, 2, 3)
     reasons = sorted(r for _, r in report.skipped_reasons)
-    assert reasons[0].startswith("invalid JSON") and reasons[1] == "no field image / image_path " \
-        "/ path / file / filepath / filename; pass --column" and reasons[2] == "no such file"
+    assert (
+        reasons[0].startswith("invalid JSON")
+        and reasons[1]
+        == "no field image / image_path / path / file / filepath / filename; pass --column"
+        and reasons[2] == "no such file"
+    )
     assert {r["path"] for r in rows(tmp_path / "db", "images").values()} == {
-        str(shapes_dir / "red_circle_0.png"), str(shapes_dir / "blue_cross_0.png")}
+        str(shapes_dir / "red_circle_0.png"),
+        str(shapes_dir / "blue_cross_0.png"),
+    }
 
 
 def test_worker_processes_give_the_same_vectors(tmp_path, shapes_dir, tiny_checkpoint):
@@ -149,8 +171,9 @@ def test_worker_processes_give_the_same_vectors(tmp_path, shapes_dir, tiny_check
         np.testing.assert_allclose(a[sha]["vector"], b[sha]["vector"], atol=1e-5)
 
 
-def test_another_model_is_refused_for_additions_and_queries(tmp_path, shapes_dir,
-                                                            tiny_checkpoint, other_checkpoint):
+def test_another_model_is_refused_for_additions_and_queries(
+    tmp_path, shapes_dir, tiny_checkpoint, other_checkpoint
+):
     db = tmp_path / "db"
     index_images([shapes_dir], db, tiny_checkpoint, num_workers=0)
     with pytest.raises(IndexMismatchError) as info:
@@ -166,8 +189,9 @@ def test_another_model_is_refused_for_additions_and_queries(tmp_path, shapes_dir
         index_images([shapes_dir], db, backend="faiss", num_workers=0)
 
 
-def test_new_db_needs_a_model_and_a_missing_source_is_an_error(tmp_path, shapes_dir,
-                                                                tiny_checkpoint):
+def test_new_db_needs_a_model_and_a_missing_source_is_an_error(
+    tmp_path, shapes_dir, tiny_checkpoint
+):
     with pytest.raises(InputDataError, match="holds no index yet .* pass --model"):
         index_images([shapes_dir], tmp_path / "db")
     with pytest.raises(InputDataError, match="nope: no such file or folder"):
@@ -199,11 +223,20 @@ def test_texts_are_embedded_once_and_follow_edits(tmp_path, tiny_checkpoint):
     source.write_text("a yellow cross\na red circle\na blue square\na green cross\n")
     second = index_texts(source, db)
 
-    assert (second.seen, second.indexed, second.unchanged, second.duplicates,
-            second.removed) == (4, 1, 0, 3, 1)
+    assert (second.seen, second.indexed, second.unchanged, second.duplicates, second.removed) == (
+        4,
+        1,
+        0,
+        3,
+        1,
+    )
     table = rows(db, "texts")
     assert sorted(r["text"] for r in table.values()) == [
-        "a blue square", "a green cross", "a red circle", "a yellow cross"]
+        "a blue square",
+        "a green cross",
+        "a red circle",
+        "a yellow cross",
+    ]
     red = next(r for r in table.values() if r["text"] == "a red circle")
     assert red["paths"] == [f"{source}:2"]
 
@@ -216,7 +249,8 @@ def test_bad_texts_are_skipped_with_one_line_reasons(tmp_path, tiny_checkpoint):
         b'{"caption": "' + b"x" * 10_001 + b'"}\n'
         b'{"caption": "caf\xe9"}\n'
         b'{"caption": 3}\n'
-        b'"a bare string"\n')
+        b'"a bare string"\n'
+    )
     report = index_texts(jsonl, tmp_path / "db", tiny_checkpoint)
     assert (report.seen, report.indexed, report.skipped) == (6, 2, 4)
     reasons = dict(report.skipped_reasons)
@@ -246,8 +280,9 @@ def test_index_and_checkpoint_can_move_together(tmp_path, shapes_dir, tiny_check
     project.rename(tmp_path / "moved")
     searcher = Searcher(tmp_path / "moved" / "index")
     assert searcher.checkpoint.path == tmp_path / "moved" / "model"
-    assert searcher.search("a red circle", "images", k=1)[0].path == str(shapes_dir /
-                                                                          "red_circle_0.png")
+    assert searcher.search("a red circle", "images", k=1)[0].path == str(
+        shapes_dir / "red_circle_0.png"
+    )
 
 
 @pytest.mark.gpu
@@ -262,20 +297,26 @@ def test_cuda_bf16_embeddings_match_cpu(tmp_path, shapes_dir, tiny_checkpoint):
     assert cpu.keys() == gpu.keys()
     for sha in cpu:  # bf16 autocast on GPU: close, not equal
         assert float(np.dot(cpu[sha]["vector"], gpu[sha]["vector"])) > 0.99
-    hits = Searcher(tmp_path / "gpu", device="cuda").search(shapes_dir / "red_circle_0.png",
-                                                            "images", k=1)
+    hits = Searcher(tmp_path / "gpu", device="cuda").search(
+        shapes_dir / "red_circle_0.png", "images", k=1
+    )
     assert hits[0].path == str(shapes_dir / "red_circle_0.png")
 
 
 @pytest.mark.parametrize("backend", ["lancedb", "faiss"])
 def test_manifest_captions_label_images_and_relabel_without_embedding(
-        tmp_path, shapes_dir, tiny_checkpoint, backend):
+    tmp_path, shapes_dir, tiny_checkpoint, backend
+):
     import json
 
     manifest = tmp_path / "labels.jsonl"
     names = sorted(p.name for p in shapes_dir.iterdir())[:3]
-    manifest.write_text("".join(json.dumps({"image": f"shapes/{n}", "text": n.split(".")[0]
-                                            .replace("_", " ")}) + "\n" for n in names))
+    manifest.write_text(
+        "".join(
+            json.dumps({"image": f"shapes/{n}", "text": n.split(".")[0].replace("_", " ")}) + "\n"
+            for n in names
+        )
+    )
     db = tmp_path / "db"
     first = index_images([manifest], db, tiny_checkpoint, backend=backend, num_workers=0)
     assert first.indexed == 3

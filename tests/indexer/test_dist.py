@@ -32,6 +32,7 @@ with open(f"{out}.{rank}", "w") as f:
     json.dump(result, f)
 """
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,8 +40,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.dist
-def test_two_ranks_shard_the_work_and_match_a_single_process(tmp_path, shapes_dir,
-                                                             tiny_checkpoint):
+def test_two_ranks_shard_the_work_and_match_a_single_process(tmp_path, shapes_dir, tiny_checkpoint):
     texts = tmp_path / "t.txt"
     texts.write_text("\n".join(f"text number {i}" for i in range(20)) + "\ntext number 3\n")
     (shapes_dir / "dup.png").write_bytes((shapes_dir / "red_circle_0.png").read_bytes())
@@ -48,11 +48,28 @@ def test_two_ranks_shard_the_work_and_match_a_single_process(tmp_path, shapes_di
     script.write_text(_RANK_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script),
-         str(shapes_dir), str(texts), str(tmp_path / "dist"), str(tiny_checkpoint),
-         str(tmp_path / "report")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=55,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            str(script),
+            str(shapes_dir),
+            str(texts),
+            str(tmp_path / "dist"),
+            str(tiny_checkpoint),
+            str(tmp_path / "report"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=55,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]

@@ -23,11 +23,13 @@ raise SystemExit("not killed")
 
 
 @pytest.mark.parametrize("backend", ["lancedb", "faiss"])
-def test_kill_and_resume_gives_the_rows_of_a_clean_run(tmp_path, shapes_dir, tiny_checkpoint,
-                                                       backend):
+def test_kill_and_resume_gives_the_rows_of_a_clean_run(
+    tmp_path, shapes_dir, tiny_checkpoint, backend
+):
     killed_db, clean_db = tmp_path / "killed", tmp_path / "clean"
-    proc = run_python(_KILLED_RUN, str(shapes_dir), str(killed_db), str(tiny_checkpoint),
-                      str(KILL_AFTER), backend)
+    proc = run_python(
+        _KILLED_RUN, str(shapes_dir), str(killed_db), str(tiny_checkpoint), str(KILL_AFTER), backend
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     store = open_table(killed_db, "images")
     store.recover()  # FAISS merges the chunks the killed run left in pending/

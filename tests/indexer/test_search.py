@@ -21,8 +21,9 @@ def indexed(tmp_path_factory, tiny_checkpoint):
     captions = root / "captions.txt"
     captions.write_text("\n".join(caption(c, s) for c, s in pairs()) + "\n")
     for backend in ("lancedb", "faiss"):
-        index_images([root / "shapes"], root / backend, tiny_checkpoint, backend=backend,
-                     num_workers=0)
+        index_images(
+            [root / "shapes"], root / backend, tiny_checkpoint, backend=backend, num_workers=0
+        )
         index_texts(captions, root / backend, backend=backend)
     return root, images, captions
 
@@ -43,8 +44,13 @@ def test_all_four_directions_rank_like_exact_model_scores(indexed, tiny_checkpoi
     img_vecs, txt_vecs = _truth(load_checkpoint(tiny_checkpoint), images, texts)
     searcher = Searcher(root / "lancedb", device="cpu")
     cases = [  # (query, its exact vector, table, the table's exact vectors, labels)
-        ("a red circle", txt_vecs[texts.index("a red circle")], "images", img_vecs,
-         [str(p) for p in images]),
+        (
+            "a red circle",
+            txt_vecs[texts.index("a red circle")],
+            "images",
+            img_vecs,
+            [str(p) for p in images],
+        ),
         (images[5], img_vecs[5], "texts", txt_vecs, texts),
         (images[7], img_vecs[7], "images", img_vecs, [str(p) for p in images]),
         ("a blue cross", txt_vecs[texts.index("a blue cross")], "texts", txt_vecs, texts),
@@ -66,8 +72,12 @@ def test_lancedb_and_faiss_flat_return_the_same_top_k(indexed):
     root, images, _ = indexed
     lance, faiss = Searcher(root / "lancedb"), Searcher(root / "faiss")
     assert lance.tables["images"].backend == "lancedb" and faiss.tables["images"].backend == "faiss"
-    for query, table in [("a red circle", "images"), ("a green square", "texts"),
-                         (images[3], "images"), (images[20], "texts")]:
+    for query, table in [
+        ("a red circle", "images"),
+        ("a green square", "texts"),
+        (images[3], "images"),
+        (images[20], "texts"),
+    ]:
         for offset in (0, 7):
             a = lance.search(query, table, k=10, offset=offset)
             b = faiss.search(query, table, k=10, offset=offset)
@@ -80,8 +90,11 @@ def test_offset_pages_through_the_ranking(indexed):
     root, _, _ = indexed
     searcher = Searcher(root / "faiss")
     full = searcher.search("a red circle", "images", k=32)
-    pages = [h for off in (0, 10, 20, 30) for h in searcher.search("a red circle", "images",
-                                                                    k=10, offset=off)]
+    pages = [
+        h
+        for off in (0, 10, 20, 30)
+        for h in searcher.search("a red circle", "images", k=10, offset=off)
+    ]
     assert [h.id for h in pages] == [h.id for h in full] and len(full) == 32
     assert searcher.search("a red circle", "images", k=5, offset=40) == []
 
@@ -118,8 +131,12 @@ def test_query_errors_are_clear(indexed):
     searcher = Searcher(root / "lancedb")
     assert set(searcher.tables) == {"images", "texts"}
     info = searcher.tables["texts"]
-    assert (info.modality, info.count, info.dim, info.model_id) == ("text", 32, 64,
-                                                                    searcher.model_id)
+    assert (info.modality, info.count, info.dim, info.model_id) == (
+        "text",
+        32,
+        64,
+        searcher.model_id,
+    )
     with pytest.raises(InputDataError, match="has no table 'nope'; its tables: images, texts"):
         searcher.search("x", "nope")
     with pytest.raises(InputDataError, match="the text query is empty"):

@@ -19,17 +19,26 @@ def clustered(count: int, dim: int, clusters: int = 50, seed: int = 0) -> np.nda
 
 def meta(i: int) -> dict:
     sha = f"{i:064x}"
-    return {"sha256": sha, "modality": "image", "path": f"/x/{i}.png", "paths": [f"/x/{i}.png"],
-            "mtimes": [1.0], "text": None, "size": 10, "mtime": 1.0, "model_id": "m@1"}
+    return {
+        "sha256": sha,
+        "modality": "image",
+        "path": f"/x/{i}.png",
+        "paths": [f"/x/{i}.png"],
+        "mtimes": [1.0],
+        "text": None,
+        "size": 10,
+        "mtime": 1.0,
+        "model_id": "m@1",
+    }
 
 
 def table(start: int, vectors: np.ndarray):
-    return rows_from_vectors([meta(start + i) for i in range(len(vectors))], vectors,
-                             vectors.shape[1])
+    return rows_from_vectors(
+        [meta(start + i) for i in range(len(vectors))], vectors, vectors.shape[1]
+    )
 
 
-@pytest.mark.parametrize(("index_type", "floor"), [("flat", 1.0), ("hnsw", 0.95),
-                                                   ("ivfpq", 0.9)])
+@pytest.mark.parametrize(("index_type", "floor"), [("flat", 1.0), ("hnsw", 0.95), ("ivfpq", 0.9)])
 def test_faiss_index_types_reach_recall_on_clustered_vectors(index_type, floor):
     data = clustered(3000, 64)
     queries = clustered(100, 64, seed=1)
@@ -78,8 +87,14 @@ def test_faiss_store_versions_are_switched_atomically_and_pending_chunks_survive
     store.commit()
     assert store.count() == 298
     files = sorted(p.name for p in (tmp_path / "faiss/t").iterdir())
-    assert files == ["index-3.faiss", "lock", "meta-3.parquet", "pending", "state.json",
-                     "vectors-3.npy"]
+    assert files == [
+        "index-3.faiss",
+        "lock",
+        "meta-3.parquet",
+        "pending",
+        "state.json",
+        "vectors-3.npy",
+    ]
     assert list((tmp_path / "faiss/t/pending").iterdir()) == []
     got = store.fetch([meta(5)["sha256"], meta(7)["sha256"]]).to_pylist()
     assert len(got) == 1 and got[0]["paths"] == ["/x/5.png", "/y/5.png"]
@@ -109,8 +124,9 @@ def test_lancedb_ivf_index_is_built_at_commit_and_finds_neighbours(tmp_path, ind
     from indexer.stores.lance_store import LanceStore
 
     data = clustered(6000, 64)
-    store = LanceStore(tmp_path, "t", dim=64, create=True, index_type=index_type,
-                       auto_index_rows=5000)
+    store = LanceStore(
+        tmp_path, "t", dim=64, create=True, index_type=index_type, auto_index_rows=5000
+    )
     store.append(table(0, data[:4000]))
     store.commit()
     assert not store._table.list_indices()  # noqa: SLF001 - 4000 rows: exact search still

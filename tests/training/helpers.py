@@ -15,8 +15,12 @@ import torch.multiprocessing as mp
 
 
 def write_manifest(path: Path, pairs: list[tuple[Path, str]]) -> Path:
-    path.write_text("".join(
-        json.dumps({"image": os.path.relpath(p, path.parent), "text": t}) + "\n" for p, t in pairs))
+    path.write_text(
+        "".join(
+            json.dumps({"image": os.path.relpath(p, path.parent), "text": t}) + "\n"
+            for p, t in pairs
+        )
+    )
     return path
 
 
@@ -26,11 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue: Any,
-           args: tuple) -> None:
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, queue: Any, args: tuple
+) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     try:
         # Bytes, not tensors: a tensor put on the queue is shared through a file descriptor
         # that dies with this process.
@@ -48,15 +58,18 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue:
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2,
-                    timeout: float = 50) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 50
+) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` spawned processes set up as torchrun would (gloo on
     CPU); returns the results by rank. ``fn`` must be importable (module level)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     try:

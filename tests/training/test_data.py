@@ -32,10 +32,12 @@ def test_jsonl_with_several_captions_broken_and_captionless_images(tmp_path, tok
     _img(tmp_path / "a.png")
     _img(tmp_path / "d.png", "blue", "square")
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
-    rows = [{"image": "a.png", "caption": ["a red circle", "a round red thing"], "id": 7},
-            {"image": "b.png", "caption": "a broken picture"},
-            {"image": "c.png", "caption": ""},  # no caption: dropped by the reader
-            {"image": "d.png", "caption": "a blue square"}]
+    rows = [
+        {"image": "a.png", "caption": ["a red circle", "a round red thing"], "id": 7},
+        {"image": "b.png", "caption": "a broken picture"},
+        {"image": "c.png", "caption": ""},  # no caption: dropped by the reader
+        {"image": "d.png", "caption": "a blue square"},
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
     data = TrainData(manifest, tokenizer=tokenizer, preprocess=PRE, batch_size=4, seed=1)
@@ -52,8 +54,9 @@ def test_jsonl_with_several_captions_broken_and_captionless_images(tmp_path, tok
 def test_csv_manifest_and_caption_folder(tmp_path, tokenizer):
     _img(tmp_path / "csv" / "x.png")
     (tmp_path / "csv" / "pairs.csv").write_text("file,title,extra\nx.png,a red circle,1\n")
-    data = TrainData(tmp_path / "csv" / "pairs.csv", tokenizer=tokenizer, preprocess=PRE,
-                     batch_size=1)
+    data = TrainData(
+        tmp_path / "csv" / "pairs.csv", tokenizer=tokenizer, preprocess=PRE, batch_size=1
+    )
     assert _texts(_one_epoch(data)[0], tokenizer) == ["a red circle"]
 
     folder = tmp_path / "folder"
@@ -65,7 +68,10 @@ def test_csv_manifest_and_caption_folder(tmp_path, tokenizer):
     data = TrainData(folder, tokenizer=tokenizer, preprocess=PRE, batch_size=3)
     assert not is_shard_source(folder)
     assert _texts(_one_epoch(data)[0], tokenizer) == [
-        "a green cross", "a red circle", "a round red thing"]
+        "a green cross",
+        "a red circle",
+        "a round red thing",
+    ]
 
 
 def _png(color):
@@ -87,23 +93,32 @@ def test_webdataset_shards_stream_resume_and_skip_broken(tmp_path, tokenizer):
     for s in range(2):
         samples = []
         for i, color in enumerate(colors):
-            samples += [(f"s{s}_{i}.png", _png(color)), (f"s{s}_{i}.txt", f"a {color} square".encode())]
-        samples += [(f"s{s}_x.jpg", b"broken"), (f"s{s}_x.txt", b"a broken image"),
-                    (f"s{s}_j.png", _png("purple")), (f"s{s}_j.json", b'{"caption": "a purple square"}'),
-                    (f"s{s}_n.png", _png("black"))]  # no caption
+            samples += [
+                (f"s{s}_{i}.png", _png(color)),
+                (f"s{s}_{i}.txt", f"a {color} square".encode()),
+            ]
+        samples += [
+            (f"s{s}_x.jpg", b"broken"),
+            (f"s{s}_x.txt", b"a broken image"),
+            (f"s{s}_j.png", _png("purple")),
+            (f"s{s}_j.json", b'{"caption": "a purple square"}'),
+            (f"s{s}_n.png", _png("black")),
+        ]  # no caption
         _write_shard(tmp_path / f"shard-{s}.tar", samples)
     pattern = tmp_path / "shard-{0..1}.tar"
     assert is_shard_source(pattern) and is_shard_source(tmp_path)
-    data = TrainData(pattern, tokenizer=tokenizer, preprocess=PRE, batch_size=5, seed=3,
-                     shuffle_buffer=3)
+    data = TrainData(
+        pattern, tokenizer=tokenizer, preprocess=PRE, batch_size=5, seed=3, shuffle_buffer=3
+    )
     stream = iter(data)
     first = [next(stream) for _ in range(4)]  # 10 good samples per epoch = 2 batches
     assert data.position() == {"epoch": 1, "batch": 2}
     epoch0 = sorted(t for b in first[:2] for t in _texts(b, tokenizer))
     assert epoch0 == sorted([f"a {c} square" for c in [*colors, "purple"]] * 2)
     assert _texts(first[0], tokenizer) != _texts(first[2], tokenizer)  # reshuffled per epoch
-    resumed = TrainData(pattern, tokenizer=tokenizer, preprocess=PRE, batch_size=5, seed=3,
-                        shuffle_buffer=3)
+    resumed = TrainData(
+        pattern, tokenizer=tokenizer, preprocess=PRE, batch_size=5, seed=3, shuffle_buffer=3
+    )
     resumed.set_position(1, 1)
     again = next(iter(resumed))
     assert torch.equal(again.images, first[3].images)
@@ -112,8 +127,15 @@ def test_webdataset_shards_stream_resume_and_skip_broken(tmp_path, tokenizer):
 
 def test_resumed_position_gives_identical_batches_and_ranks_are_disjoint(shapes, tokenizer):
     def make(rank=0, world=1):
-        return TrainData(shapes["train"], tokenizer=tokenizer, preprocess=PRE, batch_size=8,
-                         rank=rank, world_size=world, seed=5)
+        return TrainData(
+            shapes["train"],
+            tokenizer=tokenizer,
+            preprocess=PRE,
+            batch_size=8,
+            rank=rank,
+            world_size=world,
+            seed=5,
+        )
 
     data = make()
     assert data.batches_per_epoch == 8
@@ -124,8 +146,7 @@ def test_resumed_position_gives_identical_batches_and_ranks_are_disjoint(shapes,
         assert torch.equal(got.index, want.index)
         assert torch.equal(got.images, want.images)  # augmentation included
     assert not torch.equal(straight[0].index, straight[8].index)  # a new permutation
-    halves = [set(torch.cat([b.index for b in _one_epoch(make(r, 2))]).tolist())
-              for r in range(2)]
+    halves = [set(torch.cat([b.index for b in _one_epoch(make(r, 2))]).tolist()) for r in range(2)]
     assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 64
 
 

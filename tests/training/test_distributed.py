@@ -12,10 +12,22 @@ from training import FinetuneConfig, finetune
 
 def _config(shapes, spm, name, **changes):
     # drop path off: each rank draws its own masks, so only then are the runs comparable.
-    base = dict(train=str(shapes["train"]), output_dir=str(shapes["root"] / name),
-                preset="beit3-tiny", spm=str(spm), batch_size=16, max_steps=4, lr=1e-3,
-                drop_path_rate=0.0, num_workers=0, log_every=1, save_every=2,
-                tensorboard=False, device="cpu", seed=7)
+    base = dict(
+        train=str(shapes["train"]),
+        output_dir=str(shapes["root"] / name),
+        preset="beit3-tiny",
+        spm=str(spm),
+        batch_size=16,
+        max_steps=4,
+        lr=1e-3,
+        drop_path_rate=0.0,
+        num_workers=0,
+        log_every=1,
+        save_every=2,
+        tensorboard=False,
+        device="cpu",
+        seed=7,
+    )
     return FinetuneConfig(**{**base, **changes})
 
 
@@ -34,7 +46,10 @@ def _assert_same_run(got_dir, want_dir, got_final, want_final, steps):
     assert list(got) == steps
     for step in steps:
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
-    a, b = load_file(str(want_final / "model.safetensors")), load_file(str(got_final / "model.safetensors"))
+    a, b = (
+        load_file(str(want_final / "model.safetensors")),
+        load_file(str(got_final / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for key in a:
         if "k_proj" in key and key.endswith("bias"):
@@ -56,12 +71,16 @@ def test_ddp_and_fsdp_runs_equal_one_process_and_fsdp_resumes(shapes, spm_path):
         _config(shapes, spm_path, "ddp", batch_size=8, strategy="ddp"),
         _config(shapes, spm_path, "fsdp", batch_size=8, strategy="fsdp"),
         # FSDP resume: continue the fsdp run's step 2 in a fresh run directory.
-        _config(shapes, spm_path, "fsdp-resumed", batch_size=8, strategy="fsdp",
-                resume=str(step2)),
+        _config(shapes, spm_path, "fsdp-resumed", batch_size=8, strategy="fsdp", resume=str(step2)),
     ]
     run_distributed(_run, runs)
     _assert_same_run(root / "ddp", root / "single", root / "ddp" / "final", single, [1, 2, 3, 4])
     _assert_same_run(root / "fsdp", root / "single", root / "fsdp" / "final", single, [1, 2, 3, 4])
     assert (step2 / "optimizer-dcp").is_dir() and (step2 / "trainer_state.pt").is_file()
-    _assert_same_run(root / "fsdp-resumed", root / "fsdp", root / "fsdp-resumed" / "final",
-                     root / "fsdp" / "final", [3, 4])
+    _assert_same_run(
+        root / "fsdp-resumed",
+        root / "fsdp",
+        root / "fsdp-resumed" / "final",
+        root / "fsdp" / "final",
+        [3, 4],
+    )

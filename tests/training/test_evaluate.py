@@ -15,8 +15,13 @@ def eval_set(tmp_path):
     pairs = write_shapes(tmp_path / "imgs", size=32)[:11]
     broken = tmp_path / "imgs" / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    pairs = [*pairs, (pairs[0][0], "a red round thing"), (pairs[0][0], "red circle"),
-             (broken, "a broken image"), (broken, "another caption")]
+    pairs = [
+        *pairs,
+        (pairs[0][0], "a red round thing"),
+        (pairs[0][0], "red circle"),
+        (broken, "a broken image"),
+        (broken, "another caption"),
+    ]
     return write_manifest(tmp_path / "eval.jsonl", pairs), pairs
 
 
@@ -27,18 +32,27 @@ def _hand_metrics(ckpt, pairs):
     texts = [(t, images.index(p)) for p, t in pairs if p.name != "broken.png"]
     with torch.no_grad():
         image_embeds = ckpt.model.encode_image(
-            torch.stack([transform(load_image(p)) for p in images]))
+            torch.stack([transform(load_image(p)) for p in images])
+        )
         batch = ckpt.tokenizer([t for t, _ in texts])
         text_embeds = ckpt.model.encode_text(batch.text_ids, batch.padding_mask)
     return recall_at_k(image_embeds @ text_embeds.T, [i for _, i in texts])
 
 
 def test_evaluate_matches_hand_computation_and_skips_broken_images(
-        eval_set, tiny_checkpoint, tmp_path, caplog):
+    eval_set, tiny_checkpoint, tmp_path, caplog
+):
     manifest, pairs = eval_set
-    got = evaluate(EvalConfig(checkpoint=str(tiny_checkpoint), data=str(manifest),
-                              output_dir=str(tmp_path / "out"), batch_size=4, block_size=5,
-                              num_workers=0))
+    got = evaluate(
+        EvalConfig(
+            checkpoint=str(tiny_checkpoint),
+            data=str(manifest),
+            output_dir=str(tmp_path / "out"),
+            batch_size=4,
+            block_size=5,
+            num_workers=0,
+        )
+    )
     ckpt = load_checkpoint(tiny_checkpoint)
     want = _hand_metrics(ckpt, pairs)
     for key, value in want.items():
@@ -80,8 +94,9 @@ def test_nothing_readable_is_an_error(tmp_path, tiny_checkpoint):
 
 
 def _eval_worker(checkpoint, manifest):
-    return evaluate(EvalConfig(checkpoint=checkpoint, data=manifest, batch_size=2,
-                               num_workers=0, device="cpu"))
+    return evaluate(
+        EvalConfig(checkpoint=checkpoint, data=manifest, batch_size=2, num_workers=0, device="cpu")
+    )
 
 
 @pytest.mark.dist
@@ -94,5 +109,6 @@ def test_two_process_evaluation_equals_one_process(eval_set, tiny_checkpoint):
     for got in ranks:
         assert got.keys() == single.keys()
         for key, value in single.items():
-            assert got[key] == (pytest.approx(value, abs=1e-9) if isinstance(value, float)
-                                else value), key
+            assert got[key] == (
+                pytest.approx(value, abs=1e-9) if isinstance(value, float) else value
+            ), key

@@ -18,24 +18,40 @@ def _losses(run_dir):
 
 
 def _scratch(shapes, name, **changes):
-    base = dict(train=str(shapes["train"]), output_dir=str(shapes["root"] / name),
-                preset="beit3-tiny", spm_vocab_size=300, batch_size=16, num_workers=0,
-                tensorboard=False, log_every=1, drop_path_rate=0.0)
+    base = dict(
+        train=str(shapes["train"]),
+        output_dir=str(shapes["root"] / name),
+        preset="beit3-tiny",
+        spm_vocab_size=300,
+        batch_size=16,
+        num_workers=0,
+        tensorboard=False,
+        log_every=1,
+        drop_path_rate=0.0,
+    )
     return FinetuneConfig(**{**base, **changes})
 
 
 def test_tiny_model_overfits_64_pairs(shapes):
     # Full-batch contrastive steps on the 64 shape pairs; lr / steps / crop were picked by
     # trying seeds 0-5 (R@1 >= 0.94 for each; 50 steps or lr 2e-3 were unreliable).
-    config = _scratch(shapes, "overfit", batch_size=64, max_steps=100, lr=1e-3,
-                      weight_decay=0.0, crop_scale=(0.8, 1.0), log_every=50, save_every=1000,
-                      seed=0)
+    config = _scratch(
+        shapes,
+        "overfit",
+        batch_size=64,
+        max_steps=100,
+        lr=1e-3,
+        weight_decay=0.0,
+        crop_scale=(0.8, 1.0),
+        log_every=50,
+        save_every=1000,
+        seed=0,
+    )
     final = finetune(config)
     losses = _losses(shapes["root"] / "overfit")
     # The two jitter variants share a caption, so log(2) ~ 0.69 is the floor of the loss.
     assert losses[50] < 1.5 and losses[100] < losses[50]
-    metrics = evaluate(EvalConfig(checkpoint=str(final), data=str(shapes["eval"]),
-                                  num_workers=0))
+    metrics = evaluate(EvalConfig(checkpoint=str(final), data=str(shapes["eval"]), num_workers=0))
     assert metrics["num_images"] == metrics["num_texts"] == 32
     assert metrics["i2t_r1"] >= 0.9 and metrics["t2i_r1"] >= 0.9, metrics
 
@@ -65,7 +81,10 @@ def test_resume_after_a_stop_continues_the_same_steps_and_losses(shapes):
     assert list(got) == list(want) == [1, 2, 3, 4, 5, 6]  # no step twice, none missing
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    a, b = (
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(resumed / "model.safetensors")),
+    )
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -73,12 +92,22 @@ def test_resume_after_a_stop_continues_the_same_steps_and_losses(shapes):
 
 
 def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing(
-        shapes, tiny_checkpoint):
+    shapes, tiny_checkpoint
+):
     run = shapes["root"] / "from_ckpt"
     config = FinetuneConfig(
-        train=str(shapes["train"]), output_dir=str(run), init=str(tiny_checkpoint),
-        val=str(shapes["eval"]), eval_every=2, max_steps=4, batch_size=8, accum_steps=2,
-        use_checkpoint=True, num_workers=0, log_every=2, tensorboard=True,
+        train=str(shapes["train"]),
+        output_dir=str(run),
+        init=str(tiny_checkpoint),
+        val=str(shapes["eval"]),
+        eval_every=2,
+        max_steps=4,
+        batch_size=8,
+        accum_steps=2,
+        use_checkpoint=True,
+        num_workers=0,
+        log_every=2,
+        tensorboard=True,
     )
     final = finetune(config)
     records = _records(run)
@@ -97,8 +126,9 @@ def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing
     assert resolved["git_sha"] and resolved["config"]["global_batch_size"] == 8
     assert any((run / "tensorboard").iterdir())
     # Layer decay reached the optimizer: 2 layers, so embeddings train at 0.65^3 x lr.
-    state = torch.load(run / "checkpoints" / "step-00000004" / "trainer_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        run / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True
+    )
     scales = sorted({round(g["lr_scale"], 6) for g in state["optimizer"]["param_groups"]})
     assert scales == [round(0.65**k, 6) for k in (3, 2, 1, 0)]
 
@@ -114,8 +144,9 @@ def test_from_scratch_trains_its_own_tokenizer_and_smoke_mode_is_fast(shapes):
 def test_bad_settings_are_named(shapes, tmp_path):
     with pytest.raises(ConfigError, match="exactly one of init"):
         FinetuneConfig(train="x", output_dir="y")
-    with pytest.raises(ConfigError, match="shards have no known length; give the run length "
-                                          "with --max-steps"):
+    with pytest.raises(
+        ConfigError, match="shards have no known length; give the run length with --max-steps"
+    ):
         finetune(_scratch(shapes, "shards", train=str(tmp_path / "s-{0..1}.tar")))
     with pytest.raises(InputDataError, match="no such file or folder"):
         finetune(_scratch(shapes, "missing", train=str(tmp_path / "nope.jsonl"), max_steps=1))
@@ -130,9 +161,17 @@ def test_finetune_starts_from_a_pretraining_checkpoint(shapes, tokenizer):
     path = shapes["root"] / "pretrained"
     model_id = save_checkpoint(pretrained, path, preset="beit3-tiny", tokenizer=tokenizer)
     run = shapes["root"] / "from_pretraining"
-    final = finetune(FinetuneConfig(train=str(shapes["train"]), output_dir=str(run),
-                                    init=str(path), max_steps=1, batch_size=8, num_workers=0,
-                                    tensorboard=False))
+    final = finetune(
+        FinetuneConfig(
+            train=str(shapes["train"]),
+            output_dir=str(run),
+            init=str(path),
+            max_steps=1,
+            batch_size=8,
+            num_workers=0,
+            tensorboard=False,
+        )
+    )
     ckpt = load_checkpoint(final)
     assert ckpt.architecture == "retrieval" and ckpt.config.vocab_size == 400
     assert json.loads((run / "run_config.json").read_text())["config"]["init_model_id"] == model_id

@@ -22,10 +22,22 @@ def _losses(run_dir):
 
 def test_bf16_finetune_resumes_and_evaluates_on_cuda(shapes, spm_path):
     def config(name, **changes):
-        base = dict(train=str(shapes["train"]), output_dir=str(shapes["root"] / name),
-                    preset="beit3-tiny", spm=str(spm_path), batch_size=16, max_steps=4,
-                    save_every=2, lr=1e-3, drop_path_rate=0.1, use_checkpoint=True,
-                    num_workers=2, log_every=1, tensorboard=False, device="cuda")
+        base = dict(
+            train=str(shapes["train"]),
+            output_dir=str(shapes["root"] / name),
+            preset="beit3-tiny",
+            spm=str(spm_path),
+            batch_size=16,
+            max_steps=4,
+            save_every=2,
+            lr=1e-3,
+            drop_path_rate=0.1,
+            use_checkpoint=True,
+            num_workers=2,
+            log_every=1,
+            tensorboard=False,
+            device="cuda",
+        )
         return FinetuneConfig(**{**base, **changes})
 
     final = finetune(config("straight"))
@@ -40,10 +52,12 @@ def test_bf16_finetune_resumes_and_evaluates_on_cuda(shapes, spm_path):
 
     ckpt = load_checkpoint(final)
     assert not ckpt.config.use_checkpoint
-    on_cuda = evaluate(EvalConfig(checkpoint=str(final), data=str(shapes["eval"]),
-                                  device="cuda", num_workers=2))
-    on_cpu = evaluate(EvalConfig(checkpoint=str(final), data=str(shapes["eval"]),
-                                 device="cpu", num_workers=0))
+    on_cuda = evaluate(
+        EvalConfig(checkpoint=str(final), data=str(shapes["eval"]), device="cuda", num_workers=2)
+    )
+    on_cpu = evaluate(
+        EvalConfig(checkpoint=str(final), data=str(shapes["eval"]), device="cpu", num_workers=0)
+    )
     assert on_cuda["num_images"] == on_cpu["num_images"] == 32
     for key in ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10"):
         # bf16 vs fp32 scores may swap a near tie: at most two of 32 items.

@@ -28,8 +28,13 @@ def _batch(n: int, seed: int) -> PairBatch:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 100, (n, 6), generator=gen)
     ids[n // 2 :, 4:] = PAD_ID
-    return PairBatch(torch.randn(n, 3, 32, 32, generator=gen), ids, ids.eq(PAD_ID),
-                     torch.arange(n), torch.arange(n))
+    return PairBatch(
+        torch.randn(n, 3, 32, 32, generator=gen),
+        ids,
+        ids.eq(PAD_ID),
+        torch.arange(n),
+        torch.arange(n),
+    )
 
 
 def _slice(batch: PairBatch, lo: int, hi: int) -> PairBatch:
@@ -70,8 +75,9 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch():
     results = run_distributed(_ddp_worker, state, splits)
     for case, split in enumerate(splits):
         model.zero_grad()
-        full_loss = forward_backward(model, ClipLoss(), _batch(sum(split), 1),
-                                     torch.device("cpu"), False)
+        full_loss = forward_backward(
+            model, ClipLoss(), _batch(sum(split), 1), torch.device("cpu"), False
+        )
         full_grads = _grads(model)
         rank_losses = [r[case][0] for r in results]
         # The ranks' losses average to the global one; DDP's averaged gradients are the global
@@ -85,5 +91,6 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch():
                 # float32 summation order differs: tolerance relative to the tensor's scale
                 # (the key-projection bias has a true gradient of 0: noise only).
                 atol = 1e-4 * float(grad.abs().max()) + 1e-7
-                torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=atol,
-                                           msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(
+                    grads[name], grad, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+                )

@@ -6,11 +6,13 @@ from training import average_recall, format_table, recall_at_k, retrieval_recall
 
 # 3 images, 5 captions: image 0 owns captions 0-1, image 1 caption 2, image 2 captions 3-4.
 OWNER = [0, 0, 1, 2, 2]
-SCORES = torch.tensor([
-    [0.10, 0.90, 0.80, 0.30, 0.20],
-    [0.70, 0.60, 0.50, 0.90, 0.10],
-    [0.20, 0.95, 0.30, 0.40, 0.35],
-])
+SCORES = torch.tensor(
+    [
+        [0.10, 0.90, 0.80, 0.30, 0.20],
+        [0.70, 0.60, 0.50, 0.90, 0.10],
+        [0.20, 0.95, 0.30, 0.40, 0.35],
+    ]
+)
 
 
 def test_recall_on_hand_made_scores_matches_hand_computation():
@@ -57,8 +59,14 @@ def test_blocked_embedding_recall_equals_full_matrix(block_size):
 
 
 def test_table_prints_percentages():
-    table = format_table({**recall_at_k(SCORES, OWNER, ks=(1, 5, 10)), "num_images": 3,
-                          "num_texts": 5, "skipped_images": 0})
+    table = format_table(
+        {
+            **recall_at_k(SCORES, OWNER, ks=(1, 5, 10)),
+            "num_images": 3,
+            "num_texts": 5,
+            "skipped_images": 0,
+        }
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["R@1", "R@5", "R@10"]
     assert lines[1].split() == ["image->text", "33.33", "100.00", "100.00"]

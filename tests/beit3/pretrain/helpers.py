@@ -29,10 +29,23 @@ def train_tiny_vqkd(out: Path, shapes_manifest: Path) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    result = train_visual_tokenizer(VisualTokenizerConfig(
-        output_dir=str(out), data=(str(shapes_manifest),), preset="vqkd-tiny",
-        overrides={"codebook_size": 32}, batch_size=32, max_steps=60, lr=1e-3, warmup_steps=5,
-        crop_scale=(0.6, 1.0), num_workers=0, log_every=20, reseed_every=20, tensorboard=False))
+    result = train_visual_tokenizer(
+        VisualTokenizerConfig(
+            output_dir=str(out),
+            data=(str(shapes_manifest),),
+            preset="vqkd-tiny",
+            overrides={"codebook_size": 32},
+            batch_size=32,
+            max_steps=60,
+            lr=1e-3,
+            warmup_steps=5,
+            crop_scale=(0.6, 1.0),
+            num_workers=0,
+            log_every=20,
+            reseed_every=20,
+            tensorboard=False,
+        )
+    )
     torch.set_num_threads(before)
     return result.path
 
@@ -44,12 +57,24 @@ def tiny_config(output_dir: Path, spm: Path, manifest: Path, vqkd: Path | None, 
 
     vocab = TextTokenizer(spm).vocab_size
     base = {
-        "output_dir": str(output_dir), "preset": "beit3-tiny",
-        "model_overrides": {"vocab_size": vocab}, "tokenizer": str(spm),
-        "visual_tokenizer": str(vqkd) if vqkd else None, "pair_data": (str(manifest),),
-        "text_batch_size": 16, "image_batch_size": 16, "pair_batch_size": 16,
-        "max_steps": 2, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 10, "drop_path_rate": 0.0,
-        "crop_scale": (0.8, 1.0), "num_workers": 0, "log_every": 1, "save_every": 1000,
+        "output_dir": str(output_dir),
+        "preset": "beit3-tiny",
+        "model_overrides": {"vocab_size": vocab},
+        "tokenizer": str(spm),
+        "visual_tokenizer": str(vqkd) if vqkd else None,
+        "pair_data": (str(manifest),),
+        "text_batch_size": 16,
+        "image_batch_size": 16,
+        "pair_batch_size": 16,
+        "max_steps": 2,
+        "lr": 2e-3,
+        "min_lr": 1e-4,
+        "warmup_steps": 10,
+        "drop_path_rate": 0.0,
+        "crop_scale": (0.8, 1.0),
+        "num_workers": 0,
+        "log_every": 1,
+        "save_every": 1000,
         "tensorboard": False,
     }
     base.update(overrides)

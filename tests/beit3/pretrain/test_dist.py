@@ -26,9 +26,19 @@ def _torchrun(config, tmp_path: Path) -> None:
     path = tmp_path / f"{Path(config.output_dir).name}.json"
     path.write_text(json.dumps(dataclasses.asdict(config)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(Path(__file__).with_name("dist_run.py")), str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).with_name("dist_run.py")),
+        str(path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=50, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -37,8 +47,16 @@ def _compare(one: Path, two: Path) -> None:
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim",
-                    "acc_pair_mlm", "grad_norm", "codebook_usage"):
+        for key in (
+            "loss",
+            "loss_text_mlm",
+            "loss_image_mim",
+            "loss_pair_mlm",
+            "loss_pair_mim",
+            "acc_pair_mlm",
+            "grad_norm",
+            "codebook_usage",
+        ):
             assert rb[key] == pytest.approx(ra[key], rel=2e-4, abs=1e-5), (ra["step"], key)
     wa = load_file(str(one / "final" / "model.safetensors"))
     wb = load_file(str(two / "final" / "model.safetensors"))
@@ -49,11 +67,21 @@ def _compare(one: Path, two: Path) -> None:
 @pytest.mark.dist
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(
-        tmp_path, spm_path, shapes_manifest, vqkd_dir, sharding):
+    tmp_path, spm_path, shapes_manifest, vqkd_dir, sharding
+):
     common = {"max_steps": 3, "log_every": 1, "save_every": 3}
     one = tiny_config(tmp_path / "one", spm_path, shapes_manifest, vqkd_dir, **common)
     pretrain(one)
-    two = tiny_config(tmp_path / "two", spm_path, shapes_manifest, vqkd_dir, text_batch_size=8,
-                      image_batch_size=8, pair_batch_size=8, sharding=sharding, **common)
+    two = tiny_config(
+        tmp_path / "two",
+        spm_path,
+        shapes_manifest,
+        vqkd_dir,
+        text_batch_size=8,
+        image_batch_size=8,
+        pair_batch_size=8,
+        sharding=sharding,
+        **common,
+    )
     _torchrun(two, tmp_path)
     _compare(tmp_path / "one", tmp_path / "two")

@@ -21,9 +21,13 @@ def test_hand_counted_flops_match_torch_flop_counter(kind):
     image_pos = torch.zeros(batch, image_slots, dtype=torch.long) if images is not None else None
     with FlopCounterMode(display=False) as counter:
         model(images, ids, pad, None, text_pos, image_pos)
-    shape = StreamShape(batch, length if ids is not None else 0, images is not None,
-                        text_slots if ids is not None else 0,
-                        image_slots if images is not None else 0)
+    shape = StreamShape(
+        batch,
+        length if ids is not None else 0,
+        images is not None,
+        text_slots if ids is not None else 0,
+        image_slots if images is not None else 0,
+    )
     counted = step_flops(cfg, {kind: shape}, codebook_size=24)[kind] / 3  # forward only
     assert counted == counter.get_total_flops()
 

@@ -22,10 +22,17 @@ from tests.beit3.pretrain.helpers import read_metrics, tiny_config
 pytestmark = pytest.mark.gpu
 
 
-def test_tiny_pretraining_on_cuda_in_bf16_resumes(tmp_path, spm_path, shapes_manifest,
-                                                  vqkd_dir):
-    config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, vqkd_dir, device="cuda",
-                         max_steps=4, save_every=2, num_workers=1)
+def test_tiny_pretraining_on_cuda_in_bf16_resumes(tmp_path, spm_path, shapes_manifest, vqkd_dir):
+    config = tiny_config(
+        tmp_path / "run",
+        spm_path,
+        shapes_manifest,
+        vqkd_dir,
+        device="cuda",
+        max_steps=4,
+        save_every=2,
+        num_workers=1,
+    )
     pretrain(config)
     pretrain(config.replace(max_steps=6, resume="latest"))
     records = read_metrics(tmp_path / "run")

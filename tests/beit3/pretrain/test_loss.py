@@ -34,19 +34,30 @@ def test_global_normalisation_matches_one_process():
     targets = torch.randint(0, 7, (2, 5))
     targets[0, 3:] = IGNORE_INDEX  # rank 0: 3 tokens, rank 1: 5 tokens
     loss_fn = MaskedModelingLoss()
-    single = loss_fn({"text_mlm": masked_cross_entropy(logits, targets)},
-                     {"text_mlm": torch.tensor(8.0)}, world_size=1)
+    single = loss_fn(
+        {"text_mlm": masked_cross_entropy(logits, targets)},
+        {"text_mlm": torch.tensor(8.0)},
+        world_size=1,
+    )
     (grad_single,) = torch.autograd.grad(single, logits)
-    per_rank = [loss_fn({"text_mlm": masked_cross_entropy(logits[r : r + 1], targets[r : r + 1])},
-                        {"text_mlm": torch.tensor(8.0)}, world_size=2) for r in range(2)]
+    per_rank = [
+        loss_fn(
+            {"text_mlm": masked_cross_entropy(logits[r : r + 1], targets[r : r + 1])},
+            {"text_mlm": torch.tensor(8.0)},
+            world_size=2,
+        )
+        for r in range(2)
+    ]
     (grad_ddp,) = torch.autograd.grad(sum(per_rank) / 2, logits)  # DDP's average
     assert torch.allclose(grad_single, grad_ddp, atol=1e-7)
     assert torch.allclose(single, sum(per_rank) / 2)
 
 
 def test_mixing_weights_and_pair_parts():
-    stats = {part: masked_cross_entropy(torch.randn(1, 4, 5), torch.randint(0, 5, (1, 4)))
-             for part in ("text_mlm", "image_mim", "pair_mlm", "pair_mim")}
+    stats = {
+        part: masked_cross_entropy(torch.randn(1, 4, 5), torch.randint(0, 5, (1, 4)))
+        for part in ("text_mlm", "image_mim", "pair_mlm", "pair_mim")
+    }
     counts = {part: torch.tensor(4.0) for part in stats}
     means = {part: s.loss_sum / 4 for part, s in stats.items()}
     total = MaskedModelingLoss(text_weight=0.5, image_weight=0.0, pair_weight=2.0)(stats, counts)
@@ -60,8 +71,9 @@ def test_mixing_weights_and_pair_parts():
 
 def test_heads_predict_at_the_listed_positions_only():
     torch.manual_seed(0)
-    model = Beit3ForPretraining(create_model("beit3-tiny").config.replace(vocab_size=50),
-                                codebook_size=12).eval()
+    model = Beit3ForPretraining(
+        create_model("beit3-tiny").config.replace(vocab_size=50), codebook_size=12
+    ).eval()
     images = torch.randn(2, 3, 32, 32)
     ids = torch.randint(4, 50, (2, 7))
     pad = torch.zeros(2, 7, dtype=torch.bool)
@@ -71,8 +83,9 @@ def test_heads_predict_at_the_listed_positions_only():
     out = model(images, ids, pad, image_mask, text_positions, image_positions)
     assert out.mlm_logits.shape == (2, 3, 50) and out.mim_logits.shape == (2, 2, 12)
     hidden = model.beit3(images, ids, pad, image_mask).hidden_states  # (B, 5 + 7, D)
-    assert torch.allclose(out.mlm_logits, model.mlm_head(gather_positions(hidden[:, 5:],
-                                                                          text_positions)))
+    assert torch.allclose(
+        out.mlm_logits, model.mlm_head(gather_positions(hidden[:, 5:], text_positions))
+    )
     assert torch.allclose(out.mim_logits[0, 1], model.mim_head(hidden[0, 1 + 3]))
     # A text-only pass makes no image logits.
     text_only = model(text_ids=ids, padding_mask=pad, text_positions=text_positions)

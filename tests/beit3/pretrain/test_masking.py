@@ -12,8 +12,9 @@ from beit3.tokenizer import BOS_ID, EOS_ID, PAD_ID
 def _masked_neighbours(mask: np.ndarray) -> float:
     """Mean number of masked 4-neighbours of a masked patch."""
     padded = np.pad(mask, 1)
-    neighbours = (padded[:-2, 1:-1].astype(int) + padded[2:, 1:-1] + padded[1:-1, :-2]
-                  + padded[1:-1, 2:])
+    neighbours = (
+        padded[:-2, 1:-1].astype(int) + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    )
     return float(neighbours[mask].mean())
 
 
@@ -81,17 +82,23 @@ def test_text_masking_bert_mode_mixes_mask_random_and_kept():
     ids = np.array([BOS_ID, *range(10, 210), EOS_ID])
     kinds = np.zeros(3)
     for _ in range(50):
-        out, chosen = mask_text_row(ids, 0.5, 999, rng, random_ratio=0.1, keep_ratio=0.1,
-                                    random_range=(4, 300))
+        out, chosen = mask_text_row(
+            ids, 0.5, 999, rng, random_ratio=0.1, keep_ratio=0.1, random_range=(4, 300)
+        )
         picked_in, picked_orig = out[chosen], ids[chosen]
-        kinds += [(picked_in == 999).sum(), (picked_in == picked_orig).sum(),
-                  ((picked_in != 999) & (picked_in != picked_orig)).sum()]
+        kinds += [
+            (picked_in == 999).sum(),
+            (picked_in == picked_orig).sum(),
+            ((picked_in != 999) & (picked_in != picked_orig)).sum(),
+        ]
     share = kinds / kinds.sum()
     assert abs(share[0] - 0.8) < 0.03 and abs(share[1] - 0.1) < 0.03 and share[2] > 0.07
 
 
 def test_mask_text_batch_targets_only_at_masked_positions():
-    ids = torch.tensor([[BOS_ID, 10, 11, 12, 13, EOS_ID], [BOS_ID, 20, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+    ids = torch.tensor(
+        [[BOS_ID, 10, 11, 12, 13, EOS_ID], [BOS_ID, 20, EOS_ID, PAD_ID, PAD_ID, PAD_ID]]
+    )
     rngs = [np.random.default_rng(i) for i in range(2)]
     out = mask_text(ids, 0.5, 99, rngs)
     assert out.mask.sum(1).tolist() == [2, 1]

@@ -27,12 +27,12 @@ def _majority_baselines(manifest, spm, vqkd_path) -> tuple[float, float]:
     transform = ImageTransform(PreprocessConfig(img_size=32))
     images = torch.stack([transform(load_image(r["image"])) for r in rows])
     codes = Counter(vqkd.encode(images).reshape(-1).tolist())
-    return (max(pieces.values()) / sum(pieces.values()),
-            max(codes.values()) / sum(codes.values()))
+    return (max(pieces.values()) / sum(pieces.values()), max(codes.values()) / sum(codes.values()))
 
 
 def test_smoke_run_writes_config_metrics_and_a_finetunable_checkpoint(
-        tmp_path, spm_path, shapes_manifest, vqkd_dir):
+    tmp_path, spm_path, shapes_manifest, vqkd_dir
+):
     config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, vqkd_dir, tensorboard=True)
     result = pretrain(config)
     assert result.steps == 2
@@ -40,14 +40,24 @@ def test_smoke_run_writes_config_metrics_and_a_finetunable_checkpoint(
     assert run_config["config"]["max_steps"] == 2 and len(run_config["git_sha"]) >= 7
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("loss", "loss_text_mlm", "acc_image_mim", "loss_pair_mlm", "acc_pair_mim",
-                "codebook_usage", "tokens_per_s", "lr", "grad_norm"):
+    for key in (
+        "loss",
+        "loss_text_mlm",
+        "acc_image_mim",
+        "loss_pair_mlm",
+        "acc_pair_mim",
+        "codebook_usage",
+        "tokens_per_s",
+        "lr",
+        "grad_norm",
+    ):
         assert key in records[-1], key
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     # Fine-tuning starts from the final directory: the backbone moves to the retrieval model.
     pretrained = load_checkpoint(result.checkpoint, architecture="retrieval")
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=True
+    )
     assert state["step"] == 2 and set(state["extra"]["streams"]) == {"text", "image", "pair"}
     from safetensors.torch import load_file
 
@@ -59,8 +69,17 @@ def test_smoke_run_writes_config_metrics_and_a_finetunable_checkpoint(
 
 def test_tiny_pretraining_learns_all_three_kinds(tmp_path, spm_path, shapes_manifest, vqkd_dir):
     text_base, code_base = _majority_baselines(shapes_manifest, spm_path, vqkd_dir)
-    config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, vqkd_dir, max_steps=120,
-                         text_batch_size=32, image_batch_size=32, pair_batch_size=32, log_every=20)
+    config = tiny_config(
+        tmp_path / "run",
+        spm_path,
+        shapes_manifest,
+        vqkd_dir,
+        max_steps=120,
+        text_batch_size=32,
+        image_batch_size=32,
+        pair_batch_size=32,
+        log_every=20,
+    )
     pretrain(config)
     records = read_metrics(tmp_path / "run")
     first, last = records[0], records[-1]
@@ -80,7 +99,9 @@ def test_tiny_pretraining_learns_all_three_kinds(tmp_path, spm_path, shapes_mani
         for _ in range(4):
             b = next(stream)
             for images, score in ((b.images, 1), (b.images.roll(1, 0), -1)):
-                logits = model(images, b.text_ids, b.padding_mask, None, b.text_positions).mlm_logits
+                logits = model(
+                    images, b.text_ids, b.padding_mask, None, b.text_positions
+                ).mlm_logits
                 stats = masked_cross_entropy(logits, b.text_targets)
                 acc = (stats.correct / stats.count).item()
                 right, wrong = (right + acc, wrong) if score == 1 else (right, wrong + acc)
@@ -106,10 +127,12 @@ def test_resume_continues_the_same_curve(tmp_path, spm_path, shapes_manifest, vq
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
-    fa = torch.load(tmp_path / "a" / "checkpoints" / "step-00000006" / "trainer_state.pt",
-                    weights_only=True)
-    fb = torch.load(tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.pt",
-                    weights_only=True)
+    fa = torch.load(
+        tmp_path / "a" / "checkpoints" / "step-00000006" / "trainer_state.pt", weights_only=True
+    )
+    fb = torch.load(
+        tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.pt", weights_only=True
+    )
     assert fa["extra"]["streams"] == fb["extra"]["streams"]  # same data positions
     assert torch.equal(fa["extra"]["rng"][0]["cpu"], fb["extra"]["rng"][0]["cpu"])
 
@@ -122,10 +145,19 @@ def test_images_without_a_visual_tokenizer_are_refused(tmp_path, spm_path, shape
 
 def test_text_only_pretraining_needs_no_visual_tokenizer(tmp_path, spm_path, shapes_manifest):
     texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(f"a {c} thing number {i}" for i in range(40)
-                               for c in ("red", "blue")) + "\n")
-    config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, None, pair_data=(),
-                         text_data=(str(texts),), image_batch_size=0, pair_batch_size=0)
+    texts.write_text(
+        "\n".join(f"a {c} thing number {i}" for i in range(40) for c in ("red", "blue")) + "\n"
+    )
+    config = tiny_config(
+        tmp_path / "run",
+        spm_path,
+        shapes_manifest,
+        None,
+        pair_data=(),
+        text_data=(str(texts),),
+        image_batch_size=0,
+        pair_batch_size=0,
+    )
     result = pretrain(config)
     assert set(read_metrics(tmp_path / "run")[-1]) >= {"loss_text_mlm", "acc_text_mlm"}
     assert "loss_pair_mlm" not in read_metrics(tmp_path / "run")[-1]
@@ -133,16 +165,18 @@ def test_text_only_pretraining_needs_no_visual_tokenizer(tmp_path, spm_path, sha
 
 
 def test_tokenizer_grid_must_match_the_model(tmp_path, spm_path, shapes_manifest, vqkd_dir):
-    config = tiny_config(tmp_path, spm_path, shapes_manifest, vqkd_dir,
-                         model_overrides={"img_size": 64})
+    config = tiny_config(
+        tmp_path, spm_path, shapes_manifest, vqkd_dir, model_overrides={"img_size": 64}
+    )
     with pytest.raises(ConfigError, match="grid"):
         pretrain(config)
 
 
 def test_config_rejects_typos_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'text_mask_ratio'"):
-        PretrainConfig.from_dict({"output_dir": str(tmp_path), "pair_data": ["x"],
-                                  "text_mask_ratoi": 0.2})
+        PretrainConfig.from_dict(
+            {"output_dir": str(tmp_path), "pair_data": ["x"], "text_mask_ratoi": 0.2}
+        )
     with pytest.raises(ConfigError, match="image_mask_ratio"):
         PretrainConfig(output_dir=str(tmp_path), pair_data=("x",), image_mask_ratio=1.5)
     with pytest.raises(ConfigError, match="no training data"):
@@ -152,9 +186,18 @@ def test_config_rejects_typos_and_bad_values(tmp_path):
 def test_masks_depend_on_the_sample_not_the_batch(tmp_path, spm_path, shapes_manifest):
     config = tiny_config(tmp_path, spm_path, shapes_manifest, None, pair_batch_size=8)
     one = build_streams(config, spm_path, img_size=32, grid_size=2, use_images=True)["pair"]
-    halves = [build_streams(config.replace(pair_batch_size=4), spm_path, img_size=32,
-                            grid_size=2, use_images=True, rank=r, world_size=2)["pair"]
-              for r in range(2)]
+    halves = [
+        build_streams(
+            config.replace(pair_batch_size=4),
+            spm_path,
+            img_size=32,
+            grid_size=2,
+            use_images=True,
+            rank=r,
+            world_size=2,
+        )["pair"]
+        for r in range(2)
+    ]
     big = next(one)
     parts = [next(h) for h in halves]
     by_index = {int(i): row for row, i in enumerate(big.index)}
@@ -168,8 +211,9 @@ def test_masks_depend_on_the_sample_not_the_batch(tmp_path, spm_path, shapes_man
     assert np.isclose(big.image_mask.float().mean().item(), 0.5)  # round(0.4 * 4) = 2 of 4
 
 
-def test_webdataset_shards_and_image_folders_feed_the_streams(tmp_path, spm_path,
-                                                              shapes_manifest, vqkd_dir):
+def test_webdataset_shards_and_image_folders_feed_the_streams(
+    tmp_path, spm_path, shapes_manifest, vqkd_dir
+):
     import io
     import tarfile
 
@@ -177,8 +221,10 @@ def test_webdataset_shards_and_image_folders_feed_the_streams(tmp_path, spm_path
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         for i, row in enumerate(rows):
-            for name, data in ((f"{i:05d}.png", Path(row["image"]).read_bytes()),
-                               (f"{i:05d}.txt", row["text"].encode())):
+            for name, data in (
+                (f"{i:05d}.png", Path(row["image"]).read_bytes()),
+                (f"{i:05d}.txt", row["text"].encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -188,28 +234,38 @@ def test_webdataset_shards_and_image_folders_feed_the_streams(tmp_path, spm_path
         (images / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(r["text"] for r in rows) + "\n")
-    config = tiny_config(tmp_path / "run", spm_path, shapes_manifest, vqkd_dir, max_steps=3,
-                         pair_data=(str(shard),), image_data=(str(images),),
-                         text_data=(str(texts),), save_every=2)
+    config = tiny_config(
+        tmp_path / "run",
+        spm_path,
+        shapes_manifest,
+        vqkd_dir,
+        max_steps=3,
+        pair_data=(str(shard),),
+        image_data=(str(images),),
+        text_data=(str(texts),),
+        save_every=2,
+    )
     pretrain(config)
     last = read_metrics(tmp_path / "run")[-1]
     assert {"loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim"} <= set(last)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=True
+    )
     assert state["extra"]["streams"]["pair"] == {"epoch": 0, "position": 48}
     # Resuming a streamed run skips the samples it already used.
-    pretrain(config.replace(max_steps=4, resume=str(tmp_path / "run" / "checkpoints" /
-                                                    "step-00000002")))
+    pretrain(
+        config.replace(max_steps=4, resume=str(tmp_path / "run" / "checkpoints" / "step-00000002"))
+    )
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [3, 4]
 
 
-def test_worker_processes_give_the_same_batches_across_epochs(tmp_path, spm_path,
-                                                              shapes_manifest):
+def test_worker_processes_give_the_same_batches_across_epochs(tmp_path, spm_path, shapes_manifest):
     config = tiny_config(tmp_path, spm_path, shapes_manifest, None, pair_batch_size=32)
     draws = []
     for workers in (0, 2):
-        stream = build_streams(config.replace(num_workers=workers), spm_path, img_size=32,
-                               grid_size=2, use_images=True)["pair"]
+        stream = build_streams(
+            config.replace(num_workers=workers), spm_path, img_size=32, grid_size=2, use_images=True
+        )["pair"]
         draws.append([next(stream) for _ in range(6)])  # 4 batches per epoch: crosses one
         assert stream.state_dict() == {"epoch": 1, "position": 64}
     for a, b in zip(*draws, strict=True):

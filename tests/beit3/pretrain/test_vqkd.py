@@ -70,10 +70,16 @@ def test_official_beit_v2_key_names_import(tmp_path):
     # scaling layer and EmbeddingEMA's unused copies. Our names must be the official ones.
     model = _ready_tiny()
     state = dict(model.state_dict())
-    for key in ("encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.attn.q_bias",
-                "encoder.fc_norm.weight", "decoder.patch_embed.proj.weight",
-                "quantize.embedding.weight", "quantize.cluster_size",
-                "encode_task_layer.2.weight", "decode_task_layer.0.bias"):
+    for key in (
+        "encoder.blocks.0.attn.qkv.weight",
+        "encoder.blocks.0.attn.q_bias",
+        "encoder.fc_norm.weight",
+        "decoder.patch_embed.proj.weight",
+        "quantize.embedding.weight",
+        "quantize.cluster_size",
+        "encode_task_layer.2.weight",
+        "decode_task_layer.0.bias",
+    ):
         assert key in state, key
     official = {k: v.half() for k, v in state.items()}
     official["teacher_model.visual.proj"] = torch.zeros(4, 4)
@@ -149,14 +155,30 @@ def test_a_beit3_checkpoint_can_be_the_teacher(tmp_path, tiny_checkpoint, shapes
     from beit3.pretrain.config import VisualTokenizerConfig
     from beit3.pretrain.visual_tokenizer import train_visual_tokenizer
 
-    result = train_visual_tokenizer(VisualTokenizerConfig(
-        output_dir=str(tmp_path), data=(str(shapes_manifest),), preset="vqkd-tiny",
-        teacher=str(tiny_checkpoint), batch_size=16, max_steps=3, num_workers=0,
-        tensorboard=False, log_every=1))
+    result = train_visual_tokenizer(
+        VisualTokenizerConfig(
+            output_dir=str(tmp_path),
+            data=(str(shapes_manifest),),
+            preset="vqkd-tiny",
+            teacher=str(tiny_checkpoint),
+            batch_size=16,
+            max_steps=3,
+            num_workers=0,
+            tensorboard=False,
+            log_every=1,
+        )
+    )
     model = load_vqkd(result.path)
     assert model.config.teacher_dim == 64  # beit3-tiny's width, set from the teacher
     assert all(r["rec_loss"] < 1.5 for r in read_metrics(tmp_path))
     with pytest.raises(ConfigError, match="teacher_dim is overridden"):
-        train_visual_tokenizer(VisualTokenizerConfig(
-            output_dir=str(tmp_path / "x"), data=(str(shapes_manifest),), preset="vqkd-tiny",
-            overrides={"teacher_dim": 32}, teacher=str(tiny_checkpoint), max_steps=1))
+        train_visual_tokenizer(
+            VisualTokenizerConfig(
+                output_dir=str(tmp_path / "x"),
+                data=(str(shapes_manifest),),
+                preset="vqkd-tiny",
+                overrides={"teacher_dim": 32},
+                teacher=str(tiny_checkpoint),
+                max_steps=1,
+            )
+        )
