@@ -125,7 +125,7 @@ def register(cli: typer.Typer) -> None:
             path, images, texts = build_demo_index(db, progress=progress)
         finally:
             close()
-        typer.echo(f"images: {images}\ntexts: {texts}\nindex: {path}")
+        typer.echo(f"{images}\n{texts}\nindex: {path}")
         if serve:
             typer.echo(f"beit3 demo: open http://{host}:{port}  (Ctrl+C stops)")
             _serve(streamlit_command([path], host=host, port=port))

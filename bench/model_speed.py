@@ -11,8 +11,7 @@ largest output difference.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import gc
 import statistics
 import subprocess
 import sys
@@ -27,16 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3 import create_config  # noqa: E402
 from beit3.heads import Beit3ForRetrieval  # noqa: E402
+from bench._memory import peak_since_reset, reset_peak  # noqa: E402
 from tests.reference import build_reference  # noqa: E402
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _time(fn, device: str, repeats: int) -> tuple[float, float]:
@@ -171,9 +162,10 @@ def main() -> None:
         impl, mode, weights = args.child.split(":", 2)
         _, _, modes = _build(args, "cpu", Path(weights))
         fn = _wrap(modes[mode][0 if impl == "ours" else 1], "cpu", None)
-        before = _rss_mb()
+        gc.collect()
+        before = reset_peak()
         fn()
-        print(f"{_peak_rss_mb() - before:.1f}")
+        print(f"{peak_since_reset() - before:.1f}")
         return
 
     cfg, ours, modes = _build(args, device, compile_ours=args.compile)

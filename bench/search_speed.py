@@ -8,8 +8,9 @@ recall@10 is measured against it and every method's p50 latency is also printed 
 over it.
 
 Latency is per single query (batch 1, one after the other), as an interactive search sees it.
-Build time includes training and adding; memory is the growth of this process's RSS while
-building (plus the on-disk size for LanceDB).
+Build time includes training and adding. Memory: for FAISS, the resident memory the built index
+holds (growth of this process's RSS over the build); for LanceDB, whose data lives on disk (its
+size is in the notes), the peak RSS growth while building.
 
     python bench/search_speed.py                      # 100k and 1M, all methods (~15 min, 2 cores)
     python bench/search_speed.py --sizes 100k --methods faiss-hnsw,lance-ivf
@@ -51,15 +52,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._memory import peak_since_reset, reset_peak, status_mib  # noqa: E402
 from indexer.stores.faiss_store import build_faiss_index  # noqa: E402
 
 METHODS = ("faiss-flat", "faiss-hnsw", "faiss-ivfpq", "lance-flat", "lance-ivf")
 DEFAULT_METHODS = METHODS
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _size(text: str) -> int:
@@ -151,7 +148,7 @@ def bench_faiss(
     import faiss
 
     gc.collect()
-    rss = _rss_mib()
+    rss = status_mib()
     start = time.perf_counter()
     index, built = build_faiss_index(
         data,
@@ -162,7 +159,7 @@ def bench_faiss(
         pq_m=args.pq_m,
     )
     build_s = time.perf_counter() - start
-    mem = _rss_mib() - rss
+    mem = status_mib() - rss
     n = len(queries) if kind != "flat" else min(len(queries), args.flat_queries)
     settings: list[tuple[str, Callable[[], None]]] = [("exact", lambda: None)]
     if built == "hnsw":
@@ -222,7 +219,7 @@ def bench_lance(
     shutil.rmtree(db, ignore_errors=True)
     dim = data.shape[1]
     gc.collect()
-    rss = _rss_mib()
+    rss = reset_peak()
     start = time.perf_counter()
     store = LanceStore(
         db,
@@ -261,7 +258,7 @@ def bench_lance(
         store._table.create_index("vector", replace=True, config=config)  # noqa: SLF001
         note = f"IVF_FLAT partitions={config.num_partitions} nprobes={{nprobes}}"
     build_s = time.perf_counter() - start
-    mem = _rss_mib() - rss
+    mem = peak_since_reset() - rss
     disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file()) / 2**20
     n = min(len(queries), args.lance_flat_queries if kind == "flat" else args.lance_ivf_queries)
 

@@ -32,12 +32,13 @@ class IndexReport:
     elapsed_s: float = 0.0
 
     def __str__(self) -> str:
-        rate = self.indexed / self.elapsed_s if self.elapsed_s > 0 else 0.0
         line = (
             f"{self.table}: seen {self.seen:,}, indexed {self.indexed:,}, unchanged "
             f"{self.unchanged:,}, duplicates {self.duplicates:,}, removed {self.removed:,}, "
-            f"skipped {self.skipped:,} in {self.elapsed_s:.1f} s ({rate:,.0f} items/s)"
+            f"skipped {self.skipped:,} in {self.elapsed_s:.1f} s"
         )
+        if self.indexed and self.elapsed_s > 0:
+            line += f" ({self.indexed / self.elapsed_s:,.0f} embedded/s)"
         if self.skipped_reasons:
             kinds = Counter(reason.split(" (")[0] for _, reason in self.skipped_reasons)
             line += "; skipped: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(4))
