@@ -107,21 +107,23 @@ class Beit3Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Beit3Config:
         """Build a config from a dict, rejecting unknown keys with a spelling hint."""
-        _check_keys(data)
+        check_config_keys(cls, data)
         return cls(**data)
 
     def replace(self, **overrides: Any) -> Beit3Config:
-        _check_keys(overrides)
+        check_config_keys(type(self), overrides)
         return dataclasses.replace(self, **overrides)
 
 
-def _check_keys(data: dict[str, Any]) -> None:
-    valid = [f.name for f in dataclasses.fields(Beit3Config)]
+def check_config_keys(cls: type, data: dict[str, Any], what: str = "config") -> None:
+    """Raise ConfigError for the first key of ``data`` that is not a field of the dataclass
+    ``cls``, with the closest field as a hint (or the list of fields)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(f"unknown {what} key {key!r}{hint}")
 
 
 _PRESETS: dict[str, Beit3Config] = {}

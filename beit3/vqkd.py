@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from beit3.config import check_config_keys
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
 from beit3.model import trunc_normal_
 
@@ -125,21 +126,12 @@ class VqkdConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VqkdConfig:
-        _check_keys(data)
+        check_config_keys(cls, data, "VQ-KD config")
         return cls(**data)
 
     def replace(self, **overrides: Any) -> VqkdConfig:
-        _check_keys(overrides)
+        check_config_keys(type(self), overrides, "VQ-KD config")
         return dataclasses.replace(self, **overrides)
-
-
-def _check_keys(data: dict[str, Any]) -> None:
-    valid = [f.name for f in dataclasses.fields(VqkdConfig)]
-    for key in data:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"unknown VQ-KD config key {key!r}{hint}")
 
 
 _PRESETS: dict[str, VqkdConfig] = {

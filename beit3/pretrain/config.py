@@ -8,25 +8,16 @@ resolved config is written to ``output_dir/run_config.json`` by the training fun
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from beit3.config import check_config_keys
 from beit3.errors import ConfigError
 
 __all__ = ["PretrainConfig", "VisualTokenizerConfig"]
 
 Precision = Literal["auto", "bf16", "fp32"]
 Sharding = Literal["auto", "ddp", "fsdp"]
-
-
-def _check_keys(cls: type, data: dict[str, Any]) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown {cls.__name__} key {key!r}{hint}")
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -163,11 +154,11 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        _check_keys(cls, data)
+        check_config_keys(cls, data, cls.__name__)
         return cls(**data)
 
     def replace(self, **overrides: Any) -> PretrainConfig:
-        _check_keys(type(self), overrides)
+        check_config_keys(type(self), overrides, type(self).__name__)
         return dataclasses.replace(self, **overrides)
 
 
@@ -231,9 +222,9 @@ class VisualTokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisualTokenizerConfig:
-        _check_keys(cls, data)
+        check_config_keys(cls, data, cls.__name__)
         return cls(**data)
 
     def replace(self, **overrides: Any) -> VisualTokenizerConfig:
-        _check_keys(type(self), overrides)
+        check_config_keys(type(self), overrides, type(self).__name__)
         return dataclasses.replace(self, **overrides)
