@@ -166,7 +166,7 @@ def save_checkpoint(
         )
         tokenizer.save(tmp / "tokenizer")
         preprocess.save(tmp / "preprocess.json")
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -174,7 +174,9 @@ def save_checkpoint(
     return model_id
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the finished directory ``src`` at ``dst``, replacing any old one by renames only (the
+    old directory is removed last), so a reader never sees a half-written ``dst``."""
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}"
         dst.rename(old)

@@ -521,6 +521,8 @@ def save_vqkd(model: VQKD, path: str | Path, *, teacher: str = "") -> Path:
     """Write ``config.json`` + ``model.safetensors`` to the directory ``path`` (atomically)."""
     from safetensors.torch import save_file
 
+    from beit3.checkpoint import replace_dir
+
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir(parents=True)
@@ -545,13 +547,7 @@ def save_vqkd(model: VQKD, path: str | Path, *, teacher: str = "") -> Path:
             )
             + "\n"
         )
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
