@@ -7,6 +7,7 @@ state, and run logs. Model code (model.py, heads.py) never imports this module.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -87,7 +88,15 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        # Left to the interpreter's teardown, the group's threads can be destroyed while still
+        # joinable ("terminate called without an active exception", SIGABRT at exit).
+        atexit.register(_destroy_process_group)
     return DistInfo(rank, world_size, local_rank, target)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _GatherLayer(torch.autograd.Function):

@@ -1,3 +1,5 @@
+import logging
+
 import torch
 from typer.testing import CliRunner
 
@@ -12,6 +14,15 @@ def test_presets_lists_sizes():
     result = runner.invoke(cli, ["presets"])
     assert result.exit_code == 0
     assert "beit3-base " in result.output and "222.2M" in result.output
+
+
+def test_logging_outlives_the_runner_stream(capsys):
+    # CliRunner swaps sys.stderr for a stream it closes afterwards; the CLI's log handler must
+    # follow sys.stderr, not keep the closed stream ("--- Logging error ---" on every record).
+    assert runner.invoke(cli, ["presets"]).exit_code == 0
+    logging.getLogger("beit3.test").info("after the runner")
+    err = capsys.readouterr().err
+    assert "after the runner" in err and "Logging error" not in err
 
 
 def test_convert_writes_a_loadable_checkpoint(tmp_path, spm_path):
