@@ -2,7 +2,7 @@
 # Every GPU test and benchmark in one pass, sized for a few minutes on one H200.
 #   bash bench/gpu_check.sh            (OUT=dir keeps the logs; default /tmp/gpu-check)
 # The device machine has torch, numpy, pytest, pyarrow but no torchscale/faiss: wheels for those
-# are carried in .whl/ (see README, "GPU figures"). lancedb's wheel is too large to carry, so the
+# are carried in .whl/ (see README, "GPU"). lancedb's wheel is too large to carry, so the
 # GPU indexing benchmark uses the FAISS store; no beit3 code needs a network.
 set -u
 cd "$(dirname "$0")/.."
