@@ -158,22 +158,29 @@ class Beit3Model(nn.Module):
         conv and embedding weights, zero biases, unit LayerNorms, then each layer's output
         projections (``out_proj``, ``fc2``) divided by sqrt(2 * layer_index).
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                trunc_normal_(module.weight, std=0.02)
+        init_modules_(self)
         trunc_normal_(self.vision_embed.cls_token, std=0.02)
         trunc_normal_(self.vision_embed.mask_token, std=0.02)
         for index, layer in enumerate(self.encoder.layers, start=1):
             attn, ffn = layer.self_attn, layer.ffn
             for out in (attn.out_proj.A, attn.out_proj.B, ffn.A.fc2, ffn.B.fc2):
                 out.weight.mul_(1.0 / math.sqrt(2.0 * index))
+
+
+@torch.no_grad()
+def init_modules_(root: nn.Module) -> None:
+    """BEiT initialisation of every submodule of ``root``: truncated normal (std 0.02) for
+    linear, conv and embedding weights, zero biases, unit LayerNorms."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            trunc_normal_(module.weight, std=0.02)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from beit3.config import check_config_keys
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
-from beit3.model import trunc_normal_
+from beit3.model import init_modules_, trunc_normal_
 
 __all__ = [
     "VQKD",
@@ -256,14 +256,7 @@ class _VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+        init_modules_(self)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
         for index, block in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
