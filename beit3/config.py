@@ -43,19 +43,19 @@ class Beit3Config:
     attention: AttentionImpl = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in (
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "img_size",
-            "patch_size",
-            "in_chans",
-            "vocab_size",
-            "max_text_positions",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            self,
+            (
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "img_size",
+                "patch_size",
+                "in_chans",
+                "vocab_size",
+                "max_text_positions",
+            ),
+        )
         if self.embed_dim % self.num_heads:
             raise ConfigError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -113,6 +113,14 @@ class Beit3Config:
     def replace(self, **overrides: Any) -> Beit3Config:
         check_config_keys(type(self), overrides)
         return dataclasses.replace(self, **overrides)
+
+
+def check_positive_ints(config: Any, names: tuple[str, ...], what: str = "config") -> None:
+    """Raise ConfigError unless every field ``names`` of ``config`` is an int > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{what} field {name} must be a positive int, got {value!r}")
 
 
 def check_config_keys(cls: type, data: dict[str, Any], what: str = "config") -> None:

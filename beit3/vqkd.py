@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beit3.config import check_config_keys
+from beit3.config import check_config_keys, check_positive_ints
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
 from beit3.model import init_modules_, trunc_normal_
 
@@ -81,25 +81,24 @@ class VqkdConfig:
     layernorm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in (
-            "img_size",
-            "patch_size",
-            "in_chans",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "decoder_embed_dim",
-            "decoder_depth",
-            "decoder_num_heads",
-            "codebook_size",
-            "codebook_dim",
-            "teacher_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"VQ-KD config field {name} must be a positive int, got {value!r}"
-                )
+        check_positive_ints(
+            self,
+            (
+                "img_size",
+                "patch_size",
+                "in_chans",
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "decoder_embed_dim",
+                "decoder_depth",
+                "decoder_num_heads",
+                "codebook_size",
+                "codebook_dim",
+                "teacher_dim",
+            ),
+            "VQ-KD config",
+        )
         if self.img_size % self.patch_size:
             raise ConfigError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
