@@ -45,6 +45,7 @@ lint: install
 	$(BIN)/ruff format --check beit3 indexer training app tests bench demo
 	$(BIN)/ruff check beit3 indexer training app tests bench demo
 	$(BIN)/lint-imports
+	$(BIN)/mypy beit3 indexer
 
 test: install system-deps lint
 	$(BIN)/python -m pytest -q

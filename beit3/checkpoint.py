@@ -69,6 +69,20 @@ class Checkpoint:
     model_id: str
     path: Path
 
+    @property
+    def retrieval_model(self) -> Beit3ForRetrieval:
+        """The model as a dual encoder (``encode_image`` / ``encode_text``).
+
+        Raises:
+            CheckpointError: the checkpoint holds another architecture (e.g. a pretraining one).
+        """
+        if not isinstance(self.model, Beit3ForRetrieval):
+            raise CheckpointError(
+                f"{self.path} is a {self.architecture} checkpoint; indexing and search need a "
+                "retrieval model (fine-tune it first)"
+            )
+        return self.model
+
 
 # Settings of a run, not of the weights: a saved checkpoint keeps the preset's values, and
 # load_checkpoint(..., drop_path_rate=0.1) sets them again for the next run.

@@ -263,7 +263,7 @@ class PairBatch(NamedTuple):
     text_ids: Tensor
     padding_mask: Tensor
     image_index: Tensor
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index, on purpose
 
 
 class PairDataset(Dataset):

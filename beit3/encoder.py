@@ -33,6 +33,8 @@ class EncoderLayer(nn.Module):
     ``final_layer_norm`` is the official (fairseq) name of the pre-FFN LayerNorm.
     """
 
+    drop_prob: Tensor
+
     def __init__(
         self,
         embed_dim: int,
@@ -92,7 +94,7 @@ class EncoderLayer(nn.Module):
             ref = next(p for p in parts if p is not None)
             draw = torch.rand(ref.shape[0], 1, 1, device=ref.device)
             keep = (draw >= self.drop_prob).to(ref.dtype) / (1.0 - self.drop_prob).to(ref.dtype)
-        out = []
+        out: list[Tensor | None] = []
         for x, b in zip(parts, branch, strict=True):
             if x is None or b is None:
                 out.append(None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -208,7 +208,7 @@ def mask_text(
     mask_ratio: float,
     mask_id: int,
     rngs: Sequence[np.random.Generator],
-    **kwargs: object,
+    **kwargs: Any,
 ) -> TextMask:
     """Mask a padded batch row by row (one generator per row); see :func:`mask_text_row`.
 

@@ -7,7 +7,7 @@ State-dict keys equal the official ``beit3.*`` keys (without the prefix), e.g.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +161,8 @@ class Beit3Model(nn.Module):
         init_modules_(self)
         trunc_normal_(self.vision_embed.cls_token, std=0.02)
         trunc_normal_(self.vision_embed.mask_token, std=0.02)
-        for index, layer in enumerate(self.encoder.layers, start=1):
+        for index, module in enumerate(self.encoder.layers, start=1):
+            layer = cast(EncoderLayer, module)
             attn, ffn = layer.self_attn, layer.ffn
             for out in (attn.out_proj.A, attn.out_proj.B, ffn.A.fc2, ffn.B.fc2):
                 out.weight.mul_(1.0 / math.sqrt(2.0 * index))

@@ -10,7 +10,7 @@ None, and only joins them for the joint self-attention. This replaces torchscale
 from __future__ import annotations
 
 import copy
-from typing import TypeAlias
+from typing import Generic, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +20,10 @@ __all__ = ["Multiway", "Parts", "join_parts", "split_parts"]
 # (vision tokens (B, Nv, ...), text tokens (B, Nt, ...)); None where a modality is absent.
 Parts: TypeAlias = tuple[Tensor | None, Tensor | None]
 
+M = TypeVar("M", bound=nn.Module)
 
-class Multiway(nn.Module):
+
+class Multiway(nn.Module, Generic[M]):
     """Two independent copies of a module: ``A`` for vision tokens, ``B`` for language tokens.
 
     Args:
@@ -29,10 +31,10 @@ class Multiway(nn.Module):
         language: the language expert; a deep copy of ``vision`` when omitted.
     """
 
-    def __init__(self, vision: nn.Module, language: nn.Module | None = None) -> None:
+    def __init__(self, vision: M, language: M | None = None) -> None:
         super().__init__()
-        self.A = vision
-        self.B = language if language is not None else copy.deepcopy(vision)
+        self.A: M = vision
+        self.B: M = language if language is not None else copy.deepcopy(vision)
 
     def route(self, parts: Parts) -> Parts:
         """Apply A to the vision part and B to the text part."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -242,7 +242,7 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": {
             "name": mt,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
@@ -269,12 +269,16 @@ def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+class _HasStateDict(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 def save_train_state(
     run_dir: str | Path,
     step: int,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | _HasStateDict,
     preset: str,
     tokenizer: Any,
     preprocess: Any = None,
@@ -368,7 +372,8 @@ def write_run_config(output_dir: str | Path, config: Any) -> Path:
     """Write ``run_config.json``: the resolved config (a dataclass), git SHA, package versions."""
     import beit3
 
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    data = dataclasses.asdict(config) if is_instance else dict(config)
     record = {
         "config": data,
         "git_sha": _git_sha(),

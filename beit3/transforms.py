@@ -84,6 +84,7 @@ def load_image(source: str | Path | bytes | BinaryIO, draft_size: int | None = N
         InputDataError: with a one-line reason when the image cannot be used.
     """
     name = str(source) if isinstance(source, str | Path) else "<bytes>"
+    image: Image.Image
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -137,8 +138,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    mean_arr, std_arr = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    arr = (np.asarray(image, dtype=np.float32) / 255.0 - mean_arr) / std_arr  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 

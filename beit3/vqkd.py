@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +258,8 @@ class _VisionTransformer(nn.Module):
         init_modules_(self)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
-        for index, block in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
+        for index, module in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
+            block = cast(_Block, module)
             block.attn.proj.weight.div_(math.sqrt(2.0 * index))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * index))
             block.attn.q_bias.zero_()
@@ -270,6 +271,9 @@ class _VisionTransformer(nn.Module):
 
 class _Codebook(nn.Module):
     """Holds the codebook as buffers named as in the official ``EmbeddingEMA``."""
+
+    weight: Tensor
+    initted: Tensor
 
     def __init__(self, num_codes: int, dim: int) -> None:
         super().__init__()
@@ -283,6 +287,8 @@ class NormEMAQuantizer(nn.Module):
     Buffers: ``embedding.weight`` (K, d) unit rows; ``embedding.initted`` (1,) 1 after k-means;
     ``cluster_size`` (K,) EMA of how many vectors each code received per step.
     """
+
+    cluster_size: Tensor
 
     def __init__(self, num_codes: int, dim: int, decay: float = 0.99, beta: float = 1.0) -> None:
         super().__init__()

@@ -148,11 +148,7 @@ def load_index_model(
                 f"pass --model with a copy of it ({manifest.model_id})"
             )
     ckpt = load_checkpoint(model, device=resolve_device(device))
-    if not hasattr(ckpt.model, "encode_image"):
-        raise CheckpointError(
-            f"{model} is a {ckpt.architecture} checkpoint; indexing needs a "
-            "retrieval model (fine-tune it first)"
-        )
+    ckpt.retrieval_model  # noqa: B018 - raises CheckpointError for another architecture
     if manifest is not None:
         manifest.check_model(db, ckpt.model_id, action=action)
     return ckpt, manifest
@@ -214,7 +210,7 @@ class _Run:
         self.device = resolve_device(device)
         self.ckpt, manifest = load_index_model(self.db, model, str(self.device))
         self.model_id = self.ckpt.model_id
-        self.dim = int(self.ckpt.model.embed_dim)
+        self.dim = self.ckpt.retrieval_model.embed_dim
         self.report = IndexReport(table=self.table)
         self.store = self._open_table(manifest, backend, index_type)
 
@@ -431,7 +427,7 @@ class _Run:
         done = 0
         self.progress("embed", 0, len(shard))
         batches = embed_image_files(
-            self.ckpt.model,
+            self.ckpt.retrieval_model,
             self.ckpt.preprocess,
             paths,
             batch_size=self.batch_size,
@@ -452,7 +448,7 @@ class _Run:
         done = 0
         self.progress("embed", 0, len(shard))
         for vectors in embed_texts(
-            self.ckpt.model,
+            self.ckpt.retrieval_model,
             self.ckpt.tokenizer,
             texts,
             batch_size=self.batch_size,

@@ -16,11 +16,11 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from beit3 import ImageTransform, PreprocessConfig, TextTokenizer, load_image
 from beit3.errors import Beit3Error
+from beit3.heads import Beit3ForRetrieval
 
 __all__ = [
     "EmbeddedBatch",
@@ -134,7 +134,9 @@ class EmbeddedBatch(NamedTuple):
 
 
 @torch.inference_mode()
-def encode_images(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+def encode_images(
+    model: Beit3ForRetrieval, images: torch.Tensor, device: torch.device
+) -> np.ndarray:
     """(B, 3, S, S) -> (B, D) float32 unit vectors."""
     with _autocast(device):
         vectors = model.encode_image(images.to(device, non_blocking=True))
@@ -142,7 +144,7 @@ def encode_images(model: nn.Module, images: torch.Tensor, device: torch.device) 
 
 
 def embed_image_files(
-    model: nn.Module,
+    model: Beit3ForRetrieval,
     preprocess: PreprocessConfig,
     paths: Sequence[str],
     *,
@@ -185,7 +187,7 @@ def embed_image_files(
 
 @torch.inference_mode()
 def embed_texts(
-    model: nn.Module,
+    model: Beit3ForRetrieval,
     tokenizer: TextTokenizer,
     texts: Sequence[str],
     *,

@@ -128,7 +128,7 @@ class Searcher:
 
     def embed_query(self, query: Query) -> np.ndarray:
         """A text (``str``) or an image (path, bytes, file object, PIL image) -> (D,) unit vector."""
-        model = self.checkpoint.model
+        model = self.checkpoint.retrieval_model
         if isinstance(query, str):
             if not query.strip():
                 raise InputDataError("the text query is empty; type a few words")

@@ -64,7 +64,7 @@ class ImageScan:
         return path in self.files or any(path.startswith(f + os.sep) for f in self.folders)
 
 
-def scan_images(sources: Sequence[str | Path]) -> ImageScan:
+def scan_images(sources: Sequence[str | Path] | str | Path) -> ImageScan:
     """Walk folders (recursively; hidden names skipped; image extensions in any case), take image
     files as given, and read JSONL/CSV manifests (a column named one of IMAGE_COLUMNS; relative
     paths are relative to the manifest)."""

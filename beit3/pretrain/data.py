@@ -72,15 +72,15 @@ class MaskedBatch(NamedTuple):
     text_positions: Tensor | None
     text_targets: Tensor | None
     image_positions: Tensor | None
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index, on purpose
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedBatch:
         return MaskedBatch(
-            *(t.to(device, non_blocking=non_blocking) if t is not None else None for t in self)
+            *(t.to(device, non_blocking=non_blocking) if t is not None else None for t in self)  # type: ignore[arg-type]
         )
 
     def pin_memory(self) -> MaskedBatch:
-        return MaskedBatch(*(t.pin_memory() if t is not None else None for t in self))
+        return MaskedBatch(*(t.pin_memory() if t is not None else None for t in self))  # type: ignore[arg-type]
 
     @property
     def size(self) -> int:
@@ -326,7 +326,7 @@ class BatchStream:
     def _open(self) -> Iterator[MaskedBatch | None]:
         # Its own generator: a loader draws a base seed per iterator, which must not advance the
         # global RNG (drop path), or a resumed run would diverge from an uninterrupted one.
-        common = {
+        common: dict[str, Any] = {
             "batch_size": self.batch_size,
             "collate_fn": self.collate,
             "drop_last": True,
@@ -337,9 +337,9 @@ class BatchStream:
         if self.streaming:
             assert self.transform is not None, "streaming needs the transform to seed"
             source = _KeyedShards(
-                self.dataset,
+                self.dataset,  # type: ignore[arg-type]  # streaming: WebDatasetPairs
                 self.transform,
-                self.seed,  # type: ignore[arg-type]
+                self.seed,
                 self.collate.kind,
                 self.epoch,
             )
@@ -494,6 +494,7 @@ def build_streams(
         collate = masker(
             "pair", config.pair_text_mask_ratio, config.pair_image_mask_ratio, config.pair_max_len
         )
+        data: Dataset
         if shard_paths:
             data = WebDatasetPairs(shard_paths, t, pair_tok, rank, world_size)
             streams["pair"] = BatchStream(

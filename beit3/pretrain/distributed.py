@@ -94,7 +94,7 @@ def wrap_model(
 
 def full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Full CPU state dicts of model and optimizer (a collective under FSDP: call on all ranks;
     the result is complete on rank 0)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -110,7 +110,7 @@ def full_state(
     )
 
 
-def full_model_state(model: nn.Module) -> dict[str, Tensor]:
+def full_model_state(model: nn.Module) -> dict[str, Any]:
     """Full CPU model state dict (a collective under FSDP; complete on rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

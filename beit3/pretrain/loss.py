@@ -30,7 +30,7 @@ class MaskedStats(NamedTuple):
     positions; correct: how many of them the argmax predicts (both 0-dim float32, no grad)."""
 
     loss_sum: Tensor
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count, on purpose
     correct: Tensor
 
 

@@ -8,11 +8,13 @@ the pixels themselves (no weights needed) or a frozen BEiT-3 vision encoder of o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from beit3.errors import ConfigError
+from beit3.model import Beit3Model
 
 __all__ = ["Beit3Teacher", "PixelTeacher"]
 
@@ -55,7 +57,7 @@ class Beit3Teacher(nn.Module):
         backbone: a ``Beit3Model`` (e.g. ``load_checkpoint(dir).model.beit3``).
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: Beit3Model) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
 
@@ -63,7 +65,7 @@ class Beit3Teacher(nn.Module):
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Beit3Teacher:
         from beit3.checkpoint import load_checkpoint
 
-        return cls(load_checkpoint(path, device=device).model.beit3)
+        return cls(cast(Beit3Model, load_checkpoint(path, device=device).model.beit3))
 
     def out_dim(self, in_chans: int = 3) -> int:
         return self.backbone.config.embed_dim

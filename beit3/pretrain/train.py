@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from beit3.checkpoint import (
     save_checkpoint,
 )
 from beit3.config import Beit3Config, create_config
+from beit3.encoder import EncoderLayer
 from beit3.errors import CheckpointError, ConfigError
 from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import PretrainConfig
@@ -169,10 +170,12 @@ def _step_parts(
     for kind, batch in batches.items():
         out = outputs[kind]
         if out.mlm_logits is not None:
+            assert batch.text_targets is not None, "masked text comes with its targets"
             stats["text_mlm" if kind == "text" else "pair_mlm"] = masked_cross_entropy(
                 out.mlm_logits, batch.text_targets
             )
         if out.mim_logits is not None:
+            assert batch.image_positions is not None, "masked images come with positions"
             targets = torch.gather(codes[kind], 1, batch.image_positions)  # (B, Ki)
             stats["image_mim" if kind == "image" else "pair_mim"] = masked_cross_entropy(
                 out.mim_logits, targets
@@ -206,7 +209,7 @@ def compile_layers(model: Beit3ForPretraining) -> None:
     import torch._dynamo.config as dynamo_config
 
     layers = model.beit3.encoder.layers
-    rates = {float(layer.drop_path) for layer in layers}
+    rates = {float(cast(EncoderLayer, layer).drop_path) for layer in layers}
     needed = 3 * len(rates) + 2  # 3 layouts per rate, plus slack for a short last batch
     if needed > dynamo_config.recompile_limit:
         logger.warning(

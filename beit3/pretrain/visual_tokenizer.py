@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,9 @@ class _ImageCollate:
         return torch.stack(kept) if kept else None
 
 
-def build_teacher(name: str, config: VqkdConfig, device: torch.device) -> nn.Module:
+def build_teacher(
+    name: str, config: VqkdConfig, device: torch.device
+) -> PixelTeacher | Beit3Teacher:
     """``pixels``, ``pixels-patchnorm`` or a BEiT-3 checkpoint directory -> a frozen teacher."""
     if name in ("pixels", "pixels-patchnorm"):
         return PixelTeacher(config.patch_size, "none" if name == "pixels" else "patch")
@@ -76,7 +79,8 @@ def build_teacher(name: str, config: VqkdConfig, device: torch.device) -> nn.Mod
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Official VQKD.no_weight_decay: cls tokens and position tables, plus 1-D tensors and biases.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         skip = param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed"))
         (no_decay if skip else decay).append(param)
@@ -167,9 +171,11 @@ def train_visual_tokenizer(
 
     # k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast.
     with torch.no_grad(), autocast:
-        vectors, batches = [], 0
+        vectors: list[Tensor] = []
+        batches = 0
         while sum(v.shape[0] for v in vectors) < 4 * vq_config.codebook_size and batches < 20:
-            z = model.encode_vectors(next(stream).to(device, non_blocking=cuda))
+            batch = cast(Tensor, next(stream))  # _ImageCollate batches are image tensors
+            z = model.encode_vectors(batch.to(device, non_blocking=cuda))
             vectors.append(z.reshape(-1, vq_config.codebook_dim).float())
             batches += 1
     if info.is_main:
@@ -195,7 +201,7 @@ def train_visual_tokenizer(
             optimizer,
             cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
         )
-        images = next(stream).to(device, non_blocking=cuda)
+        images = cast(Tensor, next(stream)).to(device, non_blocking=cuda)
         with autocast:
             targets = teacher(images)
             out = forward(images, targets)
