@@ -200,6 +200,21 @@ def test_new_db_needs_a_model_and_a_missing_source_is_an_error(
         index_images([shapes_dir], tmp_path / "db", tiny_checkpoint, table="a b")
 
 
+def test_a_pretraining_checkpoint_is_refused_with_a_hint(tmp_path, shapes_dir, tokenizer):
+    from beit3 import create_model, save_checkpoint
+
+    path = tmp_path / "pretrained"
+    save_checkpoint(
+        create_model("beit3-tiny", "pretraining", codebook_size=16),
+        path,
+        preset="beit3-tiny",
+        tokenizer=tokenizer,
+    )
+    with pytest.raises(CheckpointError, match="is a pretraining checkpoint; .*fine-tune it first"):
+        index_images([shapes_dir], tmp_path / "db", path)
+    assert not (tmp_path / "db").exists() or not any((tmp_path / "db").iterdir())
+
+
 def test_moved_checkpoint_is_reported_with_a_hint(tmp_path, shapes_dir, tiny_checkpoint):
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     db = tmp_path / "db"
