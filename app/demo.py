@@ -11,9 +11,11 @@ import os
 import re
 from pathlib import Path
 
+from beit3 import load_checkpoint
 from beit3.errors import InputDataError
 from indexer import IndexReport, index_images, index_texts
 from indexer.build import ProgressFn
+from indexer.embed import resolve_device
 
 __all__ = ["DEMO_CAPTIONS", "DEMO_MODEL", "build_demo_index", "default_demo_db"]
 
@@ -63,16 +65,17 @@ def build_demo_index(
     _check_bundle()
     db = Path(db) if db is not None else default_demo_db()
     captions = Path(captions) if captions is not None else DEMO_CAPTIONS
+    model = load_checkpoint(DEMO_MODEL, device=resolve_device(device))  # once for both tables
     images = index_images(
         [captions],
         db,
-        DEMO_MODEL,
+        model,
         table="images",
         device=device,
         num_workers=num_workers,
         progress=progress,
     )
     texts = index_texts(
-        captions, db, DEMO_MODEL, column="text", table="texts", device=device, progress=progress
+        captions, db, model, column="text", table="texts", device=device, progress=progress
     )
     return db, images, texts

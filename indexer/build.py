@@ -45,7 +45,7 @@ _FETCH_BLOCK = 4096
 def index_images(
     sources: Sequence[str | Path] | str | Path,
     db: str | Path,
-    model: str | Path | None = None,
+    model: str | Path | Checkpoint | None = None,
     *,
     backend: str | None = None,
     table: str = "images",
@@ -62,8 +62,9 @@ def index_images(
         sources: folders (walked recursively), image files, or JSONL/CSV manifests with an
             ``image`` / ``path`` / ``file`` column (relative paths are relative to the manifest).
         db: the database directory (created if needed).
-        model: a checkpoint directory; None means the one recorded in ``db`` (an error if ``db``
-            is new).
+        model: a checkpoint directory, or one already loaded (``load_checkpoint``; indexing
+            several tables loads it once); None means the one recorded in ``db`` (an error if
+            ``db`` is new).
         backend: ``lancedb`` or ``faiss``; None: the table's, or ``lancedb`` for a new table.
         table: the table name.
         batch_size: images per model call.
@@ -91,7 +92,7 @@ def index_images(
 def index_texts(
     source: str | Path,
     db: str | Path,
-    model: str | Path | None = None,
+    model: str | Path | Checkpoint | None = None,
     *,
     column: str | None = None,
     table: str = "texts",
@@ -126,7 +127,7 @@ def index_texts(
 
 def load_index_model(
     db: str | Path,
-    model: str | Path | None,
+    model: str | Path | Checkpoint | None,
     device: str = "auto",
     *,
     action: str = "given",
@@ -147,7 +148,11 @@ def load_index_model(
                 f"index {db} was built with the checkpoint {model}, which no longer exists; "
                 f"pass --model with a copy of it ({manifest.model_id})"
             )
-    ckpt = load_checkpoint(model, device=resolve_device(device))
+    if isinstance(model, Checkpoint):
+        ckpt = model
+        ckpt.model.to(resolve_device(device))
+    else:
+        ckpt = load_checkpoint(model, device=resolve_device(device))
     ckpt.retrieval_model  # noqa: B018 - raises CheckpointError for another architecture
     if manifest is not None:
         manifest.check_model(db, ckpt.model_id, action=action)
@@ -184,7 +189,7 @@ class _Run:
     def __init__(
         self,
         db: str | Path,
-        model: str | Path | None,
+        model: str | Path | Checkpoint | None,
         table: str,
         modality: str,
         backend: str | None,
