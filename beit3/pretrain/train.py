@@ -202,9 +202,11 @@ def compile_layers(model: Beit3ForPretraining) -> None:
     one per input layout (text, image, pair), so building is quick; state-dict keys stay as
     they are, unlike ``torch.compile(model)``).
 
-    The layers' stochastic-depth rates are Python floats that ``bernoulli_`` specialises on, so
-    every distinct rate compiles its own graphs; the recompile limit is raised to fit them
-    (slower first steps; ``drop_path_rate=0`` avoids it).
+    Each layer has its own stochastic-depth rate. The rate enters the math as a tensor buffer,
+    so the layers share graphs, but the float still reaches the guards (the ``drop_path > 0``
+    test): four layers with four rates built 2 graphs per layout, not 4 (torch 2.13, counted with
+    a counting backend). The recompile limit is raised to cover one graph per rate anyway, so a
+    deep model never falls back to eager (``drop_path_rate=0`` needs one graph per layout).
     """
     import torch._dynamo.config as dynamo_config
 
