@@ -204,8 +204,8 @@ def compile_layers(model: Beit3ForPretraining) -> None:
 
     Each layer has its own stochastic-depth rate. The rate enters the math as a tensor buffer,
     so the layers share graphs, but the float still reaches the guards (the ``drop_path > 0``
-    test): four layers with four rates built 2 graphs per layout, not 4 (torch 2.13, counted with
-    a counting backend). The recompile limit is raised to cover one graph per rate anyway, so a
+    test): four layers with four rates built 2 graphs for one input layout, not 4 (torch 2.13,
+    counted with a counting backend). The recompile limit still covers one graph per rate, so a
     deep model never falls back to eager (``drop_path_rate=0`` needs one graph per layout).
     """
     import torch._dynamo.config as dynamo_config
