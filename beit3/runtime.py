@@ -294,11 +294,31 @@ def save_train_state(
     """
     from beit3.checkpoint import save_checkpoint
 
-    directory = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    directory = step_directory(run_dir, step)
     save_checkpoint(model, directory, preset=preset, tokenizer=tokenizer, preprocess=preprocess)
+    return finish_step_directory(run_dir, step, optimizer=optimizer, extra=extra, keep=keep)
+
+
+def step_directory(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step-XXXXXXXX``."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def finish_step_directory(
+    run_dir: str | Path,
+    step: int,
+    *,
+    optimizer: torch.optim.Optimizer | _HasStateDict | None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Complete a step directory whose weights (``model.safetensors``) are written: add
+    ``trainer_state.pt`` by rename, then keep only the newest ``keep`` step directories.
+    ``optimizer`` None: its state is saved elsewhere (FSDP shards)."""
+    directory = step_directory(run_dir, step)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": _rng_state(),
         "extra": extra or {},
         "time": time.time(),

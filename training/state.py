@@ -12,8 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,15 @@ from beit3.checkpoint import load_state_dict_checked, save_checkpoint
 from beit3.config import Beit3Config
 from beit3.errors import ConfigError
 from beit3.heads import Beit3ForRetrieval
-from beit3.runtime import DistInfo, find_latest, load_train_state, set_rank_rng_state
+from beit3.runtime import (
+    STATE_FILE,
+    DistInfo,
+    find_latest,
+    finish_step_directory,
+    load_train_state,
+    set_rank_rng_state,
+    step_directory,
+)
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
@@ -43,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
 OPTIMIZER_DIR = "optimizer-dcp"  # FSDP: the sharded optimizer state (torch.distributed.checkpoint)
 
 
@@ -189,7 +194,7 @@ def save_fsdp_state(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    directory = out / "checkpoints" / f"step-{step:08d}"
+    directory = step_directory(out, step)
     export_model(wrapped, "fsdp", start, directory, info)
     dcp.save(
         {"optimizer": get_optimizer_state_dict(wrapped, optimizer)},
@@ -197,13 +202,4 @@ def save_fsdp_state(
     )
     barrier(info)
     if info.is_main:
-        state = {"step": step, "optimizer": None, "rng": None, "extra": extra, "time": time.time()}
-        tmp = directory / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.rename(directory / STATE_FILE)
-        complete = sorted(
-            p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()
-        )
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("saved training state at step %d to %s", step, directory)
+        finish_step_directory(out, step, optimizer=None, extra=extra, keep=keep)
