@@ -140,6 +140,7 @@ def register(cli: typer.Typer) -> None:
             list[str],
             typer.Option(help="VQ-KD architecture field: key=value (e.g. codebook_size=1024)."),
         ] = [],  # noqa: B006
+        resume: Annotated[str | None, typer.Option(help="'latest' or a step directory.")] = None,
         set_: Annotated[list[str], _SET] = [],  # noqa: B006
         device: Annotated[str, _DEVICE] = "auto",
     ) -> None:
@@ -154,6 +155,7 @@ def register(cli: typer.Typer) -> None:
             "batch_size": batch_size,
             "max_steps": max_steps,
             "overrides": _parse_sets(override, "--override"),
+            "resume": resume,
             "device": device,
             **_parse_sets(set_),
         }

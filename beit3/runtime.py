@@ -465,6 +465,19 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def truncate_metrics(out: str | Path, step: int) -> None:
+    """Drop records after ``step`` from metrics.jsonl, so a resumed run's log reads as one run."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def read_metrics(output_dir: str | Path) -> Iterator[dict[str, Any]]:
     """The records of ``metrics.jsonl``."""
     path = Path(output_dir) / "metrics.jsonl"

@@ -9,7 +9,6 @@ state is sharded in ``optimizer-dcp/`` (torch.distributed.checkpoint) instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,6 +29,7 @@ from beit3.runtime import (
     load_train_state,
     set_rank_rng_state,
     step_directory,
+    truncate_metrics,
 )
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
@@ -147,19 +147,6 @@ def check_same_batches(
             f"{step_dir} was trained with {saved}, this run has {now}; the data position "
             "and schedule only carry over with the same batch size, processes and accumulation"
         )
-
-
-def truncate_metrics(out: Path, step: int) -> None:
-    """Drop records after ``step`` from metrics.jsonl, so a resumed run's log reads as one run."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def export_model(

@@ -172,7 +172,10 @@ class VisualTokenizerConfig:
     follow BEiT v2: AdamW (0.9, 0.99), weight decay 1e-4, lr 2e-4 for a batch of 512
     (5e-5 x 512 / 128), random resized crops down to 8% of the image. Every ``reseed_every``
     steps, codes that received fewer than ``dead_code_threshold`` vectors since the last check
-    (all ranks together) are re-seeded from the current batch (0 = never).
+    (all ranks together) are re-seeded from the current batch (0 = never). Every ``save_every``
+    steps the run also writes ``output_dir/checkpoints/step-N`` (weights, optimizer, data
+    position, codebook statistics, RNG; the newest ``keep_checkpoints`` are kept), from which
+    ``resume="latest"`` (or a step directory) continues the same run.
     """
 
     output_dir: str
@@ -201,6 +204,8 @@ class VisualTokenizerConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: str | None = None
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -216,6 +221,8 @@ class VisualTokenizerConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got {self.lr}, {self.min_lr}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.resume is not None and self.resume != "latest" and not self.resume:
+            raise ConfigError("resume must be 'latest' or a step directory")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,6 +50,7 @@ from beit3.runtime import (
     save_train_state,
     set_lr,
     set_rank_rng_state,
+    truncate_metrics,
     write_run_config,
 )
 from beit3.tokenizer import TextTokenizer
@@ -439,6 +440,8 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     forward = pdist.wrap_model(model, sharding, device, _unused_parameters(set(streams), config))
     loss_fn = MaskedModelingLoss(config.text_weight, config.image_weight, config.pair_weight)
     world = info.world_size
+    if info.is_main:
+        truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     window = _Window(device, codebook_size)
     metrics: dict[str, float] = {}

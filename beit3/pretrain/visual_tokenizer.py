@@ -5,7 +5,9 @@ features + commitment); the codebook by k-means on the first batches, then an EM
 each code receives. The per-code statistics are summed over ranks before the EMA step, so every
 rank keeps the same codebook; k-means and dead-code re-seeding happen on rank 0 and are
 broadcast. The tokenizer is written to ``output_dir/tokenizer`` every ``save_every`` steps and
-at the end; pass that directory to pretraining as ``visual_tokenizer``.
+at the end; pass that directory to pretraining as ``visual_tokenizer``. Each save also completes
+a step directory (``output_dir/checkpoints/step-N``) from which ``resume`` continues the run
+exactly: weights and codebook, optimizer, data position, re-seeding statistics, every RNG.
 """
 
 from __future__ import annotations
@@ -23,12 +25,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from beit3.errors import ConfigError
+from beit3.errors import CheckpointError, ConfigError
 from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import VisualTokenizerConfig
 from beit3.pretrain.data import BatchStream, ImageDataset, KeyedDataset, list_images
 from beit3.pretrain.teachers import Beit3Teacher, PixelTeacher
-from beit3.runtime import RunLogger, cosine_lr, init_distributed, set_lr, write_run_config
+from beit3.runtime import (
+    RunLogger,
+    cosine_lr,
+    find_latest,
+    finish_step_directory,
+    gather_rng_states,
+    init_distributed,
+    load_train_state,
+    set_lr,
+    set_rank_rng_state,
+    step_directory,
+    truncate_metrics,
+    write_run_config,
+)
 from beit3.transforms import PreprocessConfig, TrainImageTransform
 from beit3.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
 
@@ -100,6 +115,36 @@ def _broadcast_codebook(model: VQKD) -> None:
             dist.broadcast(buffer, 0)
 
 
+def _kmeans_init(
+    model: VQKD,
+    stream: BatchStream,
+    vq_config: VqkdConfig,
+    iters: int,
+    is_main: bool,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+    device: torch.device,
+) -> None:
+    """k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast."""
+    with torch.no_grad(), autocast:
+        vectors: list[Tensor] = []
+        batches = 0
+        while sum(v.shape[0] for v in vectors) < 4 * vq_config.codebook_size and batches < 20:
+            batch = cast(Tensor, next(stream))  # _ImageCollate batches are image tensors
+            z = model.encode_vectors(batch.to(device, non_blocking=device.type == "cuda"))
+            vectors.append(z.reshape(-1, vq_config.codebook_dim).float())
+            batches += 1
+    if is_main:
+        model.quantize.kmeans_init_(torch.cat(vectors).cpu(), iters, generator)
+    _broadcast_codebook(model)
+    logger.info(
+        "codebook of %d x %d initialised by k-means on %d vectors",
+        vq_config.codebook_size,
+        vq_config.codebook_dim,
+        sum(v.shape[0] for v in vectors),
+    )
+
+
 def train_visual_tokenizer(
     config: VisualTokenizerConfig, progress: Callable[[int, int], None] | None = None
 ) -> VisualTokenizerResult:
@@ -139,6 +184,17 @@ def train_visual_tokenizer(
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
     )
+    start_step, extra = 0, {}
+    if config.resume:
+        step_dir = find_latest(output_dir) if config.resume == "latest" else Path(config.resume)
+        if step_dir is None:
+            logger.info("no checkpoint in %s yet: starting from step 0", output_dir)
+        else:
+            if not step_dir.is_dir():
+                raise CheckpointError(f"resume: {step_dir} is not a step directory")
+            state = load_train_state(step_dir, model, optimizer)  # weights, codebook, optimizer
+            start_step, extra = state["step"], state["extra"]
+            set_rank_rng_state(extra.get("rng", []), info.rank)
     forward: nn.Module = model
     if pdist.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
@@ -168,35 +224,53 @@ def train_visual_tokenizer(
         torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     )
     generator = torch.Generator().manual_seed(config.seed)
-
-    # k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast.
-    with torch.no_grad(), autocast:
-        vectors: list[Tensor] = []
-        batches = 0
-        while sum(v.shape[0] for v in vectors) < 4 * vq_config.codebook_size and batches < 20:
-            batch = cast(Tensor, next(stream))  # _ImageCollate batches are image tensors
-            z = model.encode_vectors(batch.to(device, non_blocking=cuda))
-            vectors.append(z.reshape(-1, vq_config.codebook_dim).float())
-            batches += 1
-    if info.is_main:
-        model.quantize.kmeans_init_(torch.cat(vectors).cpu(), config.kmeans_iters, generator)
-    _broadcast_codebook(model)
-    logger.info(
-        "codebook of %d x %d initialised by k-means on %d vectors",
-        vq_config.codebook_size,
-        vq_config.codebook_dim,
-        sum(v.shape[0] for v in vectors),
-    )
-
-    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     usage = torch.zeros(vq_config.codebook_size, device=device)  # this log window
     recent = torch.zeros(vq_config.codebook_size, device=device)  # since the last re-seeding
-    sums = torch.zeros(3, device=device)
-    window_steps = reseeded_total = 0
+    sums = torch.zeros(3, device=device)  # loss, rec_loss, commit_loss over this log window
+    reseeded_total = window_steps = 0
+    if start_step:
+        stream.load_state_dict(extra["stream"])
+        generator.set_state(extra["generator"])
+        recent.copy_(extra["recent"])
+        usage.copy_(extra["usage"])
+        sums.copy_(extra["sums"])
+        reseeded_total, window_steps = int(extra["reseeded_total"]), int(extra["window_steps"])
+    else:
+        _kmeans_init(
+            model, stream, vq_config, config.kmeans_iters, info.is_main, generator, autocast, device
+        )
+
+    def save(step: int) -> None:
+        rng = gather_rng_states()  # a collective: every rank
+        if info.is_main:
+            save_vqkd(model, tokenizer_dir, teacher=config.teacher)
+            save_vqkd(model, step_directory(output_dir, step), teacher=config.teacher)
+            finish_step_directory(
+                output_dir,
+                step,
+                optimizer=optimizer,
+                extra={
+                    "stream": stream.state_dict(),
+                    "generator": generator.get_state(),
+                    "recent": recent.cpu(),
+                    "usage": usage.cpu(),
+                    "sums": sums.cpu(),
+                    "window_steps": window_steps,
+                    "reseeded_total": reseeded_total,
+                    "rng": rng,
+                },
+                keep=config.keep_checkpoints,
+            )
+        if pdist.is_distributed():
+            dist.barrier()
+
+    if info.is_main:
+        truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
+    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     metrics: dict[str, float] = {}
     tokenizer_dir = output_dir / "tokenizer"
     model.train()
-    for step in range(1, config.max_steps + 1):
+    for step in range(start_step + 1, config.max_steps + 1):
         set_lr(
             optimizer,
             cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
@@ -242,8 +316,8 @@ def train_visual_tokenizer(
             usage.zero_()
             sums.zero_()
             window_steps = 0
-        if info.is_main and (step % config.save_every == 0 or step == config.max_steps):
-            save_vqkd(model, tokenizer_dir, teacher=config.teacher)
+        if step % config.save_every == 0 or step == config.max_steps:
+            save(step)
         if progress is not None:
             progress(step, config.max_steps)
     log.close()

@@ -113,33 +113,41 @@ def test_pretrain_on_images_without_visual_tokenizer_exit_2(tmp_path, spm_path, 
     assert len(lines) == 1 and "needs a visual tokenizer" in lines[0]
 
 
-def test_train_visual_writes_a_tokenizer(tmp_path, manifest):
-    result = runner.invoke(
-        cli,
-        [
-            "tokenizer",
-            "train-visual",
-            str(manifest),
-            "--output-dir",
-            str(tmp_path),
-            "--preset",
-            "vqkd-tiny",
-            "--max-steps",
-            "4",
-            "--batch-size",
-            "16",
-            "--override",
-            "codebook_size=16",
-            "--set",
-            "num_workers=0",
-            "--set",
-            "tensorboard=false",
-        ],
-    )
+def test_train_visual_writes_a_tokenizer_and_resumes(tmp_path, manifest):
+    args = [
+        "tokenizer",
+        "train-visual",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path),
+        "--preset",
+        "vqkd-tiny",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--override",
+        "codebook_size=16",
+        "--set",
+        "num_workers=0",
+        "--set",
+        "tensorboard=false",
+    ]
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "codebook usage" in result.output
     config = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
     assert config["config"]["codebook_size"] == 16 and config["teacher"] == "pixels"
+    # A longer run of the same directory continues from step 4.
+    args[args.index("--max-steps") + 1] = "6"
+    result = runner.invoke(cli, [*args, "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert steps == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000006",
+    ]
 
 
 def test_train_text_makes_a_tokenizer(tmp_path):

@@ -182,3 +182,44 @@ def test_a_beit3_checkpoint_can_be_the_teacher(tmp_path, tiny_checkpoint, shapes
                 max_steps=1,
             )
         )
+
+
+def test_tokenizer_training_resumes_the_same_run(tmp_path, shapes_manifest):
+    from beit3.pretrain.config import VisualTokenizerConfig
+    from beit3.pretrain.visual_tokenizer import train_visual_tokenizer
+
+    def config(out, **kw):
+        return VisualTokenizerConfig(
+            output_dir=str(out),
+            data=(str(shapes_manifest),),
+            preset="vqkd-tiny",
+            overrides={"codebook_size": 64},
+            batch_size=8,
+            max_steps=7,
+            warmup_steps=2,
+            save_every=3,
+            log_every=2,  # not a divisor of save_every: the log window spans the interruption
+            reseed_every=2,
+            num_workers=0,
+            tensorboard=False,
+            **kw,
+        )
+
+    straight = train_visual_tokenizer(config(tmp_path / "a"))
+
+    def stop_at_3(step, total):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_visual_tokenizer(config(tmp_path / "b"), progress=stop_at_3)
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer_state.pt").is_file()
+    resumed = train_visual_tokenizer(config(tmp_path / "b", resume="latest"))
+
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [2, 4, 6, 7]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "rec_loss", "commit_loss", "codebook_usage", "codes_reseeded", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    wa, wb = load_vqkd(straight.path).state_dict(), load_vqkd(resumed.path).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
