@@ -10,6 +10,7 @@ step never has to ask the device how many tokens were masked.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -522,14 +523,18 @@ def build_streams(
             )
 
     if config.text_batch_size:
-        texts: list[str] = []
-        for source in config.text_data:
-            texts.extend(read_texts(source, config.text_column))
-        if not config.text_data:
-            texts = list(dict.fromkeys(r.text for r in records))
-        if texts:
+        texts: Iterator[str] = iter(
+            itertools.chain.from_iterable(
+                read_texts(source, config.text_column) for source in config.text_data
+            )
+            if config.text_data
+            else dict.fromkeys(r.text for r in records)  # the pair captions, each once
+        )
+        first = next(texts, None)
+        if first is not None:
+            lines = TextLineDataset(itertools.chain([first], texts), text_tok)
             collate = masker("text", config.text_mask_ratio, 0.0, config.text_max_len)
-            data = KeyedDataset(TextLineDataset(texts, text_tok), None, config.seed, "text")
+            data = KeyedDataset(lines, None, config.seed, "text")
             streams["text"] = BatchStream(data, config.text_batch_size, collate, **common)
         elif shard_paths:
             logger.warning(

@@ -177,3 +177,13 @@ def test_read_texts_from_txt_jsonl_and_csv(tmp_path, tokenizer):
     assert list(read_texts(tmp_path / "b.jsonl")) == ["three", "four", "five"]
     assert list(read_texts(tmp_path / "c.csv")) == ["six"]
     assert TextLineDataset(["a red circle"], tokenizer)[0][0] == 0
+
+
+def test_text_line_dataset_keeps_every_text_exactly(tokenizer):
+    texts = ["a red circle", "", "naïve café ☕ 🐱", "x" * 300, "日本の旗"]
+    data = TextLineDataset(iter(texts), tokenizer)  # any iterable, read once
+    assert len(data) == len(texts)
+    assert [data.text(i) for i in range(len(texts))] == texts
+    assert data[2] == tokenizer.encode(texts[2])
+    with pytest.raises(InputDataError, match="text-only stream is empty"):
+        TextLineDataset([], tokenizer)
