@@ -127,6 +127,27 @@ def _build(
     return cfg, ours, modes
 
 
+def _gflop(fn) -> float:
+    """Floating-point operations of one call, in GFLOP, as FlopCounterMode counts them. Counted
+    with the math attention backend: FlopCounterMode does not see the fused CPU attention
+    kernel, and the count must not depend on which kernel runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _matmul_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """What this device does on one large square fp32 matmul (GFLOP/s, same threads): the
+    ceiling a GEMM-bound forward can approach."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds, _ = _time(lambda: a @ b, device, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
 def _wrap(fn, device: str, dtype: torch.dtype | None):
     def call():
         with (
@@ -184,9 +205,12 @@ def main() -> None:
         f"# {args.preset}, batch {b}, image {cfg.img_size} + {length} text tokens, {precision}, "
         f"{name}, torch {torch.__version__}"
     )
+    if device == "cpu":
+        print(f"# one 2048x2048 fp32 matmul here: {_matmul_gflops(device):.0f} GFLOP/s")
     print(
         f"{'mode':13s} {'ours ms':>9s} {'ref ms':>9s} {'speedup':>8s} "
-        f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s}"
+        f"{'ours MiB':>9s} {'ref MiB':>9s} {'max |diff|':>11s} "
+        f"{'GFLOP ours/ref':>15s} {'GFLOP/s ours/ref':>17s}"
     )
     total_ours = total_ref = 0.0
     for mode, (f_ours, f_ref) in modes.items():
@@ -197,11 +221,13 @@ def main() -> None:
             m_ours = _cpu_peak("ours", mode, args, weights)
             m_ref = _cpu_peak("ref", mode, args, weights)
         diff = (run_ours().float() - run_ref().float()).abs().max().item()
+        g_ours, g_ref = _gflop(run_ours), _gflop(run_ref)
         total_ours += t_ours
         total_ref += t_ref
         print(
             f"{mode:13s} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {t_ref / t_ours:7.2f}x "
-            f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e}"
+            f"{m_ours:9.0f} {m_ref:9.0f} {diff:11.2e} "
+            f"{g_ours:7.1f}/{g_ref:<7.1f} {g_ours / t_ours:8.0f}/{g_ref / t_ref:<8.0f}"
         )
     print(
         f"{'all':13s} {total_ours * 1e3:9.1f} {total_ref * 1e3:9.1f} {total_ref / total_ours:7.2f}x"
