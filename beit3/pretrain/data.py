@@ -380,13 +380,14 @@ class BatchStream:
             try:
                 batch = next(self._iter)
             except StopIteration:
-                if self.position == 0:
-                    empty_epochs += 1
-                    if empty_epochs > 1:
-                        raise InputDataError(
-                            f"the {self.collate.kind} stream yields no full "
-                            "batch (too few readable samples)"
-                        ) from None
+                # Two epoch ends within one call: a whole epoch gave no batch (too few samples,
+                # or every sample unreadable, when each batch comes back None).
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise InputDataError(
+                        f"the {self.collate.kind} stream yields no full "
+                        "batch (too few readable samples)"
+                    ) from None
                 self._iter = None
                 self.epoch, self.position = self.epoch + 1, 0
                 continue

@@ -233,7 +233,7 @@ def train_visual_tokenizer(
         generator.set_state(extra["generator"])
         recent.copy_(extra["recent"])
         usage.copy_(extra["usage"])
-        sums.copy_(extra["sums"])
+        sums.copy_(extra["sums"] / info.world_size)  # the ranks' total, shared out again
         reseeded_total, window_steps = int(extra["reseeded_total"]), int(extra["window_steps"])
     else:
         _kmeans_init(
@@ -241,7 +241,8 @@ def train_visual_tokenizer(
         )
 
     def save(step: int) -> None:
-        rng = gather_rng_states()  # a collective: every rank
+        rng = gather_rng_states()  # collectives: every rank takes part
+        window_sums = pdist.all_reduce_sum(sums.clone())
         if info.is_main:
             save_vqkd(model, tokenizer_dir, teacher=config.teacher)
             save_vqkd(model, step_directory(output_dir, step), teacher=config.teacher)
@@ -254,7 +255,7 @@ def train_visual_tokenizer(
                     "generator": generator.get_state(),
                     "recent": recent.cpu(),
                     "usage": usage.cpu(),
-                    "sums": sums.cpu(),
+                    "sums": window_sums.cpu(),
                     "window_steps": window_steps,
                     "reseeded_total": reseeded_total,
                     "rng": rng,

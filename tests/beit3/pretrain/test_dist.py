@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(config, tmp_path: Path) -> None:
+def _torchrun(config, tmp_path: Path, *script_args: str) -> None:
     path = tmp_path / f"{Path(config.output_dir).name}.json"
     path.write_text(json.dumps(dataclasses.asdict(config)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -38,6 +38,7 @@ def _torchrun(config, tmp_path: Path) -> None:
         str(_free_port()),
         str(Path(__file__).with_name("dist_run.py")),
         str(path),
+        *script_args,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=50, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -85,3 +86,34 @@ def test_two_processes_match_one_on_the_same_global_batch(
     )
     _torchrun(two, tmp_path)
     _compare(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.dist
+def test_two_process_tokenizer_training_saves_and_resumes(tmp_path, shapes_manifest):
+    from beit3.pretrain.config import VisualTokenizerConfig
+    from beit3.vqkd import load_vqkd
+
+    config = VisualTokenizerConfig(
+        output_dir=str(tmp_path / "vq"),
+        data=(str(shapes_manifest),),
+        preset="vqkd-tiny",
+        overrides={"codebook_size": 32},
+        batch_size=4,
+        max_steps=4,
+        save_every=2,
+        log_every=2,
+        reseed_every=2,
+        num_workers=0,
+        tensorboard=False,
+    )
+    _torchrun(config, tmp_path, "vqkd")
+    first = read_metrics(tmp_path / "vq")
+    _torchrun(config.replace(max_steps=6, resume="latest"), tmp_path, "vqkd")
+    both = read_metrics(tmp_path / "vq")
+    assert [r["step"] for r in both] == [2, 4, 6]
+    assert both[:2] == first  # continued from step 4 (a restart would log another lr schedule)
+    assert sorted(p.name for p in (tmp_path / "vq" / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000006",
+    ]
+    assert load_vqkd(tmp_path / "vq" / "tokenizer").quantize.is_initialized

@@ -223,3 +223,29 @@ def test_tokenizer_training_resumes_the_same_run(tmp_path, shapes_manifest):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
     wa, wb = load_vqkd(straight.path).state_dict(), load_vqkd(resumed.path).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_tokenizer_training_on_unreadable_images_stops_with_an_error(tmp_path):
+    from beit3.errors import InputDataError
+    from beit3.pretrain.config import VisualTokenizerConfig
+    from beit3.pretrain.visual_tokenizer import train_visual_tokenizer
+
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"image": f"gone/{i}.png", "text": f"thing {i}"}) + "\n" for i in range(12)
+        )
+    )
+    # Every batch comes back empty: before the fix, the stream looped over epochs forever.
+    with pytest.raises(InputDataError, match="image stream yields no full batch"):
+        train_visual_tokenizer(
+            VisualTokenizerConfig(
+                output_dir=str(tmp_path / "out"),
+                data=(str(manifest),),
+                preset="vqkd-tiny",
+                batch_size=4,
+                max_steps=2,
+                num_workers=0,
+                tensorboard=False,
+            )
+        )
