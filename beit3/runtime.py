@@ -88,13 +88,22 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-        # Left to the interpreter's teardown, the group's threads can be destroyed while still
-        # joinable ("terminate called without an active exception", SIGABRT at exit).
-        atexit.register(_destroy_process_group)
+        atexit.register(destroy_process_group)
     return DistInfo(rank, world_size, local_rank, target)
 
 
-def _destroy_process_group() -> None:
+def destroy_process_group() -> None:
+    """Tear the group down while Python is still whole. Left to the interpreter's exit, a gloo
+    worker thread can still be releasing the tensors of the last collective when finalisation
+    starts; it then needs the GIL, is unwound by the exiting interpreter inside a noexcept
+    destructor, and the process aborts ("terminate called without an active exception",
+    SIGABRT after all the work is done: seen in about 1 run in 25 of a 2-process test; gdb
+    showed ProcessGroupGloo::runLoop -> ~AsyncWork -> decref -> take_gil -> pthread_exit).
+    Collecting garbage first drops the last references to the group (a DDP wrapper in a
+    reference cycle), so destroying it joins its worker threads here."""
+    import gc
+
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -12,6 +12,8 @@ import datetime
 import os
 from typing import Any
 
+from beit3.runtime import destroy_process_group
+
 __all__ = ["DistContext"]
 
 
@@ -29,7 +31,7 @@ class DistContext:
                 # same torchrun store races with stale addresses (gloo "connection refused").
                 # Rank 0 may build a large ANN index while the others wait at a barrier.
                 dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-                atexit.register(_destroy_group)
+                atexit.register(destroy_process_group)  # see beit3.runtime
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     @property
@@ -55,10 +57,3 @@ class DistContext:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-
-def _destroy_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
