@@ -30,12 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from beit3.errors import ConfigError
+
 __all__ = [
     "DistInfo",
     "RunLogger",
     "autocast",
     "cosine_lr",
     "find_latest",
+    "resume_step_dir",
     "gather_features",
     "gather_rng_states",
     "init_distributed",
@@ -353,6 +356,38 @@ def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete step directory of a run, or None."""
     dirs = _step_dirs(Path(run_dir))
     return dirs[-1] if dirs else None
+
+
+def resume_step_dir(resume: str | None, out: str | Path) -> Path | None:
+    """The step directory a run in ``out`` continues from, or None for a fresh run.
+
+    Args:
+        resume: None (a fresh run: refused if ``out`` already holds checkpoints, so that a
+            finished or interrupted run is never overwritten by mistake), ``"latest"`` (the
+            newest complete step of ``out``; a fresh run if there is none yet), or a step
+            directory.
+    """
+    out = Path(out)
+    if resume is None:
+        latest = find_latest(out)
+        if latest is not None:
+            raise ConfigError(
+                f"{out} already holds a run (last checkpoint {latest.name}); pass --resume "
+                "latest to continue it, or choose another --output-dir"
+            )
+        return None
+    if resume == "latest":
+        latest = find_latest(out)
+        if latest is None:
+            logger.info("--resume latest: %s has no checkpoint yet, starting fresh", out)
+        return latest
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(
+            f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
+            f"use 'latest' or a directory under {out / 'checkpoints'}"
+        )
+    return path
 
 
 def load_train_state(

@@ -227,6 +227,7 @@ def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict
                 tensorboard=False,
                 log_every=50,
                 save_every=10_000,
+                resume="latest",  # an interrupted recipe continues, like the other stages
             )
         )
         logger.info("VQ-KD codebook usage %.2f", result.metrics.get("codebook_usage", float("nan")))

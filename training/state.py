@@ -24,9 +24,9 @@ from beit3.heads import Beit3ForRetrieval
 from beit3.runtime import (
     STATE_FILE,
     DistInfo,
-    find_latest,
     finish_step_directory,
     load_train_state,
+    resume_step_dir,
     set_rank_rng_state,
     step_directory,
     truncate_metrics,
@@ -66,26 +66,7 @@ class Start:
 
 def resume_dir(config: FinetuneConfig, out: Path) -> Path | None:
     """The step directory to resume from (None: a fresh run); refuses to overwrite a run."""
-    if config.resume is None:
-        latest = find_latest(out)
-        if latest is not None:
-            raise ConfigError(
-                f"{out} already holds a run (last checkpoint {latest.name}); pass --resume "
-                "latest to continue it, or choose another --output-dir"
-            )
-        return None
-    if config.resume == "latest":
-        latest = find_latest(out)
-        if latest is None:
-            logger.info("--resume latest: %s has no checkpoint yet, starting fresh", out)
-        return latest
-    path = Path(config.resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(
-            f"--resume {path}: not a complete step checkpoint (no {STATE_FILE}); "
-            f"use 'latest' or a directory under {out / 'checkpoints'}"
-        )
-    return path
+    return resume_step_dir(config.resume, out)
 
 
 def read_weights(step_dir: Path) -> dict[str, Tensor]:

@@ -42,11 +42,11 @@ from beit3.pretrain.model import DEFAULT_CODEBOOK_SIZE, Beit3ForPretraining
 from beit3.runtime import (
     RunLogger,
     cosine_lr,
-    find_latest,
     gather_rng_states,
     init_distributed,
     load_train_state,
     param_groups,
+    resume_step_dir,
     save_train_state,
     set_lr,
     set_rank_rng_state,
@@ -390,16 +390,10 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         _load_init(model, Path(config.init_from))
 
     start_step, extra = 0, {}
-    step_dir = None
-    if config.resume:
-        step_dir = find_latest(output_dir) if config.resume == "latest" else Path(config.resume)
-        if step_dir is None:
-            logger.info("no checkpoint in %s yet: starting from step 0", output_dir)
-        else:
-            if not step_dir.is_dir():
-                raise CheckpointError(f"resume: {step_dir} is not a step directory")
-            state = load_train_state(step_dir, model, optimizer=None)
-            start_step, extra = state["step"], state["extra"]
+    step_dir = resume_step_dir(config.resume, output_dir)
+    if step_dir is not None:
+        state = load_train_state(step_dir, model, optimizer=None)
+        start_step, extra = state["step"], state["extra"]
     if not set_rank_rng_state(extra.get("rng", []), info.rank):
         torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path per rank
 

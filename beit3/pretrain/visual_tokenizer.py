@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from beit3.errors import CheckpointError, ConfigError
+from beit3.errors import ConfigError
 from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import VisualTokenizerConfig
 from beit3.pretrain.data import BatchStream, ImageDataset, KeyedDataset, list_images
@@ -33,11 +33,11 @@ from beit3.pretrain.teachers import Beit3Teacher, PixelTeacher
 from beit3.runtime import (
     RunLogger,
     cosine_lr,
-    find_latest,
     finish_step_directory,
     gather_rng_states,
     init_distributed,
     load_train_state,
+    resume_step_dir,
     set_lr,
     set_rank_rng_state,
     step_directory,
@@ -185,16 +185,11 @@ def train_visual_tokenizer(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
     )
     start_step, extra = 0, {}
-    if config.resume:
-        step_dir = find_latest(output_dir) if config.resume == "latest" else Path(config.resume)
-        if step_dir is None:
-            logger.info("no checkpoint in %s yet: starting from step 0", output_dir)
-        else:
-            if not step_dir.is_dir():
-                raise CheckpointError(f"resume: {step_dir} is not a step directory")
-            state = load_train_state(step_dir, model, optimizer)  # weights, codebook, optimizer
-            start_step, extra = state["step"], state["extra"]
-            set_rank_rng_state(extra.get("rng", []), info.rank)
+    step_dir = resume_step_dir(config.resume, output_dir)
+    if step_dir is not None:
+        state = load_train_state(step_dir, model, optimizer)  # weights, codebook, optimizer
+        start_step, extra = state["step"], state["extra"]
+        set_rank_rng_state(extra.get("rng", []), info.rank)
     forward: nn.Module = model
     if pdist.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
