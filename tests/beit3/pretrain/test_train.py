@@ -137,6 +137,17 @@ def test_resume_continues_the_same_curve(tmp_path, spm_path, shapes_manifest, vq
     assert torch.equal(fa["extra"]["rng"][0]["cpu"], fb["extra"]["rng"][0]["cpu"])
 
 
+def test_a_finished_run_is_not_overwritten_by_a_fresh_one(
+    tmp_path, spm_path, shapes_manifest, vqkd_dir
+):
+    config = tiny_config(tmp_path, spm_path, shapes_manifest, vqkd_dir, max_steps=2, save_every=2)
+    pretrain(config)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .* --resume latest"):
+        pretrain(config)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
 def test_images_without_a_visual_tokenizer_are_refused(tmp_path, spm_path, shapes_manifest):
     config = tiny_config(tmp_path, spm_path, shapes_manifest, None)
     with pytest.raises(ConfigError, match="visual tokenizer"):
