@@ -161,6 +161,7 @@ def register(cli: typer.Typer) -> None:
             typer.echo(json.dumps([h.to_dict() for h in hits], indent=1))
             return
         for h in hits:
-            typer.echo(
-                f"{h.rank:4d}  {h.score:7.4f}  {h.path if h.modality == 'image' else h.text}"
-            )
+            shown = h.text
+            if h.modality == "image":  # with the caption of a manifest, when it had one
+                shown = f"{h.path}  {h.text}" if h.text else h.path
+            typer.echo(f"{h.rank:4d}  {h.score:7.4f}  {shown}")

@@ -56,6 +56,25 @@ def cli_db(tmp_path_factory, tiny_checkpoint):
     return root, db
 
 
+def test_search_prints_the_caption_of_an_image_indexed_from_a_manifest(
+    tmp_path, cli_db, tiny_checkpoint
+):
+    root, _ = cli_db
+    images = sorted((root / "shapes").glob("*.png"))[:3]
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({"image": str(p), "text": f"shape {p.stem}"}) + "\n" for p in images)
+    )
+    db = tmp_path / "db"
+    args = ["index", "images", str(manifest), "--db", str(db), "--model", str(tiny_checkpoint)]
+    assert runner.invoke(cli, [*args, "--workers", "0"]).exit_code == 0
+    result = runner.invoke(cli, ["search", "a shape", "--db", str(db), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    for line in result.stdout.strip().splitlines():
+        _, _, path, label = line.split(maxsplit=3)
+        assert label == f"shape {path.rsplit('/', 1)[1][:-4]}"
+
+
 def test_search_prints_rank_score_and_path(cli_db):
     root, db = cli_db
     result = runner.invoke(cli, ["search", "a red circle", "--db", str(db), "--k", "3"])
