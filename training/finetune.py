@@ -43,8 +43,10 @@ from beit3.runtime import (
     gather_rng_states,
     init_distributed,
     param_groups,
+    resume_step_dir,
     save_train_state,
     set_lr,
+    truncate_metrics,
     write_run_config,
 )
 from beit3.tokenizer import PAD_ID, TextTokenizer, train_sentencepiece
@@ -66,9 +68,7 @@ from training.state import (
     export_model,
     read_weights,
     restore,
-    resume_dir,
     save_fsdp_state,
-    truncate_metrics,
 )
 
 __all__ = ["build_optimizer", "finetune", "forward_backward"]
@@ -101,7 +101,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         )
     use_bf16 = info.device.type == "cuda" and config.precision in ("auto", "bf16")
     out = Path(config.output_dir)
-    resume_from = resume_dir(config, out)
+    resume_from = resume_step_dir(config.resume, out)
     if is_shard_source(config.train) and config.max_steps is None:
         raise ConfigError(
             f"{config.train}: WebDataset shards have no known length; "

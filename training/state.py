@@ -26,10 +26,8 @@ from beit3.runtime import (
     DistInfo,
     finish_step_directory,
     load_train_state,
-    resume_step_dir,
     set_rank_rng_state,
     step_directory,
-    truncate_metrics,
 )
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
@@ -42,9 +40,7 @@ __all__ = [
     "export_model",
     "read_weights",
     "restore",
-    "resume_dir",
     "save_fsdp_state",
-    "truncate_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,11 +58,6 @@ class Start:
     preset: str
     init_model_id: str | None
     export_config: Beit3Config  # the config written into final/ and best/ (no training knobs)
-
-
-def resume_dir(config: FinetuneConfig, out: Path) -> Path | None:
-    """The step directory to resume from (None: a fresh run); refuses to overwrite a run."""
-    return resume_step_dir(config.resume, out)
 
 
 def read_weights(step_dir: Path) -> dict[str, Tensor]:
