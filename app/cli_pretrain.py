@@ -200,6 +200,6 @@ def register(cli: typer.Typer) -> None:
         ] = "vqkd-base",
     ) -> None:
         """Import a released BEiT v2 VQ-KD tokenizer (e.g. vqkd_encoder_base_decoder_1x768x12_clip)."""
-        from beit3.vqkd import import_official_vqkd
+        from beit3.pretrain.vqkd import import_official_vqkd
 
         typer.echo(f"wrote {import_official_vqkd(pth, output, preset=preset)}")

@@ -62,3 +62,6 @@ __all__ = [
     "train_sentencepiece",
 ]
 __version__ = "0.1.0"
+
+# Registers the pretraining architecture (after the names above: it imports them).
+import beit3.pretrain  # noqa: E402, F401

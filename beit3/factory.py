@@ -1,4 +1,9 @@
-"""Build models by preset name and architecture name."""
+"""Build models by preset name and architecture name.
+
+Architectures register themselves (``register_architecture``): the retrieval model here, the
+pretraining model in :mod:`beit3.pretrain.model`, the matcher where it is defined. The factory
+imports no model package above it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from torch import nn
 from beit3.config import Beit3Config, create_config
 from beit3.errors import ConfigError
 from beit3.heads import Beit3ForRetrieval
-from beit3.pretrain.model import Beit3ForPretraining
 
 __all__ = [
     "architecture_of",
@@ -23,7 +27,6 @@ __all__ = [
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "retrieval": Beit3ForRetrieval,
-    "pretraining": Beit3ForPretraining,  # backbone + mlm_head + mim_head (beit3/pretrain)
 }
 
 

@@ -8,18 +8,18 @@ Public surface::
                                   tokenizer="spm.model", visual_tokenizer=str(tok.path)))
     load_checkpoint(run.checkpoint, architecture="retrieval")   # fine-tuning starts here
 
-The training entry points (``pretrain``, ``train_visual_tokenizer`` and their configs) are
-imported lazily: :mod:`beit3.factory` imports the model from here, and the training modules import
-:mod:`beit3.checkpoint`, which imports the factory.
+Importing this package registers the ``pretraining`` architecture with :mod:`beit3.factory`
+(``beit3`` imports it, so a pretraining checkpoint always loads).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from beit3.pretrain.config import PretrainConfig, VisualTokenizerConfig
 from beit3.pretrain.loss import MaskedModelingLoss, MaskedStats, masked_cross_entropy
 from beit3.pretrain.model import Beit3ForPretraining, PretrainingOutput
 from beit3.pretrain.teachers import Beit3Teacher, PixelTeacher
+from beit3.pretrain.train import PretrainResult, load_pretrained, pretrain
+from beit3.pretrain.visual_tokenizer import train_visual_tokenizer
 
 __all__ = [
     "Beit3ForPretraining",
@@ -36,20 +36,3 @@ __all__ = [
     "pretrain",
     "train_visual_tokenizer",
 ]
-
-_LAZY = {
-    "PretrainConfig": "beit3.pretrain.config",
-    "VisualTokenizerConfig": "beit3.pretrain.config",
-    "PretrainResult": "beit3.pretrain.train",
-    "pretrain": "beit3.pretrain.train",
-    "load_pretrained": "beit3.pretrain.train",
-    "train_visual_tokenizer": "beit3.pretrain.visual_tokenizer",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'beit3.pretrain' has no attribute {name!r}")

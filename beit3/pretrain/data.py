@@ -4,7 +4,7 @@ Each stream is an endless, resumable iterator of :class:`MaskedBatch`. Readers c
 :mod:`beit3.data`; masking happens in the loader's collate function (worker processes, CPU),
 seeded per *sample* from (run seed, kind, epoch, index): a sample gets the same crop and the same
 mask whatever the batch, the number of processes, or a resume in between. The masked positions
-are listed as fixed-size index tensors (:func:`beit3.masking.compact_positions`), so the training
+are listed as fixed-size index tensors (:func:`beit3.pretrain.masking.compact_positions`), so the training
 step never has to ask the device how many tokens were masked.
 """
 
@@ -35,7 +35,7 @@ from beit3.data import (
     read_texts,
 )
 from beit3.errors import ConfigError, InputDataError
-from beit3.masking import IGNORE_INDEX, BlockMasking, compact_positions, mask_text_row
+from beit3.pretrain.masking import IGNORE_INDEX, BlockMasking, compact_positions, mask_text_row
 from beit3.tokenizer import PAD_ID, TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform, load_image
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from beit3.config import Beit3Config
-from beit3.vqkd import VqkdConfig
+from beit3.pretrain.vqkd import VqkdConfig
 
 __all__ = ["StreamShape", "encoder_flops", "step_flops", "vqkd_encode_flops"]
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from beit3.errors import ConfigError
-from beit3.masking import IGNORE_INDEX
+from beit3.pretrain.masking import IGNORE_INDEX
 
 __all__ = ["PARTS", "MaskedModelingLoss", "MaskedStats", "masked_cross_entropy"]
 

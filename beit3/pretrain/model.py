@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from beit3.config import Beit3Config
+from beit3.factory import register_architecture
 from beit3.model import Beit3Model, trunc_normal_
 
 __all__ = ["DEFAULT_CODEBOOK_SIZE", "Beit3ForPretraining", "PretrainingOutput", "gather_positions"]
@@ -99,3 +100,6 @@ class Beit3ForPretraining(nn.Module):
                 raise ValueError("image_positions given for a text-only pass")
             mim = self.mim_head(gather_positions(hidden[:, 1:num_vision], image_positions))
         return PretrainingOutput(mlm, mim)
+
+
+register_architecture("pretraining", Beit3ForPretraining)

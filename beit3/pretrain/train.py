@@ -55,7 +55,7 @@ from beit3.runtime import (
 )
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
-from beit3.vqkd import VQKD, load_vqkd
+from beit3.pretrain.vqkd import VQKD, load_vqkd
 
 __all__ = [
     "PretrainResult",

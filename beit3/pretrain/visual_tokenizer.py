@@ -45,7 +45,7 @@ from beit3.runtime import (
     write_run_config,
 )
 from beit3.transforms import PreprocessConfig, TrainImageTransform
-from beit3.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
+from beit3.pretrain.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
 
 __all__ = ["VisualTokenizerResult", "build_teacher", "train_visual_tokenizer"]
 

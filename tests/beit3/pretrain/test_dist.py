@@ -91,7 +91,7 @@ def test_two_processes_match_one_on_the_same_global_batch(
 @pytest.mark.dist
 def test_two_process_tokenizer_training_saves_and_resumes(tmp_path, shapes_manifest):
     from beit3.pretrain.config import VisualTokenizerConfig
-    from beit3.vqkd import load_vqkd
+    from beit3.pretrain.vqkd import load_vqkd
 
     config = VisualTokenizerConfig(
         output_dir=str(tmp_path / "vq"),

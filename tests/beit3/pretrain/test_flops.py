@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from beit3.config import create_config
 from beit3.pretrain.flops import StreamShape, step_flops, vqkd_encode_flops
 from beit3.pretrain.model import Beit3ForPretraining
-from beit3.vqkd import VQKD, get_vqkd_preset
+from beit3.pretrain.vqkd import VQKD, get_vqkd_preset
 
 
 @pytest.mark.parametrize("kind", ["text", "image", "pair"])

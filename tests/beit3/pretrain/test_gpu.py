@@ -16,7 +16,7 @@ from beit3.pretrain.train import (
     pretrain,
     train_step,
 )
-from beit3.vqkd import load_vqkd
+from beit3.pretrain.vqkd import load_vqkd
 from tests.beit3.pretrain.helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.gpu

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
 from beit3.pretrain.teachers import PixelTeacher
-from beit3.vqkd import (
+from beit3.pretrain.vqkd import (
     VQKD,
     NormEMAQuantizer,
     get_vqkd_preset,
