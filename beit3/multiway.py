@@ -26,6 +26,9 @@ M = TypeVar("M", bound=nn.Module)
 class Multiway(nn.Module, Generic[M]):
     """Two independent copies of a module: ``A`` for vision tokens, ``B`` for language tokens.
 
+    Not called directly: :meth:`route` applies the experts to a ``(vision, text)`` pair, and
+    callers that need one expert (the position tables) use ``.A`` / ``.B``.
+
     Args:
         vision: the vision expert.
         language: the language expert; a deep copy of ``vision`` when omitted.
@@ -43,10 +46,6 @@ class Multiway(nn.Module, Generic[M]):
             self.A(vision) if vision is not None else None,
             self.B(text) if text is not None else None,
         )
-
-    def forward(self, x: Tensor, num_vision_tokens: int) -> Tensor:
-        """Route a joint sequence ``x`` (B, T, ...): tokens [0, n) to A, [n, T) to B."""
-        return join_parts(self.route(split_parts(x, num_vision_tokens)))
 
 
 def join_parts(parts: Parts) -> Tensor:
