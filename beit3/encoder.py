@@ -1,15 +1,19 @@
-"""The Multiway Transformer encoder layer (pre-LN + Sub-LN, decoupled experts)."""
+"""The Multiway Transformer encoder: its layers (pre-LN + Sub-LN, decoupled experts) and the
+stack that runs them."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from beit3.attention import MultiwayAttention
+from beit3.config import Beit3Config
+from beit3.embeddings import PositionTable
 from beit3.multiway import Multiway, Parts
 
-__all__ = ["EncoderLayer", "FeedForward"]
+__all__ = ["Encoder", "EncoderLayer", "FeedForward"]
 
 
 class FeedForward(nn.Module):
@@ -105,3 +109,76 @@ class EncoderLayer(nn.Module):
 
 def _first(x: Tensor | None) -> Tensor | None:
     return x[:, :1] if x is not None else None
+
+
+class Encoder(nn.Module):
+    """The layer stack and the final Multiway LayerNorm, plus the position tables.
+
+    The tables live here because the official state dict names them
+    ``encoder.embed_positions.{A,B}``, but :class:`beit3.model.Beit3Model` adds them with the
+    token embeddings: :meth:`forward` takes inputs that already carry their positions.
+
+    Args:
+        config: the architecture (depth, widths, drop path, checkpointing, attention kernel).
+    """
+
+    def __init__(self, config: Beit3Config) -> None:
+        super().__init__()
+        # Row counts match the official tables: vision N + 1 tokens + 2 unused rows; text 1024.
+        self.embed_positions = Multiway(
+            PositionTable(config.num_vision_tokens + 2, config.embed_dim),
+            PositionTable(config.max_text_positions, config.embed_dim),
+        )
+        # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last).
+        depth = config.depth
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                config.embed_dim,
+                config.num_heads,
+                config.ffn_dim,
+                config.layernorm_eps,
+                rate,
+                attention=config.attention,
+            )
+            for rate in rates
+        )
+        self.layer_norm = (
+            Multiway(nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps))
+            if config.normalize_output
+            else None
+        )
+        self.use_checkpoint = config.use_checkpoint
+
+    def forward(
+        self,
+        vision: Tensor | None,
+        text: Tensor | None,
+        attn_mask: Tensor | None,
+        first_token_only: bool = False,
+    ) -> Parts:
+        """Run every layer, then the final LayerNorm.
+
+        Activation checkpointing (``use_checkpoint``) applies in training mode only.
+
+        Args:
+            vision: (B, Nv, D) embedded vision tokens with positions, or None.
+            text: (B, Nt, D) embedded text tokens with positions, or None.
+            attn_mask: (B, 1, 1, Nv + Nt) bool, True = may attend; None when nothing is padded.
+            first_token_only: let the last layer compute only each part's first token (exact
+                for pooled CLS / <s> outputs; see :meth:`EncoderLayer.forward`).
+
+        Returns:
+            (vision, text): (B, Nv or 1, D), (B, Nt or 1, D); None where the input was None.
+        """
+        parts: Parts = (vision, text)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            first_only = first_token_only and index == last
+            if self.use_checkpoint and self.training:
+                parts = checkpoint(layer, *parts, attn_mask, first_only, use_reentrant=False)
+            else:
+                parts = layer(*parts, attn_mask, first_only)
+        if self.layer_norm is not None:
+            parts = self.layer_norm.route(parts)
+        return parts

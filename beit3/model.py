@@ -1,4 +1,5 @@
-"""The BEiT-3 backbone: embeddings, the Multiway encoder, and weight init.
+"""The BEiT-3 backbone: embeddings and masks, the Multiway encoder (:mod:`beit3.encoder`), and
+weight init.
 
 State-dict keys equal the official ``beit3.*`` keys (without the prefix), e.g.
 ``encoder.layers.0.self_attn.q_proj.A.weight``. Forward takes the modality split explicitly.
@@ -11,13 +12,12 @@ from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from beit3.config import Beit3Config
-from beit3.embeddings import PositionTable, VisionEmbedding
-from beit3.encoder import EncoderLayer
+from beit3.embeddings import VisionEmbedding
+from beit3.encoder import Encoder, EncoderLayer
 from beit3.errors import InputDataError
-from beit3.multiway import Multiway, Parts, join_parts
+from beit3.multiway import join_parts
 
 __all__ = ["Beit3Model", "Beit3Output", "trunc_normal_"]
 
@@ -33,36 +33,6 @@ class Beit3Output(NamedTuple):
     hidden_states: Tensor
     num_vision_tokens: int
     padding_mask: Tensor | None
-
-
-class Encoder(nn.Module):
-    """Positional tables, the layer stack and the final Multiway LayerNorm."""
-
-    def __init__(self, cfg: Beit3Config) -> None:
-        super().__init__()
-        # Row counts match the official tables: vision N + 1 tokens + 2 unused rows; text 1024.
-        self.embed_positions = Multiway(
-            PositionTable(cfg.num_vision_tokens + 2, cfg.embed_dim),
-            PositionTable(cfg.max_text_positions, cfg.embed_dim),
-        )
-        # Stochastic depth grows linearly from 0 (first layer) to drop_path_rate (last).
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                cfg.embed_dim,
-                cfg.num_heads,
-                cfg.ffn_dim,
-                cfg.layernorm_eps,
-                rate,
-                attention=cfg.attention,
-            )
-            for rate in rates
-        )
-        self.layer_norm = (
-            Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
-            if cfg.normalize_output
-            else None
-        )
 
 
 class Beit3Model(nn.Module):
@@ -135,16 +105,7 @@ class Beit3Model(nn.Module):
                 )
             attn_mask = ~full_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
 
-        parts: Parts = (vision, text)
-        last = len(self.encoder.layers) - 1
-        for index, layer in enumerate(self.encoder.layers):
-            first_only = first_token_only and index == last
-            if self.config.use_checkpoint and self.training:
-                parts = checkpoint(layer, *parts, attn_mask, first_only, use_reentrant=False)
-            else:
-                parts = layer(*parts, attn_mask, first_only)
-        if self.encoder.layer_norm is not None:
-            parts = self.encoder.layer_norm.route(parts)
+        parts = self.encoder(vision, text, attn_mask, first_token_only)
         if first_token_only:
             num_vision = 1 if vision is not None else 0
             full_mask = None
