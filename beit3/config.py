@@ -9,18 +9,75 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from beit3.errors import ConfigError, UnknownPresetError
 
-__all__ = ["Beit3Config", "create_config", "get_preset", "list_presets", "register_preset"]
+__all__ = [
+    "Beit3Config",
+    "ConfigMixin",
+    "check_config_keys",
+    "create_config",
+    "get_preset",
+    "list_presets",
+    "register_preset",
+]
 
 AttentionImpl = Literal["sdpa", "eager"]
 
+_ConfigT = TypeVar("_ConfigT", bound="ConfigMixin")
+
+
+class ConfigMixin:
+    """``to_dict`` / ``from_dict`` / ``replace`` for the project's frozen config dataclasses.
+
+    Both ways in validate: an unknown key raises :class:`ConfigError` naming the class and the
+    closest field (``unknown Beit3Config key 'dpeth'; did you mean 'depth'?``), and the values go
+    through the dataclass's ``__post_init__``. Not: torchscale's configs that swallow a typo.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (``json.dumps`` writes tuple fields as lists)."""
+        return dataclasses.asdict(cast(Any, self))
+
+    @classmethod
+    def from_dict(cls: type[_ConfigT], data: Mapping[str, Any]) -> _ConfigT:
+        """Build a config from a dict such as parsed JSON.
+
+        JSON lists given for tuple-typed fields become tuples again, so
+        ``from_dict(json.loads(json.dumps(c.to_dict()))) == c``.
+
+        Raises:
+            ConfigError: on a key that is not a field (with a spelling hint), or a bad value.
+        """
+        check_config_keys(cls, data, cls.__name__)
+        tuple_fields = {f.name for f in dataclasses.fields(cast(Any, cls)) if _is_tuple(f.type)}
+        values = {
+            key: tuple(value) if key in tuple_fields and isinstance(value, list) else value
+            for key, value in data.items()
+        }
+        return cast(Any, cls)(**values)
+
+    def replace(self: _ConfigT, **overrides: Any) -> _ConfigT:
+        """A copy with ``overrides`` applied, validated like :meth:`from_dict`.
+
+        Raises:
+            ConfigError: on a key that is not a field (with a spelling hint), or a bad value.
+        """
+        check_config_keys(type(self), overrides, type(self).__name__)
+        return cast(_ConfigT, dataclasses.replace(cast(Any, self), **overrides))
+
+
+def _is_tuple(annotation: Any) -> bool:
+    # Under `from __future__ import annotations` a field's type is its source text.
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return text.startswith(("tuple[", "Tuple[", "typing.Tuple["))
+
 
 @dataclass(frozen=True, kw_only=True)
-class Beit3Config:
+class Beit3Config(ConfigMixin):
     """Architecture of a BEiT-3 Multiway Transformer (the released, decoupled layout).
 
     Field names follow timm. ``vocab_size`` is the size of the text embedding table: the official
@@ -100,20 +157,6 @@ class Beit3Config:
         """Longest text the position table B can hold (fairseq offset of 2)."""
         return self.max_text_positions - 2
 
-    # Serialisation ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Beit3Config:
-        """Build a config from a dict, rejecting unknown keys with a spelling hint."""
-        check_config_keys(cls, data)
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> Beit3Config:
-        check_config_keys(type(self), overrides)
-        return dataclasses.replace(self, **overrides)
-
 
 def check_positive_ints(config: Any, names: tuple[str, ...], what: str = "config") -> None:
     """Raise ConfigError unless every field ``names`` of ``config`` is an int > 0."""
@@ -123,7 +166,7 @@ def check_positive_ints(config: Any, names: tuple[str, ...], what: str = "config
             raise ConfigError(f"{what} field {name} must be a positive int, got {value!r}")
 
 
-def check_config_keys(cls: type, data: dict[str, Any], what: str = "config") -> None:
+def check_config_keys(cls: type, data: Mapping[str, Any], what: str = "config") -> None:
     """Raise ConfigError for the first key of ``data`` that is not a field of the dataclass
     ``cls``, with the closest field as a hint (or the list of fields)."""
     valid = [f.name for f in dataclasses.fields(cls)]

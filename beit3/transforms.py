@@ -8,7 +8,6 @@ resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and a horizontal flip.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -16,20 +15,21 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from beit3.config import ConfigMixin
 from beit3.errors import ConfigError, InputDataError
 
 __all__ = ["ImageTransform", "PreprocessConfig", "TrainImageTransform", "load_image"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class PreprocessConfig:
+class PreprocessConfig(ConfigMixin):
     """What a checkpoint expects of its inputs; saved as ``preprocess.json``."""
 
     img_size: int
@@ -45,17 +45,6 @@ class PreprocessConfig:
             )
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - valid
-        if unknown:
-            raise ConfigError(f"unknown preprocess keys {sorted(unknown)}; valid: {sorted(valid)}")
-        return cls(**data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -7,11 +7,10 @@ resolved config is written to ``output_dir/run_config.json`` by the training fun
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from beit3.config import check_config_keys
+from beit3.config import ConfigMixin
 from beit3.errors import ConfigError
 
 __all__ = ["PretrainConfig", "VisualTokenizerConfig"]
@@ -27,7 +26,7 @@ def _as_tuple(value: Any) -> tuple:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
+class PretrainConfig(ConfigMixin):
     """Masked data modeling pretraining (BEiT-3 Sec. 2.3, spec section 5).
 
     Data: ``pair_data`` are image-text sources (JSONL/CSV manifests, folders of images with .txt
@@ -149,21 +148,9 @@ class PretrainConfig:
         if self.resume is not None and self.resume != "latest" and not self.resume:
             raise ConfigError("resume must be 'latest' or a step directory")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        check_config_keys(cls, data, cls.__name__)
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> PretrainConfig:
-        check_config_keys(type(self), overrides, type(self).__name__)
-        return dataclasses.replace(self, **overrides)
-
 
 @dataclass(frozen=True, kw_only=True)
-class VisualTokenizerConfig:
+class VisualTokenizerConfig(ConfigMixin):
     """Training of a VQ-KD visual tokenizer (BEiT v2 recipe, spec section 5).
 
     ``data``: image folders, or pair sources whose images are used. ``teacher``: ``"pixels"``
@@ -223,15 +210,3 @@ class VisualTokenizerConfig:
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.resume is not None and self.resume != "latest" and not self.resume:
             raise ConfigError("resume must be 'latest' or a step directory")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VisualTokenizerConfig:
-        check_config_keys(cls, data, cls.__name__)
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> VisualTokenizerConfig:
-        check_config_keys(type(self), overrides, type(self).__name__)
-        return dataclasses.replace(self, **overrides)

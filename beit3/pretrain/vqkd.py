@@ -19,7 +19,6 @@ The quantizer's forward has no side effects: the training loop collects
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import logging
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beit3.config import check_config_keys, check_positive_ints
+from beit3.config import ConfigMixin, check_positive_ints
 from beit3.errors import CheckpointError, ConfigError, UnknownPresetError
 from beit3.model import init_modules_, trunc_normal_
 
@@ -57,7 +56,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
-class VqkdConfig:
+class VqkdConfig(ConfigMixin):
     """Architecture of a VQ-KD tokenizer. Defaults are BEiT v2's base CLIP tokenizer.
 
     ``teacher_dim`` is the width of the features the decoder reconstructs: 512 for CLIP ViT-B/16,
@@ -119,18 +118,6 @@ class VqkdConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VqkdConfig:
-        check_config_keys(cls, data, "VQ-KD config")
-        return cls(**data)
-
-    def replace(self, **overrides: Any) -> VqkdConfig:
-        check_config_keys(type(self), overrides, "VQ-KD config")
-        return dataclasses.replace(self, **overrides)
 
 
 _PRESETS: dict[str, VqkdConfig] = {

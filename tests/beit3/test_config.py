@@ -1,10 +1,33 @@
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from beit3 import ConfigError, UnknownPresetError, create_config, create_model, list_presets
 from beit3.config import Beit3Config, get_preset
+from beit3.pretrain.config import PretrainConfig, VisualTokenizerConfig
+from beit3.pretrain.vqkd import get_vqkd_preset
+from beit3.transforms import PreprocessConfig
+
+# One valid instance of every config class in beit3/, a field of it and a misspelling of that field.
+CONFIGS = [
+    pytest.param(get_preset("beit3-tiny"), "drop_path_rate", "drop_path_rte", id="Beit3Config"),
+    pytest.param(get_vqkd_preset("vqkd-tiny"), "codebook_size", "codebok_size", id="VqkdConfig"),
+    pytest.param(PreprocessConfig(img_size=32), "max_text_len", "max_txt_len", id="Preprocess"),
+    pytest.param(
+        PretrainConfig(output_dir="run", pair_data=("pairs.jsonl",)),
+        "text_mask_ratio",
+        "text_mask_ratoi",
+        id="PretrainConfig",
+    ),
+    pytest.param(
+        VisualTokenizerConfig(output_dir="run", data=("images",)),
+        "kmeans_iters",
+        "kmeans_itres",
+        id="VisualTokenizerConfig",
+    ),
+]
 
 
 def _count(preset: str, **overrides):
@@ -94,3 +117,25 @@ def test_config_round_trips_and_derives():
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.depth = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("config", "field", "typo"), CONFIGS)
+def test_misspelt_key_names_the_closest_field_in_from_dict_and_replace(config, field, typo):
+    cls = type(config)
+    message = rf"unknown {cls.__name__} key '{typo}'; did you mean '{field}'\?"
+    data = config.to_dict()
+    data[typo] = data.pop(field)
+    with pytest.raises(ConfigError, match=message):
+        cls.from_dict(data)
+    with pytest.raises(ConfigError, match=message):
+        config.replace(**{typo: getattr(config, field)})
+
+
+@pytest.mark.parametrize(("config", "field", "typo"), CONFIGS)
+def test_config_round_trips_through_json_with_tuples_restored(config, field, typo):
+    restored = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    for f in dataclasses.fields(config):
+        assert type(getattr(restored, f.name)) is type(getattr(config, f.name)), f.name
+    changed = config.replace(**{field: getattr(config, field)})
+    assert changed == config and type(changed) is type(config)
