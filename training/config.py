@@ -8,10 +8,10 @@ by :func:`training.finetune` and written, resolved, to ``output_dir/run_config.j
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from beit3.config import ConfigMixin
 from beit3.errors import ConfigError
 
 __all__ = ["EvalConfig", "FinetuneConfig"]
@@ -21,7 +21,7 @@ STRATEGIES = ("auto", "ddp", "fsdp", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(ConfigMixin):
     """Retrieval fine-tuning (CLIP-style contrastive loss on the dual encoder).
 
     Defaults follow the official base recipe (spec 6.3) where it applies to any data: AdamW
@@ -135,12 +135,9 @@ class FinetuneConfig:
         if self.num_workers < 0 or self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
             raise ConfigError("num_workers must be >= 0, keep_checkpoints and shuffle_buffer >= 1")
 
-    def replace(self, **changes: Any) -> FinetuneConfig:
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig:
+class EvalConfig(ConfigMixin):
     """Recall@k of a checkpoint on held-out pairs.
 
     Attributes:
