@@ -46,6 +46,7 @@ __all__ = [
     "load_state_dict_checked",
     "read_checkpoint_config",
     "save_checkpoint",
+    "save_state_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,32 @@ def save_checkpoint(
         raise
     logger.info("saved %s to %s", model_id, path)
     return model_id
+
+
+def save_state_checkpoint(
+    template: nn.Module,
+    state: dict[str, Tensor],
+    path: str | Path,
+    *,
+    preset: str,
+    tokenizer: TextTokenizer | str | Path,
+    preprocess: PreprocessConfig | None = None,
+    config: Beit3Config | None = None,
+) -> str:
+    """Write a full state dict (e.g. gathered from an FSDP-sharded model) as a checkpoint
+    directory: a clean copy of ``template``'s architecture is built on the meta device with
+    ``config`` (default: the template's) and its own architecture args, takes ``state`` strictly,
+    and is saved by :func:`save_checkpoint`.
+
+    Returns:
+        The model id.
+    """
+    args = dict(getattr(template, "architecture_args", {}))
+    factory = get_architecture(architecture_of(template))
+    with torch.device("meta"):
+        clean = factory(config or template.config, **args)
+    load_state_dict_checked(clean, state, source="the trained model", preset=preset, assign=True)
+    return save_checkpoint(clean, path, preset=preset, tokenizer=tokenizer, preprocess=preprocess)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -48,10 +48,12 @@ def get_architecture(name: str) -> Callable[..., nn.Module]:
 
 
 def architecture_of(model: nn.Module) -> str:
-    """The registered name of ``model``'s class."""
-    for name, factory in _ARCHITECTURES.items():
-        if isinstance(factory, type) and type(model) is factory:
-            return name
+    """The registered name of ``model``'s class: the nearest registered class in its MRO, so
+    a model that FSDP re-classed in place (``FSDPBeit3ForRetrieval``) still answers."""
+    registered = {f: name for name, f in _ARCHITECTURES.items() if isinstance(f, type)}
+    for cls in type(model).__mro__:
+        if cls in registered:
+            return registered[cls]
     raise ConfigError(f"{type(model).__name__} is not a registered architecture")
 
 

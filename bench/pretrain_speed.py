@@ -37,7 +37,7 @@ from beit3.config import create_config  # noqa: E402
 from beit3.pretrain.masking import BlockMasking  # noqa: E402
 from beit3.pretrain.config import PretrainConfig  # noqa: E402
 from beit3.pretrain.data import BatchMasker, max_masked  # noqa: E402
-from beit3.pretrain.distributed import StepModule  # noqa: E402
+from beit3.pretrain.train import StepModule  # noqa: E402
 from beit3.pretrain.flops import StreamShape, step_flops, vqkd_encode_flops  # noqa: E402
 from beit3.pretrain.loss import MaskedModelingLoss  # noqa: E402
 from beit3.pretrain.model import Beit3ForPretraining  # noqa: E402

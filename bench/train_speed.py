@@ -1,7 +1,7 @@
 """Fine-tuning throughput: pairs/s and peak memory of one retrieval fine-tuning step.
 
 The step is the real one (``training.forward_backward`` + ``training.build_optimizer``): image and
-text passes, ClipLoss, backward, AdamW with the layer-decay groups, on synthetic device-resident
+text passes, the contrastive task's ClipLoss, backward, AdamW with the layer-decay groups, on synthetic device-resident
 batches (data loading is not measured; captions fill 60-100% of --text-len). Several settings run
 in the same invocation, so the printed ratios compare like with like:
 
@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3 import create_model  # noqa: E402
 from beit3.data import PairBatch  # noqa: E402
+from beit3.run import DistInfo  # noqa: E402
 from beit3.tokenizer import PAD_ID  # noqa: E402
-from training import ClipLoss, FinetuneConfig, build_optimizer, forward_backward  # noqa: E402
+from training import ContrastiveTask, FinetuneConfig, build_optimizer, forward_backward  # noqa: E402
 
 _RSS_AT_IMPORT = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 SETTINGS = {
@@ -82,12 +83,12 @@ def _measure(args: argparse.Namespace, name: str, use_bf16: bool) -> dict:
         train="<synthetic>", output_dir="<none>", preset=args.preset, layer_decay=0.65
     )
     optimizer = build_optimizer(model, run, device)
-    criterion = ClipLoss()
+    task = ContrastiveTask(DistInfo(0, 1, 0, device))
     vocab = model.config.vocab_size
     batches = [_batch(args.batch, args.img_size, args.text_len, vocab, s, device) for s in range(2)]
 
     def step(i: int) -> torch.Tensor:
-        loss = forward_backward(model, criterion, batches[i % 2], device, use_bf16)
+        loss = forward_backward(model, task, batches[i % 2], device, use_bf16).loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss

@@ -7,12 +7,11 @@ CPU and beside CUDA, and never touches the model. Without torchrun everything is
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 from typing import Any
 
-from beit3.runtime import destroy_process_group
+from beit3.run import join_process_group
 
 __all__ = ["DistContext"]
 
@@ -26,12 +25,8 @@ class DistContext:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            if not dist.is_initialized():
-                # One group for the life of the process: re-creating the default group under the
-                # same torchrun store races with stale addresses (gloo "connection refused").
-                # Rank 0 may build a large ANN index while the others wait at a barrier.
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-                atexit.register(destroy_process_group)  # see beit3.runtime
+            # Rank 0 may build a large ANN index while the others wait at a barrier.
+            join_process_group("gloo", timeout=datetime.timedelta(hours=12))
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     @property

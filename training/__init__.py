@@ -1,4 +1,7 @@
-"""Retrieval fine-tuning and recall@k evaluation of the BEiT-3 dual encoder on anyone's pairs.
+"""Fine-tuning on anyone's image-text pairs and recall@k evaluation.
+
+A run trains one task (:mod:`training.tasks`: ``contrastive``, the dual encoder); the loop,
+wrapping, checkpoints and resume are the run kit's (:mod:`beit3.run`).
 
 Public surface::
 
@@ -13,14 +16,26 @@ from training.config import EvalConfig, FinetuneConfig
 from training.data import TrainData, is_shard_source
 from training.evaluate import evaluate, evaluate_model, format_table
 from training.finetune import build_optimizer, finetune, forward_backward
-from training.loss import ClipLoss
+from training.loss import ClipLoss, ContrastiveOutput
 from training.metrics import RECALL_KS, average_recall, recall_at_k, retrieval_recall
+from training.tasks import (
+    ContrastiveTask,
+    FinetuneTask,
+    TaskOutput,
+    get_task,
+    list_tasks,
+    register_task,
+)
 
 __all__ = [
     "RECALL_KS",
     "ClipLoss",
+    "ContrastiveOutput",
+    "ContrastiveTask",
     "EvalConfig",
     "FinetuneConfig",
+    "FinetuneTask",
+    "TaskOutput",
     "TrainData",
     "average_recall",
     "build_optimizer",
@@ -29,7 +44,10 @@ __all__ = [
     "finetune",
     "format_table",
     "forward_backward",
+    "get_task",
     "is_shard_source",
+    "list_tasks",
     "recall_at_k",
+    "register_task",
     "retrieval_recall",
 ]

@@ -13,11 +13,9 @@ from typing import Any
 
 from beit3.config import ConfigMixin
 from beit3.errors import ConfigError
+from beit3.run import PRECISIONS, STRATEGIES
 
 __all__ = ["EvalConfig", "FinetuneConfig"]
-
-PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("auto", "ddp", "fsdp", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +31,8 @@ class FinetuneConfig(ConfigMixin):
         train: pairs: a .jsonl/.csv manifest, a folder of images with same-named .txt captions,
             or WebDataset shards (a .tar, a folder of .tar files, or ``shard-{000..099}.tar``).
         output_dir: where checkpoints, ``final/``, ``metrics.jsonl``, TensorBoard logs go.
+        task: the fine-tuning task (:mod:`training.tasks`): ``contrastive`` trains the dual
+            encoder.
         init: checkpoint directory to start from (exclusive with ``preset``).
         preset: preset to train from scratch (e.g. ``beit3-tiny``).
         spm: sentencepiece model for a from-scratch run; when omitted one is trained on the
@@ -51,7 +51,7 @@ class FinetuneConfig(ConfigMixin):
         precision: ``auto`` = bf16 autocast on CUDA, fp32 on CPU.
         use_checkpoint: activation checkpointing (less memory, about a third more compute).
         strategy: with several processes (torchrun), ``auto`` = DDP, or FSDP (sharded per
-            encoder layer) for 24+ layers; ``none`` = one process, no wrapper.
+            encoder layer) from 1024 wide (beit3-large) up; ``none`` = one process, no wrapper.
         save_every: optimizer steps between resumable checkpoints (also written at the end).
         keep_checkpoints: how many step checkpoints to keep.
         resume: ``latest`` (newest complete checkpoint of output_dir) or a step directory.
@@ -61,6 +61,7 @@ class FinetuneConfig(ConfigMixin):
 
     train: str
     output_dir: str
+    task: str = "contrastive"
     init: str | None = None
     preset: str | None = None
     spm: str | None = None

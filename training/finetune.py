@@ -29,47 +29,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from beit3.checkpoint import load_checkpoint, load_state_dict_checked
-from beit3.config import Beit3Config, get_preset
+from beit3.checkpoint import load_checkpoint
+from beit3.config import get_preset
 from beit3.data import PairBatch, read_pairs
 from beit3.errors import ConfigError
 from beit3.factory import create_model
-from beit3.heads import Beit3ForRetrieval
-from beit3.runtime import (
+from beit3.run import (
     DistInfo,
+    LrSchedule,
     RunLogger,
+    all_mean,
     autocast,
-    cosine_lr,
-    gather_rng_states,
+    barrier,
+    build_adamw,
+    choose_strategy,
+    grad_sync,
     init_distributed,
-    param_groups,
+    load_step_weights,
+    resolve_bf16,
+    restore_step,
     resume_step_dir,
-    save_train_state,
-    set_lr,
+    run_steps,
+    save_step,
+    sync_unsharded_grads,
     truncate_metrics,
+    wrap_model,
     write_run_config,
 )
 from beit3.tokenizer import PAD_ID, TextTokenizer, train_sentencepiece
 from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
 from training.data import TrainData, is_shard_source, read_source_texts
-from training.distributed import (
-    all_mean,
-    barrier,
-    grad_sync,
-    sync_unsharded_grads,
-    wrap_model,
-)
 from training.evaluate import evaluate_model
-from training.loss import ClipLoss
-from training.state import (
-    Start,
-    check_same_batches,
-    export_model,
-    read_weights,
-    restore,
-    save_fsdp_state,
-)
+from training.state import Start, check_same_batches, export_model, write_model
+from training.tasks import FinetuneTask, TaskOutput, get_task
 
 __all__ = ["build_optimizer", "finetune", "forward_backward"]
 
@@ -94,12 +87,8 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         ConfigError, InputDataError, CheckpointError: bad settings or inputs, named.
     """
     info = init_distributed(config.device)
-    if config.precision == "bf16" and info.device.type != "cuda":
-        raise ConfigError(
-            "precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
-            "here); use fp32 or auto"
-        )
-    use_bf16 = info.device.type == "cuda" and config.precision in ("auto", "bf16")
+    use_bf16 = resolve_bf16(config.precision, info.device)
+    task = get_task(config.task)(info)
     out = Path(config.output_dir)
     resume_from = resume_step_dir(config.resume, out)
     if is_shard_source(config.train) and config.max_steps is None:
@@ -109,7 +98,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         )
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    start = _build_start(config, info, out)
+    start = _build_start(config, task, info, out)
     model = start.model
     # Only masked image modeling uses the mask token; DDP insists every trained parameter
     # gets a gradient.
@@ -146,7 +135,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         if config.layer_decay is not None
         else (LAYER_DECAY_FROM_CHECKPOINT if config.init else 1.0)
     )
-    strategy = _strategy(config, info, model.config)
+    strategy = choose_strategy(config.strategy, info, model.config.embed_dim)
     resolved = config.replace(
         max_steps=total_steps,
         warmup_steps=warmup,
@@ -177,18 +166,18 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
 
     # Resumed weights go in before wrapping (FSDP shards whatever the module holds).
     if resume_from is not None:
-        weights = read_weights(resume_from)
-        load_state_dict_checked(model, weights, source=str(resume_from), preset=start.preset)
+        load_step_weights(resume_from, model, preset=start.preset)
     model.to(info.device)
-    wrapped = wrap_model(model, strategy, info)
+    wrapped = wrap_model(model, strategy, info, forward_methods=task.forward_methods)
     optimizer = build_optimizer(
         model, config.replace(layer_decay=layer_decay), info.device, strategy
     )
     step, best = 0, {"average": -math.inf, "step": 0}
     if resume_from is not None:
-        extra = restore(resume_from, model, wrapped, optimizer, strategy, info)
+        restored = restore_step(resume_from, model, optimizer, info)
+        extra = restored["extra"]
         check_same_batches(extra, config, info, resume_from)
-        step, best = extra["step"], extra["best"]
+        step, best = restored["step"], extra["best"]
         data.set_position(**extra["data"])
     else:
         torch.manual_seed(config.seed + info.rank)  # distinct drop-path masks per rank
@@ -197,9 +186,10 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     run_log = RunLogger(out, info.is_main, config.log_every, config.tensorboard)
     if info.is_main:
         logger.info(
-            "fine-tuning %s%s: %s pairs, %d steps from step %d, global batch %d x %d accum on "
-            "%d process(es) (%s, %s)",
+            "fine-tuning %s (%s)%s: %s pairs, %d steps from step %d, global batch %d x %d accum "
+            "on %d process(es) (%s, %s)",
             start.preset,
+            task.name,
             f" from {config.init}" if config.init else " from scratch",
             data.num_pairs if data.num_pairs is not None else "streamed",
             total_steps,
@@ -213,33 +203,41 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     loop = _Loop(
         config,
         info,
+        task,
         start,
         data,
         wrapped,
-        model,
         optimizer,
         strategy,
         use_bf16,
         run_log,
         val_records,
         total_steps,
-        warmup,
-        layer_decay,
         best,
     )
     try:
-        loop.run(step, progress)
+        run_steps(
+            step,
+            LrSchedule(total_steps, warmup, config.lr, config.min_lr),
+            optimizer,
+            loop.step,
+            log_every=config.log_every,
+            save_every=config.save_every,
+            on_log=loop.log,
+            on_save=loop.save,
+            after_step=loop.maybe_evaluate,
+            progress=progress if info.is_main else None,
+        )
     finally:
         run_log.close()
     final = out / "final"
-    export_model(wrapped, strategy, start, final, info)
-    barrier(info)
+    export_model(start, final, info)
     if info.is_main:
         logger.info(
             "finished %d steps in %.1f s; skipped %d samples with unreadable images; "
             "final model in %s",
             total_steps,
-            loop.elapsed,
+            time.monotonic() - loop.began,
             loop.skipped,
             final,
         )
@@ -247,93 +245,70 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
 
 
 class _Loop:
-    """The training loop and its periodic duties (logging, evaluation, checkpoints)."""
+    """A fine-tuning run's step function and its duties at log, evaluation and save steps
+    (the loop itself is :func:`beit3.run.run_steps`)."""
 
     def __init__(
         self,
         config: FinetuneConfig,
         info: DistInfo,
+        task: FinetuneTask,
         start: Start,
         data: TrainData,
         wrapped: nn.Module,
-        model: Beit3ForRetrieval,
         optimizer: torch.optim.Optimizer,
         strategy: str,
         use_bf16: bool,
         run_log: RunLogger,
         val_records: list | None,
         total_steps: int,
-        warmup: int,
-        layer_decay: float,
         best: dict[str, Any],
     ) -> None:
-        self.config, self.info, self.start, self.data = config, info, start, data
-        self.wrapped, self.model, self.optimizer = wrapped, model, optimizer
+        self.config, self.info, self.task, self.start, self.data = config, info, task, start, data
+        self.wrapped, self.model, self.optimizer = wrapped, start.model, optimizer
         self.strategy, self.use_bf16, self.run_log = strategy, use_bf16, run_log
-        self.val_records, self.total_steps, self.warmup = val_records, total_steps, warmup
-        self.best = best
-        self.criterion = ClipLoss(dist_info=info)
+        self.val_records, self.total_steps, self.best = val_records, total_steps, best
         self.out = Path(config.output_dir)
         self.skipped = 0
-        self.elapsed = 0.0
-
-    def run(self, step: int, progress: ProgressFn | None) -> None:
-        config, info = self.config, self.info
-        batches = self._batches()
+        self.batches = self._batches()
+        self.losses: list[Tensor] = []
+        self.metrics: dict[str, Tensor] = {}
+        self.window_samples = 0
+        self.began = self.window_start = time.monotonic()
         self.wrapped.train()
-        began = time.monotonic()
-        window_start, window_samples = began, 0
-        while step < self.total_steps:
-            lr = cosine_lr(step, self.total_steps, self.warmup, config.lr, config.min_lr)
-            set_lr(self.optimizer, lr)
-            losses = []
-            for micro in range(config.accum_steps):
-                batch = next(batches)
-                last = micro == config.accum_steps - 1
-                with grad_sync(self.wrapped, self.strategy, enabled=last):
-                    loss = forward_backward(
-                        self.wrapped,
-                        self.criterion,
-                        batch,
-                        info.device,
-                        self.use_bf16,
-                        scale=1 / config.accum_steps,
-                    )
-                losses.append(loss)
-                window_samples += batch.images.shape[0]
-            if self.strategy == "fsdp":
-                sync_unsharded_grads(self.wrapped, info)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            if step % config.log_every == 0 or step == self.total_steps:
-                loss_value = all_mean(torch.stack(losses).mean(), info)
-                samples = (
-                    all_mean(torch.tensor(float(window_samples), device=info.device), info)
-                    * info.world_size
+    def step(self, step: int) -> None:
+        """One optimizer step: ``accum_steps`` micro-batches, each its own task batch."""
+        accum = self.config.accum_steps
+        self.losses = []
+        for micro in range(accum):
+            batch = next(self.batches)
+            with grad_sync(self.wrapped, self.strategy, enabled=micro == accum - 1):
+                out = forward_backward(
+                    self.wrapped, self.task, batch, self.info.device, self.use_bf16, 1 / accum
                 )
-                now = time.monotonic()
-                self.run_log.log(
-                    step,
-                    force=True,
-                    loss=loss_value,
-                    lr=lr,
-                    logit_scale=float(self.model.logit_scale.detach().float().exp()),
-                    epoch=self._epoch(),
-                    samples_per_s=samples / max(now - window_start, 1e-9),
-                )
-                window_start, window_samples = now, 0
-            if progress is not None and info.is_main:
-                progress(step, self.total_steps)
-            if self.val_records is not None and (
-                step == self.total_steps
-                or (config.eval_every is not None and step % config.eval_every == 0)
-            ):
-                self._evaluate(step)
-            if step % config.save_every == 0 or step == self.total_steps:
-                self._save(step)
-        self.elapsed = time.monotonic() - began
+            self.losses.append(out.loss)
+            self.metrics = out.metrics
+            self.window_samples += batch.images.shape[0]
+        sync_unsharded_grads(self.wrapped, self.strategy)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def log(self, step: int, lr: float) -> None:
+        device = self.info.device
+        samples = all_mean(torch.tensor(float(self.window_samples), device=device))
+        now = time.monotonic()
+        self.run_log.log(
+            step,
+            force=True,
+            loss=all_mean(torch.stack(self.losses).mean()),
+            **{k: all_mean(v) for k, v in self.metrics.items()},
+            lr=lr,
+            **self.task.log_values(self.model),
+            epoch=self._epoch(),
+            samples_per_s=samples * self.info.world_size / max(now - self.window_start, 1e-9),
+        )
+        self.window_start, self.window_samples = now, 0
 
     def _batches(self) -> Iterator[PairBatch]:
         """Training batches; a batch whose images were all unreadable is skipped on one process
@@ -353,8 +328,14 @@ class _Loop:
         per = self.data.batches_per_epoch
         return self.data.epoch + (self.data.batch / per if per else 0.0)
 
-    def _evaluate(self, step: int) -> None:
+    def maybe_evaluate(self, step: int) -> None:
+        """Evaluate on the val pairs every ``eval_every`` steps and at the end; keep the best."""
         config = self.config
+        if self.val_records is None:
+            return
+        due = config.eval_every is not None and step % config.eval_every == 0
+        if not (due or step == self.total_steps):
+            return
         eval_model = self.wrapped if self.strategy == "fsdp" else self.model
         metrics = evaluate_model(
             eval_model,
@@ -370,85 +351,69 @@ class _Loop:
         self.run_log.log(step, force=True, **{f"val/{k}": v for k, v in recalls.items()})
         if recalls["average"] > self.best["average"]:
             self.best = {"average": recalls["average"], "step": step}
-            export_model(self.wrapped, self.strategy, self.start, self.out / "best", self.info)
+            export_model(self.start, self.out / "best", self.info)
             if self.info.is_main:
                 (self.out / "best.json").write_text(
                     json.dumps({"step": step, **metrics}, indent=2) + "\n"
                 )
                 logger.info("new best mean recall %.4f at step %d", recalls["average"], step)
 
-    def _save(self, step: int) -> None:
-        extra = {
-            "data": self.data.position(),
-            "best": self.best,
-            "rank_rng": gather_rng_states(),
-            "batch": {
-                "batch_size": self.config.batch_size,
-                "world_size": self.info.world_size,
-                "accum_steps": self.config.accum_steps,
+    def save(self, step: int) -> None:
+        save_step(
+            self.out,
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            write_weights=lambda directory, state: write_model(state, self.start, directory),
+            info=self.info,
+            extra={
+                "data": self.data.position(),
+                "best": self.best,
+                "batch": {
+                    "batch_size": self.config.batch_size,
+                    "world_size": self.info.world_size,
+                    "accum_steps": self.config.accum_steps,
+                },
             },
-            "strategy": self.strategy,
-        }
-        if self.strategy == "fsdp":
-            save_fsdp_state(
-                self.out,
-                step,
-                self.wrapped,
-                self.optimizer,
-                self.start,
-                extra,
-                self.config.keep_checkpoints,
-                self.info,
-            )
-        elif self.info.is_main:
-            save_train_state(
-                self.out,
-                step,
-                model=self.model,
-                optimizer=self.optimizer,
-                preset=self.start.preset,
-                tokenizer=self.start.tokenizer,
-                preprocess=self.start.preprocess,
-                extra=extra,
-                keep=self.config.keep_checkpoints,
-            )
-        barrier(self.info)
+            keep=self.config.keep_checkpoints,
+        )
 
 
 def build_optimizer(
     model: nn.Module, config: FinetuneConfig, device: torch.device, strategy: str = "none"
 ) -> torch.optim.AdamW:
     """AdamW over the official groups (no decay for 1-D tensors, biases, cls token, vision
-    positions, logit_scale; lr scale layer_decay^(L + 1 - layer id)); fused kernels on CUDA
-    (not under FSDP, whose parameters are DTensors)."""
-    groups = param_groups(model, config.weight_decay, config.layer_decay, model.config.depth)  # type: ignore[union-attr]
-    fused = device.type == "cuda" and strategy != "fsdp"
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
+    positions, logit_scale; lr scale layer_decay^(L + 1 - layer id)): :func:`beit3.run.build_adamw`."""
+    return build_adamw(
+        model,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
+        eps=config.eps,
+        device=device,
+        strategy=strategy,
+        layer_decay=config.layer_decay,
     )
 
 
 def forward_backward(
     model: nn.Module,
-    criterion: nn.Module,
+    task: FinetuneTask,
     batch: PairBatch,
     device: torch.device,
     use_bf16: bool,
     scale: float = 1.0,
-) -> Tensor:
-    """One micro-batch: embed images and texts, contrastive loss, backward of ``scale x loss``.
+) -> TaskOutput:
+    """One micro-batch: the task's losses, backward of ``scale x loss``.
 
     Returns:
-        The detached loss (0-dim float32).
+        The task's output with the loss detached.
     """
-    images = batch.images.to(device, non_blocking=True)
-    text_ids = batch.text_ids.to(device, non_blocking=True)
-    padding_mask = batch.padding_mask.to(device, non_blocking=True)
+    batch = PairBatch(*(t.to(device, non_blocking=True) for t in batch))
     with autocast(device, enabled=use_bf16):
-        out = model(images=images, text_ids=text_ids, padding_mask=padding_mask)
-    loss = criterion(out.image_embeds, out.text_embeds, out.logit_scale)
-    (loss * scale).backward()
-    return loss.detach()
+        out = task.compute(model, batch)
+    (out.loss * scale).backward()
+    return out._replace(loss=out.loss.detach())
 
 
 def _empty_batch(img_size: int) -> PairBatch:
@@ -465,25 +430,10 @@ def _empty_batch(img_size: int) -> PairBatch:
 # Setup -------------------------------------------------------------------------------------
 
 
-def _strategy(config: FinetuneConfig, info: DistInfo, model_config: Beit3Config) -> str:
-    if info.world_size == 1:
-        if config.strategy not in ("auto", "none"):
-            logger.info("one process: strategy %s not needed, training unwrapped", config.strategy)
-        return "none"
-    if config.strategy == "auto":
-        return "fsdp" if model_config.depth >= 24 else "ddp"
-    if config.strategy == "none":
-        raise ConfigError(
-            f"strategy none trains one process, but {info.world_size} were "
-            "started; use ddp, fsdp or auto"
-        )
-    return config.strategy
-
-
-def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
+def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out: Path) -> Start:
     knobs = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint}
     if config.init is not None:
-        ckpt = load_checkpoint(config.init, architecture="retrieval", **knobs)
+        ckpt = load_checkpoint(config.init, architecture=task.architecture, **knobs)
         if config.img_size is not None and config.img_size != ckpt.config.img_size:
             raise ConfigError(
                 f"{config.init} is a {ckpt.config.img_size}px model; img_size {config.img_size} "
@@ -499,7 +449,7 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
             drop_path_rate=base.drop_path_rate, use_checkpoint=base.use_checkpoint
         )
         model = ckpt.model.train()
-        return Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)  # type: ignore[arg-type]
+        return Start(model, tokenizer, preprocess, ckpt.preset, ckpt.model_id, export)
     assert config.preset is not None
     max_len = config.max_text_len or 64
     spm = Path(config.spm) if config.spm else _own_tokenizer(config, info, out)
@@ -507,13 +457,13 @@ def _build_start(config: FinetuneConfig, info: DistInfo, out: Path) -> Start:
     overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
-    model = create_model(config.preset, **overrides, **knobs)
+    model = create_model(config.preset, task.architecture, **overrides, **knobs)
     base = get_preset(config.preset)
     export = model.config.replace(
         drop_path_rate=base.drop_path_rate, use_checkpoint=base.use_checkpoint
     )
     preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
-    return Start(model, tokenizer, preprocess, config.preset, None, export)  # type: ignore[arg-type]
+    return Start(model, tokenizer, preprocess, config.preset, None, export)
 
 
 def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
@@ -531,5 +481,5 @@ def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
             time.monotonic() - started,
             path,
         )
-    barrier(info)
+    barrier()
     return path

@@ -14,14 +14,27 @@ the official per-rank mean.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beit3.runtime import DistInfo, gather_features
+from beit3.run import DistInfo, gather_features
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "ContrastiveOutput"]
+
+
+class ContrastiveOutput(NamedTuple):
+    """loss: 0-dim float32. logits_per_image (B, B_global) scores this rank's images against
+    every rank's texts, logits_per_text (B, B_global) its texts against every image; labels (B,)
+    the column of each row's own pair (hard negatives are mined from these logits)."""
+
+    loss: Tensor
+    logits_per_image: Tensor
+    logits_per_text: Tensor
+    labels: Tensor
 
 
 class ClipLoss(nn.Module):
@@ -30,7 +43,7 @@ class ClipLoss(nn.Module):
     Args:
         rank: this process's rank (or pass ``dist_info``).
         world_size: number of processes; > 1 requires an initialised process group.
-        dist_info: a :class:`beit3.runtime.DistInfo` instead of rank / world_size.
+        dist_info: a :class:`beit3.run.DistInfo` instead of rank / world_size.
     """
 
     def __init__(
@@ -43,7 +56,9 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
 
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor) -> Tensor:
+    def forward(
+        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor
+    ) -> ContrastiveOutput:
         """Loss of this rank's pairs.
 
         Args:
@@ -53,8 +68,8 @@ class ClipLoss(nn.Module):
                 (exponentiated here, as the official model does before its loss).
 
         Returns:
-            0-dim float32 loss. Averaged over ranks it equals the single-process loss on the
-            concatenated global batch, and so do the DDP-averaged gradients.
+            :class:`ContrastiveOutput`. Averaged over ranks its loss equals the single-process
+            loss on the concatenated global batch, and so do the DDP-averaged gradients.
         """
         assert image_embeds.shape == text_embeds.shape, (
             f"image {tuple(image_embeds.shape)} and text {tuple(text_embeds.shape)} embeddings differ"
@@ -69,18 +84,19 @@ class ClipLoss(nn.Module):
             offset, mean_batch = sum(sizes[: self.rank]), sum(sizes) / self.world_size
             all_images = _gather_ragged(image_embeds, sizes)
             all_texts = _gather_ragged(text_embeds, sizes)
-        if local == 0:
-            # Keep the graph connected so this rank still takes part in the gather's backward
-            # and every parameter (logit_scale too) gets a (zero) gradient for DDP.
-            return (all_images.sum() + all_texts.sum() + scale) * 0.0
         labels = torch.arange(local, device=image_embeds.device) + offset
         logits_per_image = scale * image_embeds @ all_texts.T  # (B, B_global)
         logits_per_text = scale * text_embeds @ all_images.T  # (B, B_global)
+        if local == 0:
+            # Keep the graph connected so this rank still takes part in the gather's backward
+            # and every parameter (logit_scale too) gets a (zero) gradient for DDP.
+            zero = (all_images.sum() + all_texts.sum() + scale) * 0.0
+            return ContrastiveOutput(zero, logits_per_image, logits_per_text, labels)
         loss = (
             F.cross_entropy(logits_per_image, labels, reduction="sum")
             + F.cross_entropy(logits_per_text, labels, reduction="sum")
         ) / 2
-        return loss / mean_batch
+        return ContrastiveOutput(loss / mean_batch, logits_per_image, logits_per_text, labels)
 
 
 def _gather_sizes(local: int, device: torch.device, world_size: int) -> list[int]:
@@ -92,7 +108,7 @@ def _gather_sizes(local: int, device: torch.device, world_size: int) -> list[int
 
 def _gather_ragged(x: Tensor, sizes: list[int]) -> Tensor:
     """Differentiable all-gather of (B_r, D) blocks of different B_r: pad to the largest, gather
-    with beit3.runtime.gather_features, drop the padding rows."""
+    with beit3.run.gather_features, drop the padding rows."""
     largest = max(sizes)
     if min(sizes) == largest:
         return gather_features(x)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beit3.config import ConfigMixin
+from beit3.run.wrap import STRATEGIES
 from beit3.errors import ConfigError
 
 __all__ = ["PretrainConfig", "VisualTokenizerConfig"]
 
 Precision = Literal["auto", "bf16", "fp32"]
-Sharding = Literal["auto", "ddp", "fsdp"]
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -86,7 +86,7 @@ class PretrainConfig(ConfigMixin):
     device: str = "auto"
     precision: Precision = "auto"
     use_checkpoint: bool = False
-    sharding: Sharding = "auto"
+    strategy: str = "auto"
     compile: bool = False
     fused_optimizer: bool | None = None
     static_shapes: bool | None = None
@@ -136,8 +136,10 @@ class PretrainConfig(ConfigMixin):
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.sharding not in ("auto", "ddp", "fsdp"):
-            raise ConfigError(f"sharding must be auto, ddp or fsdp, got {self.sharding!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"strategy {self.strategy!r} unknown; use one of {', '.join(STRATEGIES)}"
+            )
         if self.text_batch_size + self.image_batch_size + self.pair_batch_size == 0:
             raise ConfigError("every batch size is 0: nothing to train on")
         if not (self.pair_data or self.text_data or self.image_data):

@@ -13,52 +13,57 @@ fine-tuning loads with ``load_checkpoint(dir, architecture="retrieval")``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
 from beit3.checkpoint import (
     load_checkpoint,
     load_state_dict_checked,
     read_checkpoint_config,
-    save_checkpoint,
+    save_state_checkpoint,
 )
 from beit3.config import Beit3Config, create_config
 from beit3.encoder import EncoderLayer
 from beit3.errors import CheckpointError, ConfigError
-from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import PretrainConfig
 from beit3.pretrain.data import MaskedBatch, build_streams
 from beit3.pretrain.loss import PARTS, MaskedModelingLoss, MaskedStats, masked_cross_entropy
-from beit3.pretrain.model import DEFAULT_CODEBOOK_SIZE, Beit3ForPretraining
-from beit3.runtime import (
+from beit3.pretrain.model import DEFAULT_CODEBOOK_SIZE, Beit3ForPretraining, PretrainingOutput
+from beit3.pretrain.vqkd import VQKD, load_vqkd
+from beit3.run import (
+    LrSchedule,
     RunLogger,
-    cosine_lr,
-    gather_rng_states,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    build_adamw,
+    choose_strategy,
+    full_model_state,
     init_distributed,
-    load_train_state,
-    param_groups,
+    load_step_weights,
+    resolve_bf16,
+    restore_step,
     resume_step_dir,
-    save_train_state,
-    set_lr,
-    set_rank_rng_state,
+    run_steps,
+    save_step,
     truncate_metrics,
+    wrap_model,
     write_run_config,
 )
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
-from beit3.pretrain.vqkd import VQKD, load_vqkd
 
 __all__ = [
     "PretrainResult",
+    "StepModule",
     "StepOutput",
     "build_optimizer",
     "compile_layers",
@@ -145,12 +150,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Bei
     return model
 
 
-def _sharding(config: PretrainConfig, cfg: Beit3Config) -> str:
-    if config.sharding != "auto":
-        return config.sharding
-    return "fsdp" if cfg.embed_dim >= 1024 and pdist.is_distributed() else "ddp"
-
-
 def _unused_parameters(kinds: set[str], config: PretrainConfig) -> bool:
     """Whether some parameter gets no gradient in a step (DDP must then look for it)."""
     vision = bool(kinds & {"image", "pair"})
@@ -162,6 +161,28 @@ def _unused_parameters(kinds: set[str], config: PretrainConfig) -> bool:
         "pair" in kinds and config.pair_image_mask_ratio > 0
     )
     return not (vision and language and mlm and mim)
+
+
+class StepModule(nn.Module):
+    """Runs every kind of batch of one step through the model: one forward, so DDP and FSDP
+    reduce the gradients once per step."""
+
+    def __init__(self, model: Beit3ForPretraining) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches: Mapping[str, MaskedBatch]) -> dict[str, PretrainingOutput]:
+        return {
+            kind: self.model(
+                images=b.images,
+                text_ids=b.text_ids,
+                padding_mask=b.padding_mask,
+                image_mask=b.image_mask,
+                text_positions=b.text_positions,
+                image_positions=b.image_positions,
+            )
+            for kind, b in batches.items()
+        }
 
 
 def _step_parts(
@@ -185,16 +206,18 @@ def _step_parts(
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: PretrainConfig, device: torch.device
+    model: torch.nn.Module, config: PretrainConfig, device: torch.device, strategy: str = "none"
 ) -> torch.optim.AdamW:
-    """AdamW over the official weight-decay groups; fused on CUDA unless configured off."""
-    fused = device.type == "cuda" if config.fused_optimizer is None else config.fused_optimizer
-    return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+    """AdamW over the official weight-decay groups (:func:`beit3.run.build_adamw`)."""
+    return build_adamw(
+        model,
         lr=config.lr,
+        weight_decay=config.weight_decay,
         betas=config.betas,
         eps=config.eps,
-        **({"fused": True} if fused else {}),
+        device=device,
+        strategy=strategy,
+        fused=config.fused_optimizer,
     )
 
 
@@ -250,7 +273,7 @@ def train_step(
     """One optimisation step on device-resident batches; reads nothing back to the host.
 
     Args:
-        forward: the (possibly DDP-wrapped) :class:`~beit3.pretrain.distributed.StepModule`.
+        forward: the (possibly DDP-wrapped) :class:`StepModule`.
         model: the underlying model (for clipping).
         optimizer, loss_fn: as built by :func:`pretrain`.
         batches: kind -> :class:`MaskedBatch` on the model's device.
@@ -259,9 +282,8 @@ def train_step(
         bf16: bf16 autocast (CUDA).
         grad_clip: max gradient norm (0 = no clipping; the norm is still returned).
     """
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     codes: dict[str, torch.Tensor] = {}
-    with autocast:
+    with autocast(next(model.parameters()).device, bf16):
         if vqkd is not None:
             codes = {
                 k: vqkd.encode(b.images)
@@ -270,7 +292,7 @@ def train_step(
             }
         outputs = forward(batches)
     stats = _step_parts(batches, outputs, codes)
-    counts = pdist.all_reduce_sum(torch.stack([s.count for s in stats.values()]))
+    counts = all_reduce_sum(torch.stack([s.count for s in stats.values()]))
     loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world_size)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -284,9 +306,10 @@ def train_step(
 class _Window:
     """Device-side sums of the metrics between two log steps (read only when logging)."""
 
-    def __init__(self, device: torch.device, codebook_size: int) -> None:
+    def __init__(self, device: torch.device, codebook_size: int, world_size: int) -> None:
         self.parts = list(PARTS)
         self.device = device
+        self.world_size = world_size
         self.sums = torch.zeros(len(self.parts), 3, dtype=torch.float64, device=device)
         self.codes = torch.zeros(codebook_size, dtype=torch.float64, device=device)
         self.steps = self.samples = self.tokens = 0
@@ -302,8 +325,8 @@ class _Window:
 
     def read(self, weights: dict[str, float]) -> dict[str, float]:
         sums, codes = (
-            pdist.all_reduce_sum(self.sums.clone()),
-            pdist.all_reduce_sum(self.codes.clone()),
+            all_reduce_sum(self.sums.clone()),
+            all_reduce_sum(self.codes.clone()),
         )
         values = sums.cpu().tolist()
         metrics: dict[str, float] = {}
@@ -317,7 +340,7 @@ class _Window:
         if codes.sum() > 0:
             metrics["codebook_usage"] = float((codes > 0).double().mean())
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        world = dist.get_world_size() if pdist.is_distributed() else 1
+        world = self.world_size
         metrics["samples_per_s"] = self.samples * world / elapsed
         metrics["tokens_per_s"] = self.tokens * world / elapsed
         metrics["step_time_s"] = elapsed / max(self.steps, 1)
@@ -344,10 +367,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     info = init_distributed(config.device)
     device = info.device
     cuda = device.type == "cuda"
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
-    if use_bf16 and not cuda:
-        logger.warning("bf16 autocast is only used on CUDA; running fp32 on %s", device)
-        use_bf16 = False
+    use_bf16 = resolve_bf16(config.precision, device)
     config = config.replace(
         static_shapes=config.compile if config.static_shapes is None else config.static_shapes
     )
@@ -389,24 +409,12 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
     if config.init_from:
         _load_init(model, Path(config.init_from))
 
-    start_step, extra = 0, {}
     step_dir = resume_step_dir(config.resume, output_dir)
     if step_dir is not None:
-        state = load_train_state(step_dir, model, optimizer=None)
-        start_step, extra = state["step"], state["extra"]
-    if not set_rank_rng_state(extra.get("rng", []), info.rank):
-        torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path per rank
-
+        load_step_weights(step_dir, model, preset=config.preset)
     model.to(device)
     if config.compile:
         compile_layers(model)  # before FSDP wraps the layers, as torchtitan does
-    sharding = _sharding(config, cfg)
-    if sharding == "fsdp" and pdist.is_distributed():
-        pdist.shard_fsdp(model)
-    optimizer = build_optimizer(model, config, device)
-    if step_dir is not None:
-        pdist.load_optimizer_state(model, optimizer, step_dir)
-
     streams = build_streams(
         config,
         spm,
@@ -417,6 +425,22 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         world_size=info.world_size,
         pin_memory=cuda,
     )
+    strategy = choose_strategy(config.strategy, info, cfg.embed_dim)
+    forward = wrap_model(
+        model,
+        strategy,
+        info,
+        step_module=StepModule(model),
+        find_unused_parameters=_unused_parameters(set(streams), config),
+    )
+    optimizer = build_optimizer(model, config, device, strategy)
+    start_step, extra = 0, {}
+    rng_restored = False
+    if step_dir is not None:
+        state = restore_step(step_dir, model, optimizer, info)
+        start_step, extra, rng_restored = state["step"], state["extra"], state["rank_rng_restored"]
+    if not rng_restored:
+        torch.manual_seed(config.seed + 1000 * start_step + info.rank)  # drop path per rank
     for kind, stream in streams.items():
         if kind in extra.get("streams", {}):
             stream.load_state_dict(extra["streams"][kind])
@@ -428,51 +452,43 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         start_step,
         config.max_steps,
         "bf16" if use_bf16 else "fp32",
-        sharding,
+        strategy,
     )
 
-    forward = pdist.wrap_model(model, sharding, device, _unused_parameters(set(streams), config))
     loss_fn = MaskedModelingLoss(config.text_weight, config.image_weight, config.pair_weight)
-    world = info.world_size
     if info.is_main:
         truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
-    window = _Window(device, codebook_size)
+    window = _Window(device, codebook_size, info.world_size)
     metrics: dict[str, float] = {}
     num_vision = cfg.num_vision_tokens
+    preprocess = PreprocessConfig(img_size=cfg.img_size, max_text_len=config.pair_max_len)
+
+    def write_checkpoint(directory: Path, state: dict[str, torch.Tensor]) -> None:
+        save_state_checkpoint(
+            model,
+            state,
+            directory,
+            preset=config.preset,
+            tokenizer=tokenizer,
+            preprocess=preprocess,
+        )
 
     def save(step: int) -> None:
-        model_state, optim_state = pdist.full_state(model, optimizer)
-        rng = gather_rng_states()
-        if info.is_main:
-            shadow = (
-                model
-                if not (sharding == "fsdp" and pdist.is_distributed())
-                else pdist.shadow_model(model, model_state)
-            )
-            save_train_state(
-                output_dir,
-                step,
-                model=shadow,
-                optimizer=pdist.StateDictHolder(optim_state),
-                preset=config.preset,
-                tokenizer=tokenizer,
-                preprocess=PreprocessConfig(
-                    img_size=cfg.img_size, max_text_len=config.pair_max_len
-                ),
-                extra={"streams": {k: s.state_dict() for k, s in streams.items()}, "rng": rng},
-                keep=config.keep_checkpoints,
-            )
-        if pdist.is_distributed():
-            dist.barrier()
-
-    model.train()
-    step = start_step
-    while step < config.max_steps:
-        set_lr(
-            optimizer,
-            cosine_lr(step, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+        save_step(
+            output_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            write_weights=write_checkpoint,
+            info=info,
+            extra={"streams": {k: s.state_dict() for k, s in streams.items()}},
+            keep=config.keep_checkpoints,
         )
+
+    last: dict[str, Any] = {}
+
+    def step_fn(step: int) -> None:
         batches = {
             kind: next(stream).to(device, non_blocking=cuda) for kind, stream in streams.items()
         }
@@ -483,12 +499,11 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
             loss_fn,
             batches,
             vqkd,
-            world_size=world,
+            world_size=info.world_size,
             bf16=use_bf16,
             grad_clip=config.grad_clip,
         )
-        step += 1
-
+        last["grad_norm"] = out.grad_norm
         window.add(out.stats, out.codes)
         window.steps += 1
         window.samples += sum(b.size for b in batches.values())
@@ -497,43 +512,51 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
             + (b.text_ids.numel() if b.text_ids is not None else 0)
             for b in batches.values()
         )
-        if step % config.log_every == 0 or step == config.max_steps:
-            metrics = window.read(loss_fn.weights)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"loss is {metrics['loss']} at step {step}; lower the "
-                    "learning rate or check the data"
-                )
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            norm = out.grad_norm
-            metrics["grad_norm"] = float(
-                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def on_log(step: int, lr: float) -> None:
+        metrics.clear()
+        metrics.update(window.read(loss_fn.weights))
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"loss is {metrics['loss']} at step {step}; lower the "
+                "learning rate or check the data"
             )
-            log.log(step, force=True, **metrics)
-        if step % config.save_every == 0 or step == config.max_steps:
-            save(step)
-        if progress is not None:
-            progress(step, config.max_steps)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        norm = last["grad_norm"]
+        metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        log.log(step, force=True, **metrics)
+
+    model.train()
+    try:
+        step = run_steps(
+            start_step,
+            LrSchedule(config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+            optimizer,
+            step_fn,
+            log_every=config.log_every,
+            save_every=config.save_every,
+            on_log=on_log,
+            on_save=save,
+            progress=progress,
+        )
+    finally:
+        log.close()
 
     final = output_dir / "final"
-    model_id = ""
     if start_step < config.max_steps or not final.exists():
-        model_state = pdist.full_model_state(model)
+        state = full_model_state(model)  # a collective under FSDP
+        model_id = ""
         if info.is_main:
-            shadow = pdist.shadow_model(model, model_state)
-            model_id = save_checkpoint(
-                shadow,
+            model_id = save_state_checkpoint(
+                model,
+                state,
                 final,
                 preset=config.preset,
                 tokenizer=tokenizer,
-                preprocess=PreprocessConfig(
-                    img_size=cfg.img_size, max_text_len=config.pair_max_len
-                ),
+                preprocess=preprocess,
             )
     else:  # resumed a finished run: nothing to train
         model_id = read_checkpoint_config(final).get("model_id", "")
-    log.close()
-    if pdist.is_distributed():
-        dist.barrier()
+    barrier()
     logger.info("pretraining done: %d steps, final checkpoint %s", step, final)
     return PretrainResult(output_dir, final, model_id, step, metrics)

@@ -23,29 +23,33 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from beit3.errors import ConfigError
-from beit3.pretrain import distributed as pdist
 from beit3.pretrain.config import VisualTokenizerConfig
 from beit3.pretrain.data import BatchStream, ImageDataset, KeyedDataset, list_images
 from beit3.pretrain.teachers import Beit3Teacher, PixelTeacher
-from beit3.runtime import (
+from beit3.pretrain.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
+from beit3.run import (
+    LrSchedule,
     RunLogger,
-    cosine_lr,
-    finish_step_directory,
-    gather_rng_states,
+    all_reduce_sum,
+    autocast,
+    build_adamw,
+    choose_strategy,
     init_distributed,
-    load_train_state,
+    is_distributed,
+    load_step_weights,
+    resolve_bf16,
+    restore_step,
     resume_step_dir,
-    set_lr,
-    set_rank_rng_state,
-    step_directory,
+    run_steps,
+    save_step,
     truncate_metrics,
+    wrap_model,
     write_run_config,
 )
 from beit3.transforms import PreprocessConfig, TrainImageTransform
-from beit3.pretrain.vqkd import VQKD, VqkdConfig, get_vqkd_preset, save_vqkd
 
 __all__ = ["VisualTokenizerResult", "build_teacher", "train_visual_tokenizer"]
 
@@ -92,21 +96,13 @@ def build_teacher(
     return teacher
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Official VQKD.no_weight_decay: cls tokens and position tables, plus 1-D tensors and biases.
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        skip = param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def _no_decay(name: str) -> bool:
+    # Official VQKD.no_weight_decay: cls tokens and position tables (plus 1-D tensors, biases).
+    return name.endswith(("cls_token", "pos_embed"))
 
 
 def _broadcast_codebook(model: VQKD) -> None:
-    if pdist.is_distributed():
+    if is_distributed():
         for buffer in (
             model.quantize.embedding.weight,
             model.quantize.embedding.initted,
@@ -122,11 +118,11 @@ def _kmeans_init(
     iters: int,
     is_main: bool,
     generator: torch.Generator,
-    autocast: contextlib.AbstractContextManager,
+    precision: contextlib.AbstractContextManager,
     device: torch.device,
 ) -> None:
     """k-means on at least 4 vectors per code (or 20 batches), on rank 0, then broadcast."""
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), precision:
         vectors: list[Tensor] = []
         batches = 0
         while sum(v.shape[0] for v in vectors) < 4 * vq_config.codebook_size and batches < 20:
@@ -157,8 +153,7 @@ def train_visual_tokenizer(
     info = init_distributed(config.device)
     device = info.device
     cuda = device.type == "cuda"
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
-    use_bf16 = use_bf16 and cuda
+    use_bf16 = resolve_bf16(config.precision, device)
     output_dir = Path(config.output_dir)
     vq_config = get_vqkd_preset(config.preset, **config.overrides)
     teacher = build_teacher(config.teacher, vq_config, device).to(device)
@@ -180,23 +175,28 @@ def train_visual_tokenizer(
         write_run_config(output_dir, config)
 
     torch.manual_seed(config.seed)
-    model = VQKD(vq_config).to(device)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
-    )
-    start_step, extra = 0, {}
+    model = VQKD(vq_config)
     step_dir = resume_step_dir(config.resume, output_dir)
     if step_dir is not None:
-        state = load_train_state(step_dir, model, optimizer)  # weights, codebook, optimizer
+        load_step_weights(step_dir, model)  # weights and codebook
+    model.to(device)
+    # The codebook is kept equal on every rank by hand (summed statistics, broadcasts).
+    strategy = choose_strategy("auto", info, vq_config.embed_dim, shardable=False)
+    forward = wrap_model(model, strategy, info)
+    optimizer = build_adamw(
+        model,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
+        eps=1e-8,
+        device=device,
+        strategy=strategy,
+        no_decay=_no_decay,
+    )
+    start_step, extra = 0, {}
+    if step_dir is not None:
+        state = restore_step(step_dir, model, optimizer, info)
         start_step, extra = state["step"], state["extra"]
-        set_rank_rng_state(extra.get("rng", []), info.rank)
-    forward: nn.Module = model
-    if pdist.is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None, broadcast_buffers=False
-        )
     preprocess = PreprocessConfig(img_size=vq_config.img_size)
     transform = TrainImageTransform(
         preprocess, scale=config.crop_scale, hflip=config.hflip, rng=random.Random(config.seed)
@@ -215,64 +215,59 @@ def train_visual_tokenizer(
         num_workers=config.num_workers,
         pin_memory=cuda,
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    precision = autocast(device, use_bf16)
     generator = torch.Generator().manual_seed(config.seed)
     usage = torch.zeros(vq_config.codebook_size, device=device)  # this log window
     recent = torch.zeros(vq_config.codebook_size, device=device)  # since the last re-seeding
     sums = torch.zeros(3, device=device)  # loss, rec_loss, commit_loss over this log window
-    reseeded_total = window_steps = 0
+    counters = {"reseeded_total": 0, "window_steps": 0}
     if start_step:
         stream.load_state_dict(extra["stream"])
         generator.set_state(extra["generator"])
         recent.copy_(extra["recent"])
         usage.copy_(extra["usage"])
         sums.copy_(extra["sums"] / info.world_size)  # the ranks' total, shared out again
-        reseeded_total, window_steps = int(extra["reseeded_total"]), int(extra["window_steps"])
+        counters = {k: int(extra[k]) for k in counters}
     else:
         _kmeans_init(
-            model, stream, vq_config, config.kmeans_iters, info.is_main, generator, autocast, device
+            model,
+            stream,
+            vq_config,
+            config.kmeans_iters,
+            info.is_main,
+            generator,
+            precision,
+            device,
         )
+    tokenizer_dir = output_dir / "tokenizer"
+
+    def write_weights(directory: Path, _state: dict[str, Tensor]) -> None:
+        # DDP only: rank 0's module holds every weight and the codebook.
+        save_vqkd(model, tokenizer_dir, teacher=config.teacher)
+        save_vqkd(model, directory, teacher=config.teacher)
 
     def save(step: int) -> None:
-        rng = gather_rng_states()  # collectives: every rank takes part
-        window_sums = pdist.all_reduce_sum(sums.clone())
-        if info.is_main:
-            save_vqkd(model, tokenizer_dir, teacher=config.teacher)
-            save_vqkd(model, step_directory(output_dir, step), teacher=config.teacher)
-            finish_step_directory(
-                output_dir,
-                step,
-                optimizer=optimizer,
-                extra={
-                    "stream": stream.state_dict(),
-                    "generator": generator.get_state(),
-                    "recent": recent.cpu(),
-                    "usage": usage.cpu(),
-                    "sums": window_sums.cpu(),
-                    "window_steps": window_steps,
-                    "reseeded_total": reseeded_total,
-                    "rng": rng,
-                },
-                keep=config.keep_checkpoints,
-            )
-        if pdist.is_distributed():
-            dist.barrier()
-
-    if info.is_main:
-        truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
-    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
-    metrics: dict[str, float] = {}
-    tokenizer_dir = output_dir / "tokenizer"
-    model.train()
-    for step in range(start_step + 1, config.max_steps + 1):
-        set_lr(
-            optimizer,
-            cosine_lr(step - 1, config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+        save_step(
+            output_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            write_weights=write_weights,
+            info=info,
+            extra={
+                "stream": stream.state_dict(),
+                "generator": generator.get_state(),
+                "recent": recent.cpu(),
+                "usage": usage.cpu(),
+                "sums": all_reduce_sum(sums.clone()).cpu(),
+                **counters,
+            },
+            keep=config.keep_checkpoints,
         )
+
+    def step_fn(step: int) -> None:
         images = cast(Tensor, next(stream)).to(device, non_blocking=cuda)
-        with autocast:
+        with precision:
             targets = teacher(images)
             out = forward(images, targets)
         out.loss.backward()
@@ -281,42 +276,58 @@ def train_visual_tokenizer(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         counts, code_sums = model.quantize.batch_stats(out.z, out.codes)
-        stats = pdist.all_reduce_sum(torch.cat([counts.unsqueeze(1), code_sums], dim=1))
+        stats = all_reduce_sum(torch.cat([counts.unsqueeze(1), code_sums], dim=1))
         model.quantize.ema_update(stats[:, 0], stats[:, 1:])
-        usage += stats[:, 0]
-        recent += stats[:, 0]
-        sums += torch.stack([out.loss.detach(), out.rec_loss.detach(), out.commit_loss.detach()])
-        window_steps += 1
+        usage.add_(stats[:, 0])
+        recent.add_(stats[:, 0])
+        sums.add_(torch.stack([out.loss.detach(), out.rec_loss.detach(), out.commit_loss.detach()]))
+        counters["window_steps"] += 1
         if config.reseed_every and step % config.reseed_every == 0:
             if info.is_main:
-                reseeded_total += model.quantize.reseed_dead_codes_(
+                counters["reseeded_total"] += model.quantize.reseed_dead_codes_(
                     out.z.cpu(), recent, config.dead_code_threshold, generator
                 )
             _broadcast_codebook(model)
             recent.zero_()
-        if step % config.log_every == 0 or step == config.max_steps:
-            values = (pdist.all_reduce_sum(sums.clone()) / max(window_steps, 1)).tolist()
-            world = dist.get_world_size() if pdist.is_distributed() else 1
-            probs = usage / usage.sum().clamp(min=1)
-            entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
-            metrics = {
-                "loss": values[0] / world,
-                "rec_loss": values[1] / world,
-                "commit_loss": values[2] / world,
-                "codebook_usage": float((usage > 0).float().mean()),
-                "codebook_perplexity": math.exp(entropy),
-                "codes_reseeded": float(reseeded_total),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            log.log(step, force=True, **metrics)
-            usage.zero_()
-            sums.zero_()
-            window_steps = 0
-        if step % config.save_every == 0 or step == config.max_steps:
-            save(step)
-        if progress is not None:
-            progress(step, config.max_steps)
-    log.close()
-    if pdist.is_distributed():
-        dist.barrier()
+
+    metrics: dict[str, float] = {}
+
+    def on_log(step: int, lr: float) -> None:
+        values = (all_reduce_sum(sums.clone()) / max(counters["window_steps"], 1)).tolist()
+        world = info.world_size
+        probs = usage / usage.sum().clamp(min=1)
+        entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+        metrics.clear()
+        metrics.update(
+            loss=values[0] / world,
+            rec_loss=values[1] / world,
+            commit_loss=values[2] / world,
+            codebook_usage=float((usage > 0).float().mean()),
+            codebook_perplexity=math.exp(entropy),
+            codes_reseeded=float(counters["reseeded_total"]),
+            lr=lr,
+        )
+        log.log(step, force=True, **metrics)
+        usage.zero_()
+        sums.zero_()
+        counters["window_steps"] = 0
+
+    if info.is_main:
+        truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
+    log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
+    model.train()
+    try:
+        run_steps(
+            start_step,
+            LrSchedule(config.max_steps, config.warmup_steps, config.lr, config.min_lr),
+            optimizer,
+            step_fn,
+            log_every=config.log_every,
+            save_every=config.save_every,
+            on_log=on_log,
+            on_save=save,
+            progress=progress,
+        )
+    finally:
+        log.close()
     return VisualTokenizerResult(tokenizer_dir, config.max_steps, metrics)

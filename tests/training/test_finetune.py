@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from beit3 import ConfigError, InputDataError, load_checkpoint
-from beit3.runtime import find_latest
+from beit3.run import find_latest
 from training import EvalConfig, FinetuneConfig, evaluate, finetune
 
 

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 
 from beit3 import create_model
 from beit3.data import PairBatch
+from beit3.run import DistInfo
 from beit3.tokenizer import PAD_ID
 from tests.training.helpers import run_distributed
-from training import ClipLoss, forward_backward
+from training import ClipLoss, ContrastiveTask, forward_backward
+
+ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def test_single_process_loss_is_symmetric_cross_entropy():
@@ -19,9 +22,14 @@ def test_single_process_loss_is_symmetric_cross_entropy():
     logits = images @ texts.T / 0.07
     labels = torch.arange(5)
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    torch.testing.assert_close(ClipLoss()(images, texts, log_scale), expected)
+    out = ClipLoss()(images, texts, log_scale)
+    torch.testing.assert_close(out.loss, expected)
+    # The logits the loss came from, for hard-negative mining: row i's own pair at labels[i].
+    torch.testing.assert_close(out.logits_per_image, logits)
+    torch.testing.assert_close(out.logits_per_text, logits.T)
+    assert out.labels.tolist() == [0, 1, 2, 3, 4]
     # Aligned pairs at a high temperature scale: near zero.
-    assert ClipLoss()(images, images, torch.tensor(5.0)) < 1e-3
+    assert ClipLoss()(images, images, torch.tensor(5.0)).loss < 1e-3
 
 
 def _batch(n: int, seed: int) -> PairBatch:
@@ -49,7 +57,7 @@ def _ddp_worker(state, splits):
     """Each rank: the tiny model under DDP on its slice of the same global batch."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from beit3.runtime import init_distributed
+    from beit3.run import init_distributed
 
     info = init_distributed("cpu")
     out = []
@@ -60,7 +68,7 @@ def _ddp_worker(state, splits):
         ddp = DistributedDataParallel(model)
         lo = sum(split[: info.rank])
         local = _slice(_batch(sum(split), 1), lo, lo + split[info.rank])
-        loss = forward_backward(ddp, ClipLoss(dist_info=info), local, info.device, False)
+        loss = forward_backward(ddp, ContrastiveTask(info), local, info.device, False).loss
         out.append((loss, _grads(model)))
     return out
 
@@ -76,8 +84,8 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch():
     for case, split in enumerate(splits):
         model.zero_grad()
         full_loss = forward_backward(
-            model, ClipLoss(), _batch(sum(split), 1), torch.device("cpu"), False
-        )
+            model, ContrastiveTask(ONE), _batch(sum(split), 1), torch.device("cpu"), False
+        ).loss
         full_grads = _grads(model)
         rank_losses = [r[case][0] for r in results]
         # The ranks' losses average to the global one; DDP's averaged gradients are the global

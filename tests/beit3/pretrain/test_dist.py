@@ -81,7 +81,7 @@ def test_two_processes_match_one_on_the_same_global_batch(
         text_batch_size=8,
         image_batch_size=8,
         pair_batch_size=8,
-        sharding=sharding,
+        strategy=sharding,
         **common,
     )
     _torchrun(two, tmp_path)

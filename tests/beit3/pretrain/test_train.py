@@ -134,7 +134,7 @@ def test_resume_continues_the_same_curve(tmp_path, spm_path, shapes_manifest, vq
         tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.pt", weights_only=True
     )
     assert fa["extra"]["streams"] == fb["extra"]["streams"]  # same data positions
-    assert torch.equal(fa["extra"]["rng"][0]["cpu"], fb["extra"]["rng"][0]["cpu"])
+    assert torch.equal(fa["rank_rng"][0]["cpu"], fb["rank_rng"][0]["cpu"])
 
 
 def test_a_finished_run_is_not_overwritten_by_a_fresh_one(
