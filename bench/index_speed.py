@@ -30,9 +30,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3 import create_model, get_preset, load_checkpoint, save_checkpoint  # noqa: E402
+from beit3.run import autocast, resolve_device  # noqa: E402
 from beit3.tokenizer import TextTokenizer, train_sentencepiece  # noqa: E402
 from indexer import index_images  # noqa: E402
-from indexer.embed import resolve_device  # noqa: E402
 
 
 def write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
@@ -73,13 +73,8 @@ def model_only(ckpt_path: Path, device: torch.device, batch_size: int, batches: 
     ckpt = load_checkpoint(ckpt_path, device=device)
     size = ckpt.preprocess.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)  # already on the device
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
     times = []
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device):  # the indexer's precision: bf16 on CUDA
         for step in range(batches + 2):
             start = time.perf_counter()
             ckpt.model.encode_image(images).float().cpu()  # .cpu() waits for the GPU
