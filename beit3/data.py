@@ -1,13 +1,25 @@
-"""Readers for image-text pairs and plain texts, shared by pretraining and fine-tuning.
+"""The one reader of every input kind: image-text pairs, images and texts.
 
-Sources of pairs:
-- a JSONL or CSV manifest: one row per image with an image path (relative to the manifest) and a
-  caption or a list of captions; extra columns are ignored;
-- an image folder where ``cat.jpg`` has its captions in ``cat.txt`` (one per line);
+Sources:
+- a manifest: JSONL (one object per line), JSON (an array of objects, or one object per line),
+  CSV or TSV (a header row); image paths are relative to the manifest; extra columns are ignored;
+- a folder of images where ``cat.jpg`` has its captions in ``cat.txt``, one per line;
+- a plain text file, one text per line (texts only; blank lines separate texts, they are not rows);
 - WebDataset tar shards (``shard-000.tar``, a folder of them, or ``shards-{000..009}.tar``): files
   sharing a key (``0001.jpg`` + ``0001.txt``/``0001.json``) form a sample; streamed, never unpacked.
-A row per (image, caption), as the official code iterates over captions. Broken images are
-reported once with their path and skipped by the collate function.
+
+Columns: the image is the first of :data:`IMAGE_COLUMNS`, the text the first of
+:data:`TEXT_COLUMNS` that the CSV header (or the first JSON row that has one) holds, unless the
+caller names the column. A text value may be a list of captions; whitespace runs become one space.
+
+Bad rows never stop a read: each is skipped with a reason, ``(where, reason)`` with ``where`` as
+``file:line`` (``shard:key`` in a shard, the image path in a folder), and logged as one WARNING line
+``skipped <where>: <reason>`` (the indexer lists them in its run report, in the same form). Only a
+source that does not exist, a CSV header without a needed column, or a source that yields nothing
+usable to :func:`read_pairs` / :func:`list_images` raises :class:`~beit3.errors.InputDataError`.
+
+A pair record per (image, caption), as the official code iterates over captions. Broken images are
+reported once with their path and dropped by the collate functions.
 """
 
 from __future__ import annotations
@@ -17,42 +29,72 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from beit3.errors import InputDataError
+from beit3.errors import Beit3Error, InputDataError
 from beit3.tokenizer import PAD_ID, TextTokenizer
-from beit3.transforms import load_image
+from beit3.transforms import PreprocessConfig, load_image, load_image_tensor
 
 __all__ = [
+    "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS",
+    "MANIFEST_EXTENSIONS",
+    "TEXT_COLUMNS",
+    "ImageBatch",
+    "ImageFiles",
     "PairBatch",
     "PairDataset",
     "PairRecord",
     "ResumableSampler",
+    "Row",
+    "Skip",
     "TextLineDataset",
     "WebDatasetPairs",
     "collate_pairs",
     "expand_shards",
     "group_by_image",
+    "is_shard_source",
+    "list_images",
+    "read_captions",
     "read_pairs",
+    "read_rows",
     "read_texts",
+    "walk_images",
 ]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-_IMAGE_KEYS = ("image", "image_path", "path", "file", "filename", "filepath", "img")
-_TEXT_KEYS = ("text", "caption", "captions", "texts", "name", "title")
+MANIFEST_EXTENSIONS = frozenset({".jsonl", ".json", ".csv", ".tsv"})
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img")
+TEXT_COLUMNS = ("text", "caption", "captions", "texts", "sentence", "name", "title")
+_BOM = b"\xef\xbb\xbf"
+
+Skip = tuple[str, str]
+"""A skipped row or file: (``file:line`` or path, a one-line reason)."""
+
+RowKind = Literal["pair", "image", "text"]
+
+
+class Row(NamedTuple):
+    """A usable row: where it is (``file:line``; an image path in a folder), its image (an
+    absolute path; None in a text row) and its texts (normalised, non-empty; may be empty in an
+    image row, where they are labels)."""
+
+    where: str
+    image: str | None
+    texts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -64,148 +106,172 @@ class PairRecord:
     image_id: str
 
 
+# Entry points ------------------------------------------------------------------------------
+
+
+def read_rows(
+    source: str | Path,
+    kind: RowKind,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    skipped: list[Skip],
+) -> Iterator[Row]:
+    """The usable rows of a manifest, a caption folder or (``kind="text"``) a plain text file.
+
+    Args:
+        source: the file or folder.
+        kind: what a row needs: ``"pair"`` an image and a text; ``"image"`` an image (texts, when
+            the row has them, come along as labels); ``"text"`` a text (a bare JSON string is one).
+        image_column, text_column: the column names; default: the first of IMAGE_COLUMNS /
+            TEXT_COLUMNS present.
+        skipped: receives a ``(where, reason)`` per bad row; nothing is logged here, the caller
+            reports them (see :func:`read_pairs`).
+
+    Raises:
+        InputDataError: the source does not exist or is of a type this kind cannot read, or a
+            CSV header lacks a needed column.
+    """
+    path = Path(os.path.abspath(source))
+    fields = _Fields(path.parent, kind, image_column, text_column)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        yield from _folder_rows(path, kind, skipped)
+    elif not path.is_file():
+        raise InputDataError(f"{source}: no such file or folder")
+    elif suffix in (".csv", ".tsv"):
+        yield from _csv_rows(path, fields, skipped)
+    elif suffix in (".jsonl", ".json"):
+        for where, record in _json_records(path, skipped):
+            row = fields.row(where, record)
+            if isinstance(row, str):
+                skipped.append((where, row))
+            else:
+                yield row
+    elif kind == "text":
+        if text_column is not None:
+            raise InputDataError(
+                f"{source}: a text column applies to JSONL/JSON/CSV/TSV files; this file is "
+                "read as plain text, one text per line"
+            )
+        yield from _line_rows(path, skipped)
+    else:
+        raise InputDataError(
+            f"{source}: unknown manifest type {path.suffix!r}; use .jsonl, .json, .csv, .tsv, a "
+            "folder of images with .txt captions, or WebDataset .tar shards"
+        )
+
+
 def read_pairs(
     source: str | Path,
     image_column: str | None = None,
     text_column: str | None = None,
 ) -> list[PairRecord]:
-    """Read pairs from a manifest (.jsonl / .csv) or an image folder with .txt captions.
+    """Pairs of a manifest or a caption folder: a record per (image, caption); skips logged.
 
     Raises:
-        InputDataError: the source does not exist, a row is malformed (file and line named), or
-            no usable pair is found.
+        InputDataError: the source does not exist, or it holds no usable pair (the count of
+            skipped rows and the first reason are named).
     """
-    path = Path(source)
-    if path.is_dir():
-        records = _read_folder(path)
-    elif not path.is_file():
-        raise InputDataError(f"{path}: no such file or folder")
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        records = _read_jsonl(path, image_column, text_column)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        records = _read_csv(path, image_column, text_column)
-    else:
-        raise InputDataError(
-            f"{path}: unknown manifest type {path.suffix!r}; use .jsonl, .csv, a folder of images "
-            "with .txt captions, or WebDataset .tar shards"
+    skipped: list[Skip] = []
+    records = [
+        PairRecord(row.image, text, row.image)
+        for row in read_rows(
+            source, "pair", image_column=image_column, text_column=text_column, skipped=skipped
         )
+        if row.image is not None
+        for text in row.texts
+    ]
+    _log_skipped(skipped)
     if not records:
-        raise InputDataError(
-            f"{path}: no usable image-text pairs (every row lacked an image or text)"
-        )
-    return records
-
-
-def _pick(
-    keys: Sequence[str], wanted: str | None, candidates: tuple[str, ...], where: str, what: str
-) -> str:
-    if wanted is not None:
-        if wanted not in keys:
-            raise InputDataError(f"{where}: no column {wanted!r} (columns: {', '.join(keys)})")
-        return wanted
-    for key in candidates:
-        if key in keys:
-            return key
-    raise InputDataError(
-        f"{where}: no {what} column; expected one of {', '.join(candidates)} "
-        f"(found {', '.join(keys) or 'nothing'}); name it with --{what}-column"
+        raise InputDataError(f"{source}: no usable image-text pairs{_first_skip(skipped)}")
+    logger.info(
+        "%s: %d pairs of %d images (%d rows skipped)",
+        source,
+        len(records),
+        len({r.image_id for r in records}),
+        len(skipped),
     )
-
-
-def _captions(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        return []
-    return [" ".join(v.split()) for v in value if isinstance(v, str) and v.strip()]
-
-
-def _read_jsonl(path: Path, image_column: str | None, text_column: str | None) -> list[PairRecord]:
-    records: list[PairRecord] = []
-    root = path.parent
-    image_key = text_key = None
-    empty = 0
-    with path.open(encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as exc:
-            raise InputDataError(
-                f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputDataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InputDataError(
-                f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
-            )
-        if image_key is None:
-            where = f"{path}:{number}"
-            image_key = _pick(list(row), image_column, _IMAGE_KEYS, where, "image")
-            text_key = _pick(list(row), text_column, _TEXT_KEYS, where, "text")
-        image, texts = row.get(image_key), _captions(row.get(text_key))
-        if not isinstance(image, str) or not image or not texts:
-            empty += 1
-            continue
-        image_path = str((root / image).resolve())
-        records.extend(PairRecord(image_path, t, image_path) for t in texts)
-    if empty:
-        logger.warning("%s: skipped %d rows without an image path or a caption", path, empty)
     return records
 
 
-def _read_csv(path: Path, image_column: str | None, text_column: str | None) -> list[PairRecord]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+def read_texts(source: str | Path, column: str | None = None) -> Iterator[str]:
+    """Texts of a plain text file (one per line), a manifest's text column or a caption
+    folder, in order; skips are logged when the iteration ends."""
+    skipped: list[Skip] = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter=delimiter))
-    except UnicodeDecodeError as exc:
+        for row in read_rows(source, "text", text_column=column, skipped=skipped):
+            yield from row.texts
+    finally:
+        _log_skipped(skipped)
+
+
+def read_captions(
+    source: str | Path, image_column: str | None = None, text_column: str | None = None
+) -> Iterator[str]:
+    """Every caption of a pair source (a manifest, a caption folder or WebDataset shards), as
+    training reads it (e.g. to train a tokenizer on)."""
+    if not is_shard_source(source):
+        for record in read_pairs(source, image_column, text_column):
+            yield record.text
+        return
+    for shard in expand_shards(source):
+        for key, files in _iter_tar_samples(shard):
+            sample = _read_sample(files)
+            if isinstance(sample, str):
+                _log_skipped([(f"{shard}:{key}", sample)])
+            else:
+                yield from sample[1]
+
+
+def list_images(source: str | Path, image_column: str | None = None) -> list[str]:
+    """The distinct images of a folder (every image in it) or a manifest, as absolute paths.
+
+    Raises:
+        InputDataError: the source does not exist or holds no image.
+    """
+    skipped: list[Skip] = []
+    if Path(source).is_dir():
+        images = walk_images(source, skipped)
+    else:
+        rows = read_rows(source, "image", image_column=image_column, skipped=skipped)
+        images = list(dict.fromkeys(row.image for row in rows if row.image is not None))
+    _log_skipped(skipped)
+    if not images:
         raise InputDataError(
-            f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
-    except csv.Error as exc:
-        raise InputDataError(f"{path}: malformed CSV ({exc})") from None
-    if not rows:
-        raise InputDataError(f"{path}: empty CSV (a header row and data rows are needed)")
-    keys = list(rows[0])
-    image_key = _pick(keys, image_column, _IMAGE_KEYS, str(path), "image")
-    text_key = _pick(keys, text_column, _TEXT_KEYS, str(path), "text")
-    records = []
-    for row in rows:
-        image, text = row.get(image_key) or "", " ".join((row.get(text_key) or "").split())
-        if image and text:
-            image_path = str((path.parent / image).resolve())
-            records.append(PairRecord(image_path, text, image_path))
-    return records
-
-
-def _read_folder(path: Path) -> list[PairRecord]:
-    records: list[PairRecord] = []
-    uncaptioned = 0
-    for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        caption_file = image.with_suffix(".txt")
-        if not caption_file.is_file():
-            uncaptioned += 1
-            continue
-        try:
-            lines = caption_file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            logger.warning("%s: not valid UTF-8, skipped", caption_file)
-            continue
-        texts = _captions(lines)
-        if not texts:
-            uncaptioned += 1
-        image_path = str(image.resolve())
-        records.extend(PairRecord(image_path, t, image_path) for t in texts)
-    if uncaptioned:
-        logger.warning(
-            "%s: %d images have no (non-empty) .txt caption and were skipped", path, uncaptioned
+            f"{source}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){_first_skip(skipped)}"
         )
-    return records
+    return images
+
+
+def walk_images(folder: str | Path, skipped: list[Skip]) -> list[str]:
+    """Image files under ``folder``, recursively, as sorted absolute paths.
+
+    Hidden names (a leading dot) are skipped, extensions match in any case; an unreadable
+    folder goes to ``skipped``.
+    """
+    root = os.path.abspath(folder)
+    files = []
+
+    def onerror(exc: OSError) -> None:
+        skipped.append((exc.filename or root, f"unreadable folder ({exc.strerror})"))
+
+    for parent, dirs, names in os.walk(root, onerror=onerror):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(os.path.join(parent, name))
+    return files
+
+
+def is_shard_source(source: str | Path) -> bool:
+    """True for WebDataset shards: a ``.tar`` file, a ``{000..009}`` pattern, or a folder that
+    holds ``.tar`` files (a folder of images is a caption folder instead)."""
+    text = str(source)
+    if text.endswith(".tar") or ("{" in text and ".tar" in text):
+        return True
+    path = Path(text)
+    return path.is_dir() and any(path.glob("*.tar"))
 
 
 def group_by_image(records: Sequence[PairRecord]) -> tuple[list[str], list[str], list[int]]:
@@ -223,34 +289,343 @@ def group_by_image(records: Sequence[PairRecord]) -> tuple[list[str], list[str],
     return images, texts, owner
 
 
-def read_texts(source: str | Path, column: str | None = None) -> Iterator[str]:
-    """Yield non-empty texts from a .txt file (one per line) or a .jsonl/.csv column."""
-    path = Path(source)
-    if not path.is_file():
-        raise InputDataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
-        if suffix == ".jsonl":
-            key = None
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+def _log_skipped(skipped: Iterable[Skip]) -> None:
+    for where, reason in skipped:
+        logger.warning("skipped %s: %s", where, reason)
+
+
+def _first_skip(skipped: Sequence[Skip]) -> str:
+    if not skipped:
+        return ""
+    where, reason = skipped[0]
+    rows = "1 row" if len(skipped) == 1 else f"{len(skipped)} rows"
+    return f" ({rows} skipped; the first, {where}: {reason})"
+
+
+# Rows of each kind of source ---------------------------------------------------------------
+
+
+class _Column:
+    """A column chosen once: the caller's name, or the first candidate a record holds."""
+
+    def __init__(self, what: str, candidates: tuple[str, ...], name: str | None) -> None:
+        self.what, self.candidates, self.name = what, candidates, name
+        self.is_named = name is not None
+
+    def pick(self, keys: Iterable[Any]) -> str | None:
+        keys = set(keys)
+        if self.name is None:
+            self.name = next((c for c in self.candidates if c in keys), None)
+        return self.name if self.name is not None and self.name in keys else None
+
+    def missing(self) -> str:
+        if self.name is None:
+            return (
+                f"no {self.what} column (none of {', '.join(self.candidates)}; name the column "
+                "to use)"
+            )
+        return f"no {self.what} column {self.name!r}"
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; the message is the reason."""
+
+
+class _Fields:
+    """Turns a record (a JSON value, or a CSV row as a dict) into a Row or a skip reason."""
+
+    def __init__(
+        self, root: Path, kind: RowKind, image_column: str | None, text_column: str | None
+    ) -> None:
+        self.root, self.kind = str(root), kind
+        self.image = _Column("image", IMAGE_COLUMNS, image_column)
+        self.text = _Column("text", TEXT_COLUMNS, text_column)
+
+    def check_header(self, path: Path, header: Sequence[str]) -> None:
+        """A CSV header decides the columns: a needed (or named) one that is missing raises."""
+        needed = [] if self.kind == "text" else [self.image]
+        if self.kind != "image" or self.text.is_named:
+            needed.append(self.text)
+        for column in needed:
+            if column.pick(header) is None:
+                raise InputDataError(
+                    f"{path}: {column.missing()}; its columns are {', '.join(header) or 'none'}"
+                )
+        self.text.pick(header)
+
+    def row(self, where: str, record: Any) -> Row | str:
+        """The row of ``record``, or the reason it is skipped."""
+        try:
+            return self._row(where, record)
+        except _BadRow as exc:
+            return str(exc)
+
+    def _row(self, where: str, record: Any) -> Row:
+        if self.kind == "text" and isinstance(record, str) and not self.text.is_named:
+            return Row(where, None, _texts(record, ""))
+        if not isinstance(record, dict):
+            raise _BadRow(f"expected a JSON object, got {type(record).__name__}")
+        image = None
+        if self.kind != "text":
+            key = self.image.pick(record)
+            if key is None:
+                raise _BadRow(self.image.missing())
+            image = _image_path(record[key], key, self.root)
+        try:
+            key = self.text.pick(record)
+            if key is None:
+                raise _BadRow(self.text.missing())
+            texts = _texts(record[key], key)
+        except _BadRow:
+            if self.kind != "image":
+                raise
+            texts = ()  # an image row's label is optional
+        return Row(where, image, texts)
+
+
+def _image_path(value: Any, key: str, root: str) -> str:
+    """The absolute path of an image value (relative to ``root``).
+
+    Raises:
+        _BadRow: the value is not a usable path.
+    """
+    if value is None:
+        raise _BadRow(f"no value in column {key!r}")
+    if not isinstance(value, str):
+        raise _BadRow(f"column {key!r} is {type(value).__name__}, not a string")
+    value = value.strip()
+    if not value:
+        raise _BadRow("empty image path")
+    if not _is_utf8(value):
+        raise _BadRow("invalid UTF-8")
+    return os.path.abspath(os.path.join(root, value))
+
+
+def _texts(value: Any, key: str) -> tuple[str, ...]:
+    """The non-empty, whitespace-normalised captions of a text value (a string or a list).
+
+    Raises:
+        _BadRow: there are none.
+    """
+    if value is None:
+        raise _BadRow(f"no value in column {key!r}")
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list):
+        raise _BadRow(f"column {key!r} is {type(value).__name__}, not a string")
+    texts = tuple(t for t in (" ".join(v.split()) for v in values if isinstance(v, str)) if t)
+    if not all(_is_utf8(t) for t in texts):
+        raise _BadRow("invalid UTF-8")
+    if not texts:
+        raise _BadRow("empty text")
+    return texts
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding surrogates (undecodable bytes kept by ``surrogateescape``, or a
+    lone ``\\ud800`` escape in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _decode(data: bytes, where: str, skipped: list[Skip]) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        skipped.append(
+            (where, f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1})")
+        )
+        return None
+
+
+def _json_records(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, value) per record of a JSONL file or a JSON array (a ``.json`` file
+    that starts with ``[``; otherwise it is read as JSON lines)."""
+    with path.open("rb") as f:
+        head = f.read(4096).removeprefix(_BOM).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        yield from _json_array(path, skipped)
+        return
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            line = _decode(raw.removeprefix(_BOM) if number == 1 else raw, where, skipped)
+            if line is None or not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                skipped.append((where, f"invalid JSON ({exc.msg})"))
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, Any]]:
+    """The elements of a JSON array, each with the line it starts on. A syntax error ends the
+    array: the rest of the file is skipped, with one reason."""
+    text = path.read_bytes().removeprefix(_BOM).decode("utf-8", errors="surrogateescape")
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
+    line, counted = 1, 0
+    while pos < len(text) and text[pos] != "]":
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            skipped.append(
+                (f"{path}:{exc.lineno}", f"invalid JSON ({exc.msg}); the rest of the file skipped")
+            )
+            return
+        yield f"{path}:{line}", value
+        pos = _SPACE.match(text, end).end()  # type: ignore[union-attr]
+        if text.startswith(",", pos):
+            pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+        elif not text.startswith("]", pos):
+            where = f"{path}:{line + text.count(chr(10), counted, pos)}"
+            skipped.append(
+                (where, "invalid JSON (expected ',' or ']'); the rest of the file skipped")
+            )
+            return
+
+
+def _csv_rows(path: Path, fields: _Fields, skipped: list[Skip]) -> Iterator[Row]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # surrogateescape: a bad byte spoils its row only (found by _Fields), not the whole file.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            header = list(reader.fieldnames or [])
+        except csv.Error as exc:
+            raise InputDataError(f"{path}: malformed CSV header ({exc})") from None
+        fields.check_header(path, header)
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                skipped.append((f"{path}:{reader.line_num}", f"malformed CSV ({exc})"))
+                continue
+            where = f"{path}:{reader.line_num}"
+            row = fields.row(where, record)
+            if isinstance(row, str):
+                skipped.append((where, row))
+            else:
+                yield row
+
+
+def _line_rows(path: Path, skipped: list[Skip]) -> Iterator[Row]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines separate texts in a plain file; they are not rows
+            where = f"{path}:{number}"
+            line = _decode(raw.removeprefix(_BOM) if number == 1 else raw, where, skipped)
+            text = " ".join(line.split()) if line is not None else ""
+            if text:
+                yield Row(where, None, (text,))
+
+
+def _folder_rows(folder: Path, kind: RowKind, skipped: list[Skip]) -> Iterator[Row]:
+    for image in walk_images(folder, skipped):
+        caption_file = os.path.splitext(image)[0] + ".txt"
+        if not os.path.isfile(caption_file):
+            if kind == "image":
+                yield Row(image, image, ())
+            else:
+                skipped.append((image, f"no caption file {os.path.basename(caption_file)}"))
+            continue
+        try:
+            data = Path(caption_file).read_bytes()
+        except OSError as exc:
+            skipped.append((caption_file, f"unreadable ({exc.strerror})"))
+            continue
+        lines = [
+            _decode(raw, f"{caption_file}:{number}", skipped)
+            for number, raw in enumerate(data.removeprefix(_BOM).splitlines(), start=1)
+        ]
+        texts = tuple(" ".join(line.split()) for line in lines if line and line.strip())
+        if not texts and kind != "image":
+            skipped.append((image, f"empty caption file {os.path.basename(caption_file)}"))
+            continue
+        yield Row(image, None if kind == "text" else image, texts)
+
+
+# WebDataset shards -------------------------------------------------------------------------
+
+
+def expand_shards(source: str | Path) -> list[Path]:
+    """A .tar file, a folder of .tar files, or a brace pattern ``name-{000..009}.tar``."""
+    text = str(source)
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", text)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        width = len(lo)
+        paths = [
+            Path(text[: match.start()] + str(i).zfill(width) + text[match.end() :])
+            for i in range(int(lo), int(hi) + 1)
+        ]
+    elif Path(text).is_dir():
+        paths = sorted(Path(text).glob("*.tar"))
+    else:
+        paths = [Path(text)]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise InputDataError(
+            f"{source}: shard {missing[0] if missing else '(none)'} does not exist"
+        )
+    return paths
+
+
+def _iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members of a WebDataset shard by key (name up to the first dot)."""
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputDataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-                if key is None:
-                    key = _pick(list(row), column, _TEXT_KEYS, f"{path}:{number}", "text")
-                yield from _captions(row.get(key))
-        elif suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            key = _pick(reader.fieldnames or [], column, _TEXT_KEYS, str(path), "text")
-            for row in reader:
-                yield from _captions(row.get(key))
-        else:
-            for line in f:
-                if line.strip():
-                    yield " ".join(line.split())
+                name = member.name.rsplit("/", 1)[-1]
+                directory = member.name[: -len(name)]
+                key, _, ext = name.partition(".")
+                key = directory + key
+                if current is not None and key != current:
+                    yield current, files
+                    files = {}
+                current = key
+                data = tar.extractfile(member)
+                files[ext.lower()] = data.read() if data is not None else b""
+    except (tarfile.TarError, OSError) as exc:
+        _log_skipped([(str(path), f"unreadable shard, the rest of it skipped ({exc})")])
+    if current is not None:
+        yield current, files
+
+
+def _read_sample(files: dict[str, bytes]) -> tuple[bytes, tuple[str, ...]] | str:
+    """A shard sample's image bytes and captions (its .txt lines, else its .json's text
+    column), or the reason it is unusable."""
+    image_ext = next((e for e in files if "." + e in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        return "no image"
+    try:
+        if "txt" in files:
+            return files[image_ext], _texts(
+                files["txt"].decode("utf-8", "replace").splitlines(), ""
+            )
+        if "json" not in files:
+            return "no caption (.txt or .json)"
+        try:
+            meta = json.loads(files["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"invalid JSON in .json ({getattr(exc, 'msg', exc)})"
+        fields = _Fields(Path("."), "text", None, None)
+        return files[image_ext], fields._row("", meta).texts
+    except _BadRow as exc:
+        return str(exc)
 
 
 # Datasets ----------------------------------------------------------------------------------
@@ -298,7 +673,7 @@ class PairDataset(Dataset):
         except InputDataError as exc:
             if record.image not in self._reported:
                 self._reported.add(record.image)
-                logger.warning("skipped: %s", exc)
+                _log_skipped([(record.image, _reason(str(exc), record.image))])
             return None
         return {
             "image": image,
@@ -365,54 +740,6 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self.start
 
 
-def expand_shards(source: str | Path) -> list[Path]:
-    """A .tar file, a folder of .tar files, or a brace pattern ``name-{000..009}.tar``."""
-    text = str(source)
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", text)
-    if match:
-        lo, hi = match.group(1), match.group(2)
-        width = len(lo)
-        paths = [
-            Path(text[: match.start()] + str(i).zfill(width) + text[match.end() :])
-            for i in range(int(lo), int(hi) + 1)
-        ]
-    elif Path(text).is_dir():
-        paths = sorted(Path(text).glob("*.tar"))
-    else:
-        paths = [Path(text)]
-    missing = [p for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise InputDataError(
-            f"{source}: shard {missing[0] if missing else '(none)'} does not exist"
-        )
-    return paths
-
-
-def _iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members of a WebDataset shard by key (name up to the first dot)."""
-    current: str | None = None
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                directory = member.name[: -len(name)]
-                key, _, ext = name.partition(".")
-                key = directory + key
-                if current is not None and key != current:
-                    yield current, files
-                    files = {}
-                current = key
-                data = tar.extractfile(member)
-                files[ext.lower()] = data.read() if data is not None else b""
-    except (tarfile.TarError, OSError) as exc:
-        logger.warning("%s: unreadable shard, rest of it skipped (%s)", path, exc)
-    if current is not None:
-        yield current, files
-
-
 class WebDatasetPairs(IterableDataset):
     """Stream (image, caption) samples from WebDataset shards, split by rank and worker.
 
@@ -442,25 +769,15 @@ class WebDatasetPairs(IterableDataset):
         counter = 0
         for shard in mine:
             for key, files in _iter_tar_samples(shard):
-                image_ext = next((e for e in files if "." + e in IMAGE_EXTENSIONS), None)
-                texts = (
-                    _captions(files["txt"].decode("utf-8", "replace").splitlines())
-                    if "txt" in files
-                    else []
-                )
-                if not texts and "json" in files:
-                    try:
-                        meta = json.loads(files["json"])
-                        texts = _captions(next((meta[k] for k in _TEXT_KEYS if k in meta), None))
-                    except (json.JSONDecodeError, TypeError):
-                        texts = []
-                if image_ext is None or not texts:
-                    logger.warning("%s: sample %s has no image or no caption, skipped", shard, key)
+                sample = _read_sample(files)
+                if isinstance(sample, str):
+                    _log_skipped([(f"{shard}:{key}", sample)])
                     continue
+                data, texts = sample
                 try:
-                    image = self.transform(load_image(files[image_ext]))
+                    image = self.transform(load_image(data))
                 except InputDataError as exc:
-                    logger.warning("%s: sample %s skipped: %s", shard, key, exc)
+                    _log_skipped([(f"{shard}:{key}", _reason(str(exc), "<bytes>"))])
                     yield None
                     continue
                 for text in texts:
@@ -502,3 +819,52 @@ class TextLineDataset(Dataset):
 
     def __getitem__(self, i: int) -> list[int]:
         return self.tokenizer.encode(self.text(i))
+
+
+class ImageBatch(NamedTuple):
+    """A batch of :class:`ImageFiles`: the positions of the decoded images (into the path list),
+    the images (B', 3, S, S) float32 (None when none decoded), and (position, reason) per
+    unusable file."""
+
+    positions: list[int]
+    images: Tensor | None
+    failures: list[tuple[int, str]]
+
+
+class ImageFiles(Dataset):
+    """Image files to embed: item i -> ``(i, (3, S, S) tensor or None, reason or None)``.
+
+    Decoded by :func:`beit3.transforms.load_image_tensor`, the path that the indexer, the
+    evaluator and image queries share. A file that cannot be used is never an error: its reason
+    comes back, without the path, for the caller to report.
+    """
+
+    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[int, Tensor | None, str | None]:
+        path = self.paths[position]
+        try:
+            return position, load_image_tensor(path, self.preprocess), None
+        except Beit3Error as exc:
+            return position, None, _reason(str(exc), path)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            return position, None, f"{type(exc).__name__}: {first_line}"
+
+    @staticmethod
+    def collate(items: Sequence[tuple[int, Tensor | None, str | None]]) -> ImageBatch:
+        good = [(i, t) for i, t, _ in items if t is not None]
+        failures = [(i, r or "unreadable") for i, t, r in items if t is None]
+        images = torch.stack([t for _, t in good]) if good else None
+        return ImageBatch([i for i, _ in good], images, failures)
+
+
+def _reason(message: str, path: str) -> str:
+    """An error message without its leading ``<path>: `` (the report names the path)."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message

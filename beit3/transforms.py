@@ -1,8 +1,9 @@
 """Image loading and preprocessing, with Pillow and tensors only (no torchvision).
 
 Evaluation follows the official retrieval path exactly: bicubic squash-resize to S x S (no
-aspect-preserving crop), then (x / 255 - mean) / std with mean = std = 0.5. Training adds a random
-resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and a horizontal flip.
+aspect-preserving crop), then (x / 255 - mean) / std with mean = std = 0.5. Evaluation, indexing
+and image queries all decode through :func:`load_image_tensor` (JPEGs drafted to 2 S). Training
+adds a random resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and a horizontal flip.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from torch import Tensor
 from beit3.config import ConfigMixin
 from beit3.errors import ConfigError, InputDataError
 
-__all__ = ["ImageTransform", "PreprocessConfig", "TrainImageTransform", "load_image"]
+__all__ = [
+    "ImageTransform",
+    "PreprocessConfig",
+    "TrainImageTransform",
+    "jpeg_draft_size",
+    "load_image",
+    "load_image_tensor",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +110,34 @@ def load_image(source: str | Path | bytes | BinaryIO, draft_size: int | None = N
     with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the image
         image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
+
+
+def jpeg_draft_size(config: PreprocessConfig) -> int:
+    """The JPEG draft size of :func:`load_image_tensor`: twice the model's input size.
+
+    A draft decodes a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= this size (several
+    times cheaper for photos); the bicubic resize to ``img_size`` then still starts from at least
+    twice the pixels it keeps, so the result stays close to that of a full decode.
+    """
+    return 2 * config.img_size
+
+
+def load_image_tensor(
+    source: str | Path | bytes | BinaryIO | Image.Image, config: PreprocessConfig
+) -> Tensor:
+    """Decode and preprocess one image for the model: -> (3, S, S) float32.
+
+    The one decoding path of evaluation, indexing and image queries (JPEGs drafted to
+    :func:`jpeg_draft_size`), so an image gets bit-identical inputs, hence vectors, whichever
+    of them embeds it. A PIL image is taken as already decoded.
+
+    Raises:
+        InputDataError: the image cannot be used (one-line reason, see :func:`load_image`).
+    """
+    transform = ImageTransform(config)
+    if isinstance(source, Image.Image):
+        return transform(source)
+    return transform(load_image(source, draft_size=jpeg_draft_size(config)))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -29,7 +29,7 @@ from indexer._dist import DistContext
 from indexer.embed import embed_image_files, embed_texts, resolve_device
 from indexer.manifest import DbManifest, check_table_name
 from indexer.report import IndexReport
-from indexer.sources import MAX_TEXT_CHARS, hash_files, read_texts, scan_images, sha256_text
+from indexer.sources import MAX_TEXT_CHARS, hash_files, scan_images, scan_texts, sha256_text
 from indexer.stores import Store, check_backend, open_store, rows_from_vectors
 
 __all__ = ["ProgressFn", "index_images", "index_texts", "load_index_model"]
@@ -59,8 +59,10 @@ def index_images(
     """Embed image files into the table ``table`` of the database directory ``db``.
 
     Args:
-        sources: folders (walked recursively), image files, or JSONL/CSV manifests with an
-            ``image`` / ``path`` / ``file`` column (relative paths are relative to the manifest).
+        sources: folders (walked recursively), image files, or JSONL / JSON / CSV / TSV
+            manifests with an image column (``image``, ``path``, ``file``... see
+            ``beit3.data.IMAGE_COLUMNS``; relative paths are relative to the manifest; a text
+            column, if there is one, labels the images).
         db: the database directory (created if needed).
         model: a checkpoint directory, or one already loaded (``load_checkpoint``; indexing
             several tables loads it once); None means the one recorded in ``db`` (an error if
@@ -98,7 +100,6 @@ def index_texts(
     table: str = "texts",
     backend: str | None = None,
     batch_size: int = 256,
-    num_workers: int = 0,
     device: str = "auto",
     progress: ProgressFn | None = None,
     index_type: str | None = None,
@@ -108,10 +109,10 @@ def index_texts(
     """Embed the texts of ``source`` into the table ``table`` of ``db``.
 
     Args:
-        source: a plain text file (one text per line), or a JSONL / CSV / TSV file.
-        column: the JSONL field or CSV column; default: the first of text, caption, sentence,
-            title.
-        num_workers: accepted for symmetry with index_images; tokenizing runs in this process.
+        source: a plain text file (one text per line), or a JSONL / JSON / CSV / TSV file.
+        column: the JSON field or CSV column; default: the first of ``beit3.data.TEXT_COLUMNS``
+            (text, caption, captions, texts, sentence, name, title) present. Tokenizing runs in
+            this process (sentencepiece does ~1M short texts a minute): no worker processes.
         max_chars: longer texts are skipped (the model reads only the first 64 tokens anyway).
         Other arguments: as for :func:`index_images`.
 
@@ -119,7 +120,6 @@ def index_texts(
         The run's counts. Text items are ``file:line`` references; identical texts are embedded
         once and every reference is kept.
     """
-    del num_workers  # sentencepiece tokenizes ~1M short texts/min in-process; no workers needed
     return _Run(
         db, model, table, "text", backend, index_type, device, progress, chunk_size, batch_size
     ).run_texts(source, column, max_chars)
@@ -322,7 +322,7 @@ class _Run:
         return self.report
 
     def run_texts(self, source: str | Path, column: str | None, max_chars: int) -> IndexReport:
-        scan = read_texts(source, column, max_chars)
+        scan = scan_texts(source, column, max_chars)
         found = sorted(
             (
                 _Found(t.ref, sha256_text(t.text), len(t.text.encode("utf-8")), scan.mtime, t.text)

@@ -16,15 +16,15 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from beit3 import ImageTransform, PreprocessConfig, TextTokenizer, load_image
-from beit3.errors import Beit3Error
+from beit3 import PreprocessConfig, TextTokenizer
+from beit3.data import ImageFiles
 from beit3.heads import Beit3ForRetrieval
+from beit3.transforms import load_image_tensor
 
 __all__ = [
     "EmbeddedBatch",
-    "ImageFiles",
     "embed_image_files",
     "embed_texts",
     "encode_images",
@@ -55,64 +55,13 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 def load_query_image(
     source: str | Path | bytes | BinaryIO | Image.Image, preprocess: PreprocessConfig
 ) -> torch.Tensor:
-    """One image (path, bytes, file object or PIL image) -> (3, S, S), decoded as the indexer does.
+    """One image (path, bytes, file object or PIL image) -> (3, S, S), decoded as the indexer and
+    the evaluator decode (:func:`beit3.transforms.load_image_tensor`).
 
     Raises:
         InputDataError: the image cannot be used (one-line reason).
     """
-    transform = ImageTransform(preprocess)
-    if isinstance(source, Image.Image):
-        return transform(source)
-    return transform(load_image(source, draft_size=2 * preprocess.img_size))
-
-
-class ImageFiles(Dataset):
-    """Dataset of image files -> ``(position, (3, S, S) tensor or None, reason or None)``.
-
-    JPEGs are decoded at reduced scale when they are over twice the model's input size
-    (``draft``), which makes big photos several times cheaper; queries use the same path.
-    """
-
-    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.transform = ImageTransform(preprocess)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        path = self.paths[position]
-        try:
-            image = load_image(path, draft_size=2 * self.preprocess.img_size)
-            return position, self.transform(image), None
-        except Beit3Error as exc:
-            return position, None, _reason(str(exc), path)
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
-            return (
-                position,
-                None,
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            )
-
-
-def _reason(message: str, path: str) -> str:
-    """load_image's message without the leading ``<path>: ``: the report names the path."""
-    prefix = f"{path}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
-
-
-class _Collated(NamedTuple):
-    positions: list[int]
-    images: torch.Tensor | None
-    failures: list[tuple[int, str]]
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> _Collated:
-    good = [(i, t) for i, t, _ in batch if t is not None]
-    failures = [(i, r) for i, t, r in batch if t is None and r is not None]
-    images = torch.stack([t for _, t in good]) if good else None
-    return _Collated([i for i, _ in good], images, failures)
+    return load_image_tensor(source, preprocess)
 
 
 def _has_fork() -> bool:
@@ -161,7 +110,7 @@ def embed_image_files(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=ImageFiles.collate,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if num_workers > 0 else None,
         persistent_workers=False,

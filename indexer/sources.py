@@ -1,40 +1,34 @@
-"""Finding the items to index: image files (folders, files, JSONL/CSV manifests) and texts.
+"""Finding the items to index: image files (folders, files, manifests) and texts, with hashes.
 
-Bad items are not errors here: each comes back as ``(where, reason)`` in ``skipped``, and the run
-goes on. Only a source the caller named that does not exist at all raises InputDataError.
+Manifests, folders and text files are read by :mod:`beit3.data`, the reader that training,
+evaluation and pretraining use too (same columns, same rows, same skip reasons). Bad items are not
+errors here: each comes back as ``(where, reason)`` in ``skipped``, and the run goes on. Only a
+source the caller named that does not exist at all raises InputDataError.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from beit3.data import MANIFEST_EXTENSIONS, read_rows, walk_images
 from beit3.errors import InputDataError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "FileItem",
     "ImageScan",
     "TextItem",
     "TextScan",
     "hash_files",
-    "read_texts",
     "scan_images",
+    "scan_texts",
     "sha256_text",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-MANIFEST_EXTENSIONS = frozenset({".jsonl", ".csv", ".tsv"})
-IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "filename")
-TEXT_COLUMNS = ("text", "caption", "sentence", "title")
 MAX_TEXT_CHARS = 10_000
 _BLOCK = 1 << 20
 
@@ -66,8 +60,9 @@ class ImageScan:
 
 def scan_images(sources: Sequence[str | Path] | str | Path) -> ImageScan:
     """Walk folders (recursively; hidden names skipped; image extensions in any case), take image
-    files as given, and read JSONL/CSV manifests (a column named one of IMAGE_COLUMNS; relative
-    paths are relative to the manifest)."""
+    files as given, and read manifests (``beit3.data.read_rows``: JSONL, JSON, CSV or TSV with a
+    column named one of ``beit3.data.IMAGE_COLUMNS``; relative paths are relative to the
+    manifest; the row's caption, if any, labels the image)."""
     scan = ImageScan()
     found: dict[str, FileItem] = {}
     if isinstance(sources, str | Path):
@@ -76,38 +71,25 @@ def scan_images(sources: Sequence[str | Path] | str | Path) -> ImageScan:
         path = os.path.abspath(source)
         if os.path.isdir(path):
             scan.folders.append(path.rstrip(os.sep))
-            for file in _walk(path, scan.skipped):
+            for file in walk_images(path, scan.skipped):
                 _add_file(file, found, scan.skipped)
         elif os.path.isfile(path) and Path(path).suffix.lower() in MANIFEST_EXTENSIONS:
-            for file, label in _manifest_paths(Path(path), scan.skipped):
-                scan.files.add(file)
-                _add_file(file, found, scan.skipped)
-                if label:
-                    scan.labels.setdefault(file, label)
+            for row in read_rows(path, "image", skipped=scan.skipped):
+                assert row.image is not None, "an image row has an image"
+                scan.files.add(row.image)
+                _add_file(row.image, found, scan.skipped)
+                if row.texts:
+                    scan.labels.setdefault(row.image, row.texts[0])
         elif os.path.lexists(path):
             scan.files.add(path)
             _add_file(path, found, scan.skipped)
         else:
             raise InputDataError(
                 f"{source}: no such file or folder; pass image folders, image "
-                "files or a JSONL/CSV manifest"
+                "files or a JSONL/JSON/CSV/TSV manifest"
             )
     scan.items = sorted(found.values(), key=lambda item: item.path)
     return scan
-
-
-def _walk(root: str, skipped: list[tuple[str, str]]) -> list[str]:
-    files = []
-
-    def onerror(exc: OSError) -> None:
-        skipped.append((exc.filename or root, f"unreadable folder ({exc.strerror})"))
-
-    for folder, dirs, names in os.walk(root, onerror=onerror):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(os.path.join(folder, name))
-    return files
 
 
 def _add_file(path: str, found: dict[str, FileItem], skipped: list[tuple[str, str]]) -> None:
@@ -132,109 +114,6 @@ def _add_file(path: str, found: dict[str, FileItem], skipped: list[tuple[str, st
         skipped.append((path, "empty file"))
         return
     found[path] = FileItem(path, st.st_size, st.st_mtime)
-
-
-def _manifest_paths(manifest: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(absolute image path, label) per record; the label is the record's text column (e.g. a
-    caption) when it has one, else ""."""
-    base = manifest.parent
-    labels: dict[str, str] = {}
-    with contextlib.suppress(InputDataError):  # a CSV without a text column: images only
-        labels = dict(_manifest_values(manifest, TEXT_COLUMNS, None, []))
-    out = []
-    for where, value in _manifest_values(manifest, IMAGE_COLUMNS, None, skipped):
-        if not value.strip():
-            skipped.append((where, "empty image path"))
-            continue
-        out.append((os.path.abspath(base / value.strip()), " ".join(labels.get(where, "").split())))
-    return out
-
-
-def _manifest_values(
-    path: Path,
-    candidates: Sequence[str],
-    column: str | None,
-    skipped: list[tuple[str, str]],
-) -> list[tuple[str, str]]:
-    """(``file:line``, value of the column) for each record of a JSONL or CSV/TSV file."""
-    suffix = path.suffix.lower()
-    wanted = [column] if column else list(candidates)
-    out: list[tuple[str, str]] = []
-    raw = _read_bytes(path)
-    if suffix == ".jsonl":
-        chosen: str | None = None
-        for number, line_bytes in enumerate(raw.splitlines(), start=1):
-            where = f"{path}:{number}"
-            line = _decode(line_bytes, where, skipped)
-            if line is None or not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skipped.append((where, f"invalid JSON ({exc.msg})"))
-                continue
-            if isinstance(record, str) and column is None:
-                out.append((where, record))
-                continue
-            if not isinstance(record, dict):
-                skipped.append((where, f"expected a JSON object, got {type(record).__name__}"))
-                continue
-            chosen = chosen or next((c for c in wanted if c in record), None)
-            if chosen is None or chosen not in record:
-                skipped.append(
-                    (
-                        where,
-                        f"no field {' / '.join(wanted)}" + ("" if column else "; pass --column"),
-                    )
-                )
-                continue
-            value = record[chosen]
-            if not isinstance(value, str):
-                skipped.append((where, f"field {chosen!r} is {type(value).__name__}, not a string"))
-                continue
-            out.append((where, value))
-        return out
-    text = raw.decode("utf-8", errors="surrogateescape")
-    reader = csv.DictReader(
-        io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","
-    )
-    header = reader.fieldnames or []
-    chosen = next((c for c in wanted if c in header), None)
-    if chosen is None:
-        raise InputDataError(
-            f"{path}: no column {' / '.join(wanted)}; its columns are {', '.join(header) or 'none'}"
-            "; pass --column NAME"
-        )
-    for number, record in enumerate(reader, start=2):
-        where = f"{path}:{number}"
-        value = record.get(chosen)
-        if value is None:
-            skipped.append((where, f"row has no value for column {chosen!r}"))
-            continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            skipped.append((where, "invalid UTF-8"))
-            continue
-        out.append((where, value))
-    return out
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputDataError(f"{path}: cannot read ({exc.strerror})") from None
-
-
-def _decode(data: bytes, where: str, skipped: list[tuple[str, str]]) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        skipped.append(
-            (where, f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1})")
-        )
-        return None
 
 
 def hash_file(path: str) -> str:
@@ -291,46 +170,30 @@ class TextScan:
         return ref.rpartition(":")[0] == self.file
 
 
-def read_texts(
+def scan_texts(
     source: str | Path, column: str | None = None, max_chars: int = MAX_TEXT_CHARS
 ) -> TextScan:
-    """Texts of a plain file (one per line), a JSONL file (a field) or a CSV/TSV file (a column).
+    """Texts of a plain file (one per line), or of a JSONL / JSON / CSV / TSV file's text column.
 
-    Empty texts (of JSONL/CSV records), texts over ``max_chars`` and lines that are not UTF-8 are
-    skipped with a reason; blank lines of a plain file are separators, not items. Surrounding
-    whitespace is stripped.
+    Read by ``beit3.data.read_rows``: bad rows (invalid JSON or UTF-8, an empty or non-string
+    text) are skipped with a reason, blank lines of a plain file are separators, not items, and
+    whitespace runs become one space. Texts over ``max_chars`` are skipped too. A text is
+    referred to as ``file:line``; the captions of a list value as ``file:line#1``, ``#2``...
     """
     path = Path(os.path.abspath(source))
     if not path.is_file():
         raise InputDataError(
-            f"{source}: no such file; pass a text file (one text per line), a JSONL or a CSV file"
+            f"{source}: no such file; pass a text file (one text per line), a JSONL, JSON or CSV "
+            "file"
         )
-    suffix = path.suffix.lower()
     scan = TextScan(file=str(path), mtime=path.stat().st_mtime)
-    if suffix in MANIFEST_EXTENSIONS:
-        records = _manifest_values(path, TEXT_COLUMNS, column, scan.skipped)
-    else:
-        if column is not None:
-            raise InputDataError(
-                f"{source}: --column applies to JSONL/CSV/TSV files; this is "
-                "read as plain text, one text per line"
-            )
-        records = []
-        for number, line_bytes in enumerate(_read_bytes(path).splitlines(), start=1):
-            where = f"{path}:{number}"
-            if not line_bytes.strip():
-                continue  # blank lines separate texts in a plain file; they are not items
-            line = _decode(line_bytes, where, scan.skipped)
-            if line is not None:
-                records.append((where, line))
-    for where, value in records:
-        text = value.strip()
-        if not text:
-            scan.skipped.append((where, "empty text"))
-        elif len(text) > max_chars:
-            scan.skipped.append(
-                (where, f"text too long ({len(text):,} characters > {max_chars:,}); split it")
-            )
-        else:
-            scan.items.append(TextItem(where, text))
+    for row in read_rows(path, "text", text_column=column, skipped=scan.skipped):
+        for number, text in enumerate(row.texts, start=1):
+            ref = row.where if len(row.texts) == 1 else f"{row.where}#{number}"
+            if len(text) > max_chars:
+                scan.skipped.append(
+                    (ref, f"text too long ({len(text):,} characters > {max_chars:,}); split it")
+                )
+            else:
+                scan.items.append(TextItem(ref, text))
     return scan

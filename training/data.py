@@ -4,22 +4,21 @@
   manifest, a caption folder or WebDataset shards, sharded across ranks. Its position is
   (epoch, batches consumed this epoch); augmentation is seeded per (seed, epoch, sample), so a
   resumed run sees exactly the batches the uninterrupted run would have.
-- :class:`ImageFiles`: each evaluation image once, for encoding.
+
+The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) are
+:mod:`beit3.data`'s; evaluation images are :class:`beit3.data.ImageFiles`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
-import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from beit3.data import (
@@ -29,57 +28,19 @@ from beit3.data import (
     WebDatasetPairs,
     collate_pairs,
     expand_shards,
+    is_shard_source,
     read_pairs,
 )
+from beit3.data import read_captions as read_source_texts
 from beit3.errors import InputDataError
 from beit3.tokenizer import TextTokenizer
-from beit3.transforms import ImageTransform, PreprocessConfig, TrainImageTransform, load_image
+from beit3.transforms import PreprocessConfig, TrainImageTransform
 
-__all__ = ["ImageFiles", "TrainData", "is_shard_source", "read_source_texts"]
+# is_shard_source and read_source_texts (beit3.data.read_captions) are re-exported for the
+# fine-tuning entry point, which imports them from here.
+__all__ = ["TrainData", "is_shard_source", "read_source_texts"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_shard_source(source: str | Path) -> bool:
-    """True for WebDataset shards: a ``.tar`` file, a ``{000..009}`` pattern, or a folder that
-    holds ``.tar`` files (a folder of images is a caption folder instead)."""
-    text = str(source)
-    if text.endswith(".tar") or ("{" in text and ".tar" in text):
-        return True
-    path = Path(text)
-    return path.is_dir() and any(path.glob("*.tar"))
-
-
-def read_source_texts(
-    source: str | Path, image_column: str | None = None, text_column: str | None = None
-) -> Iterator[str]:
-    """Every caption of a training source (to train a tokenizer on)."""
-    if not is_shard_source(source):
-        for record in read_pairs(source, image_column, text_column):
-            yield record.text
-        return
-    for shard in expand_shards(source):
-        with tarfile.open(shard, "r|*") as tar:
-            for member in tar:
-                ext = member.name.rsplit("/", 1)[-1].partition(".")[2].lower()
-                data = (
-                    tar.extractfile(member) if member.isfile() and ext in ("txt", "json") else None
-                )
-                if data is None:
-                    continue
-                raw = data.read().decode("utf-8", "replace")
-                if ext == "txt":
-                    yield from (line for line in raw.splitlines() if line.strip())
-                    continue
-                try:
-                    meta = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                value = next((meta[k] for k in ("text", "caption", "captions") if k in meta), None)
-                values = (
-                    [value] if isinstance(value, str) else value if isinstance(value, list) else []
-                )
-                yield from (v for v in values if isinstance(v, str) and v.strip())
 
 
 class _SeededPairs(PairDataset):
@@ -268,34 +229,3 @@ class TrainData:
                     f"{self.batch_size} pairs; lower --batch-size or add data"
                 )
             self.epoch, self.batch = self.epoch + 1, 0
-
-
-class ImageFiles(Dataset):
-    """Each image once, eval-transformed: item i -> (tensor or None if unreadable, i)."""
-
-    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
-        self.paths = list(paths)
-        self.transform = ImageTransform(preprocess)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
-        try:
-            return self.transform(load_image(self.paths[i])), i
-        except InputDataError as exc:
-            logger.warning("skipped: %s", exc)
-            return None, i
-
-    @staticmethod
-    def collate(items: Sequence[tuple[Tensor | None, int]]) -> tuple[Tensor | None, Tensor, Tensor]:
-        """-> (images (B', 3, H, W) or None, their indices (B',), indices of broken images)."""
-        good = [(x, i) for x, i in items if x is not None]
-        bad = torch.tensor([i for x, i in items if x is None], dtype=torch.long)
-        if not good:
-            return None, torch.empty(0, dtype=torch.long), bad
-        return (
-            torch.stack([x for x, _ in good]),
-            torch.tensor([i for _, i in good], dtype=torch.long),
-            bad,
-        )

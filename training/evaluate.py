@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from beit3.runtime import DistInfo, autocast, init_distributed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from training.distributed import gather_rows, shard_range
 
 from beit3.checkpoint import load_checkpoint
-from beit3.data import PairRecord, group_by_image, read_pairs
+from beit3.data import ImageFiles, PairRecord, group_by_image, read_pairs
 from beit3.errors import ConfigError, InputDataError
-from beit3.runtime import DistInfo, autocast, init_distributed
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from training.config import EvalConfig
-from training.data import ImageFiles
-from training.distributed import gather_rows, shard_range
 from training.metrics import RECALL_KS, retrieval_recall
 
 __all__ = ["evaluate", "evaluate_model", "format_table"]
@@ -190,7 +189,11 @@ def _encode_images(
     calls: int,
     progress: Callable[[int], None] | None,
 ) -> tuple[Tensor, Tensor]:
-    """This rank's images -> ((n, D) float32 embeddings, (n,) broken flags); broken rows are 0."""
+    """This rank's images -> ((n, D) float32 embeddings, (n,) broken flags); broken rows are 0.
+
+    Decoded as the indexer decodes (:class:`beit3.data.ImageFiles`), so recall is measured on the
+    vectors an index of these images holds.
+    """
     lo, hi = span
     dataset = Subset(ImageFiles(paths, preprocess), range(lo, hi))
     loader = DataLoader(
@@ -205,14 +208,18 @@ def _encode_images(
     broken = torch.zeros(hi - lo, dtype=torch.long, device=device)
     done = 0
     empty = torch.zeros(0, 3, preprocess.img_size, preprocess.img_size, device=device)
-    for batch, index, bad in loader:
+    for batch in loader:
+        images = batch.images
         embeds = model.encode_image(
-            batch.to(device, non_blocking=True) if batch is not None else empty
+            images.to(device, non_blocking=True) if images is not None else empty
         )
         if out is None:
             out = torch.zeros(hi - lo, embeds.shape[1], device=device)
-        out[(index - lo).to(device)] = embeds.float()
-        broken[(bad - lo).to(device)] = 1
+        index = torch.tensor(batch.positions, dtype=torch.long) - lo
+        out[index.to(device)] = embeds.float()
+        for position, reason in batch.failures:
+            logger.warning("skipped %s: %s", paths[position], reason)
+            broken[position - lo] = 1
         done += 1
         if progress:
             progress(done)

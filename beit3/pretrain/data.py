@@ -24,13 +24,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from beit3.data import (
-    IMAGE_EXTENSIONS,
     PairDataset,
     PairRecord,
     ResumableSampler,
     TextLineDataset,
     WebDatasetPairs,
     expand_shards,
+    is_shard_source,
+    list_images,
     read_pairs,
     read_texts,
 )
@@ -40,6 +41,7 @@ from beit3.tokenizer import PAD_ID, TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform, load_image
 
 __all__ = [
+    # list_images is beit3.data's, re-exported for the visual tokenizer's trainer.
     "KINDS",
     "BatchMasker",
     "BatchStream",
@@ -209,7 +211,7 @@ class ImageDataset(Dataset):
         except InputDataError as exc:
             if self.paths[i] not in self._reported:
                 self._reported.add(self.paths[i])
-                logger.warning("skipped: %s", exc)
+                logger.warning("skipped %s", exc)  # "<path>: <reason>", as beit3.data words it
             return None
 
 
@@ -406,25 +408,6 @@ class BatchStream:
 # Building the streams from a config ------------------------------------------------------------
 
 
-def _is_shards(source: str) -> bool:
-    path = Path(source)
-    if "{" in source or path.suffix.lower() == ".tar":
-        return True
-    return path.is_dir() and any(path.glob("*.tar"))
-
-
-def list_images(source: str) -> list[str]:
-    path = Path(source)
-    if path.is_dir() and not any(path.glob("*.txt")):
-        images = sorted(
-            str(p.resolve()) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not images:
-            raise InputDataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return images
-    return list(dict.fromkeys(r.image for r in read_pairs(source)))
-
-
 def build_streams(
     config: Any,
     spm: str | Path,
@@ -470,8 +453,8 @@ def build_streams(
             text_slots=max_masked(max_len, text_ratio) if static and text_ratio else None,
         )
 
-    shards = [s for s in config.pair_data if _is_shards(s)]
-    manifests = [s for s in config.pair_data if not _is_shards(s)]
+    shards = [s for s in config.pair_data if is_shard_source(s)]
+    manifests = [s for s in config.pair_data if not is_shard_source(s)]
     if shards and manifests:
         raise ConfigError(
             "pair_data mixes WebDataset shards and manifests/folders; convert one "

@@ -1,5 +1,7 @@
 import io
 import json
+import logging
+import os
 import tarfile
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from beit3 import ImageTransform, InputDataError, PreprocessConfig
 from beit3.data import (
+    ImageFiles,
     PairDataset,
     ResumableSampler,
     TextLineDataset,
@@ -14,7 +17,10 @@ from beit3.data import (
     collate_pairs,
     expand_shards,
     group_by_image,
+    list_images,
+    read_captions,
     read_pairs,
+    read_rows,
     read_texts,
 )
 from tests.data import shape_image
@@ -38,7 +44,7 @@ def test_jsonl_manifest_with_several_captions_and_extra_columns(tmp_path):
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     records = read_pairs(manifest)
     assert [r.text for r in records] == ["a red circle", "a round red thing", "a blue circle"]
-    assert records[0].image == str((tmp_path / "imgs" / "a.png").resolve())
+    assert records[0].image == os.path.abspath(tmp_path / "imgs" / "a.png")
     images, texts, owner = group_by_image(records)
     assert len(images) == 2
     assert owner == [0, 0, 1]
@@ -50,7 +56,7 @@ def test_csv_manifest_and_column_names(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,title,other\nx.png,a red circle,1\n")
     assert read_pairs(manifest)[0].text == "a red circle"
-    with pytest.raises(InputDataError, match="no column 'caption'"):
+    with pytest.raises(InputDataError, match="no text column 'caption'; its columns are file"):
         read_pairs(manifest, text_column="caption")
 
 
@@ -62,19 +68,22 @@ def test_folder_with_txt_captions_skips_uncaptioned(tmp_path, caplog):
     _img(tmp_path / "lonely.png")
     records = read_pairs(tmp_path)
     assert sorted(r.text for r in records) == ["a red circle", "a red disc", "a red thing"]
-    assert "1 images have no" in caplog.text
+    assert f"skipped {tmp_path / 'lonely.png'}: no caption file lonely.txt" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"image": "a.png", "text": "x"}\n{broken\n', r"m\.jsonl:2: invalid JSON"),
-        ('{"picture": "a.png", "text": "x"}\n', "no image column"),
-        ('{"image": "a.png", "text": ""}\n', "no usable image-text pairs"),
-        ("[1, 2]\n", "expected a JSON object"),
+        ('{"picture": "a.png", "text": "x"}\n', r"m\.jsonl:1: no image column \(none of image,"),
+        (
+            '{"image": "a.png", "text": ""}\n',
+            r"no usable image-text pairs .*m\.jsonl:1: empty text",
+        ),
+        ("[1, 2]\n", "expected a JSON object, got list"),
+        ("{broken\n", r"m\.jsonl:1: invalid JSON"),
     ],
 )
-def test_bad_manifests_name_the_file_and_row(tmp_path, content, message):
+def test_a_manifest_without_any_usable_row_names_the_first_bad_row(tmp_path, content, message):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(content)
     with pytest.raises(InputDataError, match=message):
@@ -84,7 +93,9 @@ def test_bad_manifests_name_the_file_and_row(tmp_path, content, message):
 def test_invalid_utf8_and_missing_source(tmp_path):
     bad = tmp_path / "m.jsonl"
     bad.write_bytes(b'{"image": "a.png", "text": "\xff\xfe"}\n')
-    with pytest.raises(InputDataError, match="not valid UTF-8"):
+    with pytest.raises(
+        InputDataError, match=r"m\.jsonl:1: invalid UTF-8 \(byte 0xff at column 29\)"
+    ):
         read_pairs(bad)
     with pytest.raises(InputDataError, match="no such file"):
         read_pairs(tmp_path / "nope.jsonl")
@@ -187,3 +198,153 @@ def test_text_line_dataset_keeps_every_text_exactly(tokenizer):
     assert data[2] == tokenizer.encode(texts[2])
     with pytest.raises(InputDataError, match="text-only stream is empty"):
         TextLineDataset([], tokenizer)
+
+
+def _bad_rows_manifest(tmp_path):
+    """A JSONL manifest with two good rows and every kind of bad row; -> (path, skips by kind)."""
+    for name in ("a.png", "b.png", "c.png"):
+        _img(tmp_path / name)
+    lines = [
+        b'{"image": "a.png", "caption": "a red circle"}',
+        b"{broken",
+        b"[1, 2]",
+        b'{"caption": "no image"}',
+        b'{"image": "", "caption": "x"}',
+        b'{"image": 3, "caption": "y"}',
+        b'{"image": "b.png", "caption": ""}',
+        b'{"image": "b.png", "caption": 3}',
+        b'{"image": "b.png", "caption": "caf\xe9"}',
+        b'{"image": "b.png", "caption": null}',
+        b"",
+        b'{"image": "c.png", "caption": ["a  blue one", "  two  "], "extra": 1}',
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    invalid = "invalid JSON (Expecting property name enclosed in double quotes)"
+    not_images = {
+        2: invalid,
+        3: "expected a JSON object, got list",
+        4: "no image column 'image'",
+        5: "empty image path",
+        6: "column 'image' is int, not a string",
+        9: "invalid UTF-8 (byte 0xe9 at column 35)",  # an undecodable line is no row at all
+    }
+    not_texts = {
+        7: "empty text",
+        8: "column 'caption' is int, not a string",
+        10: "no value in column 'caption'",
+    }
+    return path, not_images, not_texts
+
+
+def _where(path, skips):
+    return [(f"{path}:{n}", reason) for n, reason in sorted(skips.items())]
+
+
+def test_bad_rows_are_skipped_counted_and_logged_one_line_each(tmp_path, caplog):
+    path, not_images, not_texts = _bad_rows_manifest(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="beit3.data"):
+        records = read_pairs(path)
+    assert [(os.path.basename(r.image), r.text) for r in records] == [
+        ("a.png", "a red circle"),
+        ("c.png", "a blue one"),
+        ("c.png", "two"),
+    ]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    want = _where(path, not_images | not_texts)
+    assert lines == [f"skipped {where}: {reason}" for where, reason in want]
+
+    # The same file read for images (a caption is an optional label) and for texts.
+    skipped: list = []
+    images = list(read_rows(path, "image", skipped=skipped))
+    assert [os.path.basename(r.image) for r in images] == ["a.png", *["b.png"] * 3, "c.png"]
+    assert skipped == _where(path, not_images)
+    skipped = []
+    texts = [t for r in read_rows(path, "text", skipped=skipped) for t in r.texts]
+    assert texts == ["a red circle", "no image", "x", "y", "a blue one", "two"]
+    assert skipped == _where(path, {n: not_images[n] for n in (2, 3, 9)} | not_texts)
+
+
+def test_json_array_tsv_and_csv_manifests_name_their_lines(tmp_path):
+    rows = [
+        {"image": "a.png", "caption": "a red circle"},
+        {"image": "b.png", "caption": ""},
+        {"image": "c.png", "caption": ["x", "y"]},
+    ]
+    array = tmp_path / "m.json"
+    array.write_text(json.dumps(rows, indent=2))  # each object spans 4 lines, from line 2
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(r) for r in rows))
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text(
+        "image\tcaption\n" + "".join(f"{r['image']}\t{r['caption']}\n" for r in rows[:2])
+    )
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b"path,title\na.png,a red circle\nb.png\n,empty path\nc.png,caf\xe9\n")
+    expected = {
+        array: ([("a.png", ("a red circle",)), ("c.png", ("x", "y"))], {6: "empty text"}),
+        lines: ([("a.png", ("a red circle",)), ("c.png", ("x", "y"))], {2: "empty text"}),
+        tsv: ([("a.png", ("a red circle",))], {3: "empty text"}),
+        csv: (
+            [("a.png", ("a red circle",))],
+            {3: "no value in column 'title'", 4: "empty image path", 5: "invalid UTF-8"},
+        ),
+    }
+    for path, (want_rows, want_skips) in expected.items():
+        skipped: list = []
+        got = [
+            (os.path.basename(r.image), r.texts) for r in read_rows(path, "pair", skipped=skipped)
+        ]
+        assert (got, skipped) == (want_rows, _where(path, want_skips)), path
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"image": "a.png", "text": "one"},\n  {"image": \n')
+    skipped = []
+    assert [r.texts for r in read_rows(broken, "pair", skipped=skipped)] == [("one",)]
+    assert skipped[0][0] == f"{broken}:4" and skipped[0][1].endswith("the rest of the file skipped")
+
+
+def test_list_images_and_captions_of_every_source_kind(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    _img(folder / "a.png")
+    _img(folder / "sub" / "B.JPG")
+    _img(folder / ".hidden" / "c.png")
+    (folder / "a.txt").write_text("a red circle\n")
+    assert list_images(folder) == [str(folder / "a.png"), str(folder / "sub" / "B.JPG")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "imgs/a.png"}\n{"image": "imgs/a.png", "text": "again"}\n')
+    assert list_images(manifest) == [str(folder / "a.png")]  # uncaptioned rows are images too
+    assert list(read_captions(folder)) == ["a red circle"]
+    assert list(read_captions(manifest)) == ["again"]
+    _write_shard(
+        tmp_path / "s.tar",
+        [
+            ("0.png", _png("red")),
+            ("0.txt", b"a red square\n\na  square"),
+            ("1.png", _png("blue")),
+            ("1.json", b'{"sentence": "a blue square"}'),
+            ("2.png", _png("green")),
+        ],
+    )
+    assert list(read_captions(tmp_path / "s.tar")) == ["a red square", "a square", "a blue square"]
+    assert f"skipped {tmp_path / 's.tar'}:2: no caption (.txt or .json)" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(InputDataError, match="no such file or folder"):
+        list_images(tmp_path / "nothing-here.jsonl")
+
+
+def test_image_files_decode_like_load_image_tensor_and_report_failures(tmp_path):
+    from beit3.transforms import load_image_tensor
+
+    preprocess = PreprocessConfig(img_size=32)
+    good = tmp_path / "big.jpg"
+    shape_image("red", "circle", 200).save(good, quality=90)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    files = ImageFiles([str(broken), str(good)], preprocess)
+    batch = ImageFiles.collate([files[0], files[1]])
+    assert batch.positions == [1]
+    assert batch.failures == [(0, "not a readable image (unknown or corrupt format)")]
+    assert torch.equal(batch.images[0], load_image_tensor(good, preprocess))

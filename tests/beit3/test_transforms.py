@@ -102,3 +102,23 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
     with pytest.raises(InputDataError, match="decompression bomb"):
         load_image(path)
+
+
+def test_load_image_tensor_drafts_jpegs_to_twice_the_input_size(tmp_path):
+    from beit3.transforms import jpeg_draft_size, load_image_tensor
+
+    cfg = PreprocessConfig(img_size=32)
+    assert jpeg_draft_size(cfg) == 64
+    pixels = np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8)
+    jpeg = _save(Image.fromarray(pixels), tmp_path / "big.jpg", quality=90)
+    drafted = load_image(jpeg, draft_size=64)
+    assert drafted.size == (75, 65)  # 1/4 scale: the smallest that keeps both sides >= 64
+    got = load_image_tensor(jpeg, cfg)
+    assert got.shape == (3, 32, 32) and got.dtype == torch.float32
+    assert torch.equal(got, ImageTransform(cfg)(drafted))
+    assert torch.equal(got, load_image_tensor(jpeg.read_bytes(), cfg))  # bytes decode the same
+    assert not torch.equal(got, ImageTransform(cfg)(load_image(jpeg)))  # not a full decode
+    png = _save(Image.fromarray(pixels), tmp_path / "big.png")  # drafts are for JPEGs only
+    assert torch.equal(load_image_tensor(png, cfg), ImageTransform(cfg)(load_image(png)))
+    decoded = Image.fromarray(pixels)  # a PIL image is taken as decoded
+    assert torch.equal(load_image_tensor(decoded, cfg), ImageTransform(cfg)(decoded))

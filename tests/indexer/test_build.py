@@ -153,7 +153,7 @@ def test_manifest_of_image_paths_is_read_relative_to_itself(tmp_path, shapes_dir
     assert (
         reasons[0].startswith("invalid JSON")
         and reasons[1]
-        == "no field image / image_path / path / file / filepath / filename; pass --column"
+        == "no image column 'image'"  # the column that the manifest's first row named
         and reasons[2] == "no such file"
     )
     assert {r["path"] for r in rows(tmp_path / "db", "images").values()} == {
@@ -272,14 +272,14 @@ def test_bad_texts_are_skipped_with_one_line_reasons(tmp_path, tiny_checkpoint):
     assert reasons[f"{jsonl}:2"] == "empty text"
     assert reasons[f"{jsonl}:3"] == "text too long (10,001 characters > 10,000); split it"
     assert reasons[f"{jsonl}:4"] == "invalid UTF-8 (byte 0xe9 at column 17)"
-    assert reasons[f"{jsonl}:5"] == "field 'caption' is int, not a string"
+    assert reasons[f"{jsonl}:5"] == "column 'caption' is int, not a string"
 
     csv = tmp_path / "t.csv"
     csv.write_bytes(b"id,sentence\n1,a blue cross\n2,\n3,bad \xff byte\n")
     report = index_texts(csv, tmp_path / "db", column="sentence", table="csv")
     assert (report.seen, report.indexed, report.skipped) == (3, 1, 2)
     assert dict(report.skipped_reasons) == {f"{csv}:3": "empty text", f"{csv}:4": "invalid UTF-8"}
-    with pytest.raises(InputDataError, match="no column nope; its columns are id, sentence"):
+    with pytest.raises(InputDataError, match="no text column 'nope'; its columns are id, sentence"):
         index_texts(csv, tmp_path / "db", column="nope", table="csv")
 
     txt = tmp_path / "t.txt"
