@@ -103,7 +103,6 @@ def wrap_model(
             called,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
-            broadcast_buffers=False,
             gradient_as_bucket_view=True,
         )
     if strategy != "fsdp":

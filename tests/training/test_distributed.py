@@ -72,15 +72,17 @@ def test_ddp_and_fsdp_runs_equal_one_process_and_fsdp_resumes(shapes, spm_path):
         _config(shapes, spm_path, "fsdp", batch_size=8, strategy="fsdp"),
         # FSDP resume: continue the fsdp run's step 2 in a fresh run directory.
         _config(shapes, spm_path, "fsdp-resumed", batch_size=8, strategy="fsdp", resume=str(step2)),
+        # One checkpoint layout: the FSDP step resumes under DDP too.
+        _config(shapes, spm_path, "ddp-from-fsdp", batch_size=8, strategy="ddp", resume=str(step2)),
     ]
     run_distributed(_run, runs)
     _assert_same_run(root / "ddp", root / "single", root / "ddp" / "final", single, [1, 2, 3, 4])
     _assert_same_run(root / "fsdp", root / "single", root / "fsdp" / "final", single, [1, 2, 3, 4])
-    assert (step2 / "optimizer-dcp").is_dir() and (step2 / "trainer_state.pt").is_file()
-    _assert_same_run(
-        root / "fsdp-resumed",
-        root / "fsdp",
-        root / "fsdp-resumed" / "final",
-        root / "fsdp" / "final",
-        [3, 4],
-    )
+    # The FSDP step directory has the one-process layout: the full optimizer state, by name.
+    saved = torch.load(step2 / "trainer_state.pt", weights_only=True)
+    assert "beit3.text_embed.weight" in saved["optimizer"]["state"]
+    assert not (step2 / "optimizer-dcp").exists()
+    for resumed in ("fsdp-resumed", "ddp-from-fsdp"):
+        _assert_same_run(
+            root / resumed, root / "fsdp", root / resumed / "final", root / "fsdp" / "final", [3, 4]
+        )
