@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from beit3.pretrain.data import build_streams
-from beit3.pretrain.train import StepModule
 from beit3.pretrain.loss import MaskedModelingLoss
 from beit3.pretrain.model import Beit3ForPretraining
 from beit3.pretrain.train import (
+    StepModule,
     build_optimizer,
     load_pretrained,
     model_config,
