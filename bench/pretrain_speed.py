@@ -34,14 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3.config import create_config  # noqa: E402
-from beit3.pretrain.masking import BlockMasking  # noqa: E402
 from beit3.pretrain.config import PretrainConfig  # noqa: E402
 from beit3.pretrain.data import BatchMasker, max_masked  # noqa: E402
-from beit3.pretrain.train import StepModule  # noqa: E402
 from beit3.pretrain.flops import StreamShape, step_flops, vqkd_encode_flops  # noqa: E402
 from beit3.pretrain.loss import MaskedModelingLoss  # noqa: E402
+from beit3.pretrain.masking import BlockMasking  # noqa: E402
 from beit3.pretrain.model import Beit3ForPretraining  # noqa: E402
-from beit3.pretrain.train import build_optimizer, compile_layers, train_step  # noqa: E402
+from beit3.pretrain.train import (  # noqa: E402
+    StepModule,  # noqa: E402
+    build_optimizer,
+    compile_layers,
+    train_step,
+)
 from beit3.pretrain.vqkd import VQKD, get_vqkd_preset  # noqa: E402
 
 PEAKS_TFLOPS = {"datasheet": 989.0, "measured": 790.0}  # H200 SXM, bf16 dense

@@ -71,7 +71,10 @@ def join_process_group(backend: str, timeout: datetime.timedelta | None = None) 
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
+    if timeout is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     atexit.register(destroy_process_group)
 
 

@@ -134,7 +134,7 @@ def save_step(
     return directory
 
 
-def load_step_weights(step_dir: str | Path, model: nn.Module, preset: str | None = None) -> None:
+def load_step_weights(step_dir: str | Path, model: nn.Module, preset: str = "?") -> None:
     """Load a step's ``model.safetensors`` into ``model`` strictly (before wrapping it)."""
     from safetensors.torch import load_file
 

@@ -147,7 +147,7 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     result is complete on rank 0). ``model`` is the parameter owner, not a DDP wrapper."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_options())
+    return get_model_state_dict(model, options=_full_options())  # type: ignore[return-value]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

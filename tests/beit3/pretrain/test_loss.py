@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from beit3 import create_model
 from beit3.errors import ConfigError
-from beit3.pretrain.masking import IGNORE_INDEX
 from beit3.pretrain.loss import MaskedModelingLoss, masked_cross_entropy
+from beit3.pretrain.masking import IGNORE_INDEX
 from beit3.pretrain.model import Beit3ForPretraining, gather_positions
 
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from beit3.errors import ConfigError
-from beit3.pretrain.masking import IGNORE_INDEX, BlockMasking, compact_positions, mask_text, mask_text_row
+from beit3.pretrain.masking import (
+    IGNORE_INDEX,
+    BlockMasking,
+    compact_positions,
+    mask_text,
+    mask_text_row,
+)
 from beit3.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 

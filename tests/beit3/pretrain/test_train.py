@@ -12,9 +12,9 @@ from beit3.pretrain.config import PretrainConfig
 from beit3.pretrain.data import build_streams
 from beit3.pretrain.loss import masked_cross_entropy
 from beit3.pretrain.train import load_pretrained, pretrain
+from beit3.pretrain.vqkd import load_vqkd
 from beit3.tokenizer import BOS_ID, EOS_ID, TextTokenizer
 from beit3.transforms import ImageTransform, PreprocessConfig, load_image
-from beit3.pretrain.vqkd import load_vqkd
 from tests.beit3.pretrain.helpers import read_metrics, tiny_config
 
 
