@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beit3.config import ConfigMixin
-from beit3.run.wrap import STRATEGIES
 from beit3.errors import ConfigError
+from beit3.run.wrap import STRATEGIES
 
 __all__ = ["PretrainConfig", "VisualTokenizerConfig"]
 
