@@ -61,7 +61,8 @@ def register(cli: typer.Typer) -> None:
         paths: Annotated[
             list[Path],
             typer.Argument(
-                exists=True, help="Image folders (recursive), image files, or JSONL/CSV manifests."
+                exists=True,
+                help="Image folders (recursive), image files, or JSONL/JSON/CSV/TSV manifests.",
             ),
         ],
         db: Annotated[Path, _DB],
@@ -99,12 +100,12 @@ def register(cli: typer.Typer) -> None:
         file: Annotated[
             Path,
             typer.Argument(
-                exists=True, dir_okay=False, help="One text per line, or a JSONL/CSV file."
+                exists=True, dir_okay=False, help="One text per line, or a JSONL/JSON/CSV/TSV file."
             ),
         ],
         db: Annotated[Path, _DB],
         model: Annotated[Path | None, _MODEL] = None,
-        column: Annotated[str | None, typer.Option(help="JSONL field / CSV column.")] = None,
+        column: Annotated[str | None, typer.Option(help="JSON field / CSV column.")] = None,
         backend: Annotated[str | None, _BACKEND] = None,
         index_type: Annotated[str | None, _INDEX_TYPE] = None,
         table: Annotated[str, typer.Option(help="Table name.")] = "texts",

@@ -170,8 +170,8 @@ def read_pairs(
     """Pairs of a manifest or a caption folder: a record per (image, caption); skips logged.
 
     Raises:
-        InputDataError: the source does not exist, or it holds no usable pair (the count of
-            skipped rows and the first reason are named).
+        InputDataError: the source does not exist, or it holds no usable pair (the skipped
+            rows are logged before, each with its reason).
     """
     skipped: list[Skip] = []
     records = [
@@ -184,7 +184,9 @@ def read_pairs(
     ]
     _log_skipped(skipped)
     if not records:
-        raise InputDataError(f"{source}: no usable image-text pairs{_first_skip(skipped)}")
+        raise InputDataError(
+            f"{source}: no usable image-text pairs (every row lacked an image or text)"
+        )
     logger.info(
         "%s: %d pairs of %d images (%d rows skipped)",
         source,
@@ -238,9 +240,7 @@ def list_images(source: str | Path, image_column: str | None = None) -> list[str
         images = list(dict.fromkeys(row.image for row in rows if row.image is not None))
     _log_skipped(skipped)
     if not images:
-        raise InputDataError(
-            f"{source}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){_first_skip(skipped)}"
-        )
+        raise InputDataError(f"{source}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
 
 
@@ -292,14 +292,6 @@ def group_by_image(records: Sequence[PairRecord]) -> tuple[list[str], list[str],
 def _log_skipped(skipped: Iterable[Skip]) -> None:
     for where, reason in skipped:
         logger.warning("skipped %s: %s", where, reason)
-
-
-def _first_skip(skipped: Sequence[Skip]) -> str:
-    if not skipped:
-        return ""
-    where, reason = skipped[0]
-    rows = "1 row" if len(skipped) == 1 else f"{len(skipped)} rows"
-    return f" ({rows} skipped; the first, {where}: {reason})"
 
 
 # Rows of each kind of source ---------------------------------------------------------------

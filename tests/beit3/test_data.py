@@ -72,33 +72,31 @@ def test_folder_with_txt_captions_skips_uncaptioned(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("content", "reason"),
     [
-        ('{"picture": "a.png", "text": "x"}\n', r"m\.jsonl:1: no image column \(none of image,"),
-        (
-            '{"image": "a.png", "text": ""}\n',
-            r"no usable image-text pairs .*m\.jsonl:1: empty text",
-        ),
-        ("[1, 2]\n", "expected a JSON object, got list"),
-        ("{broken\n", r"m\.jsonl:1: invalid JSON"),
+        (b'{"picture": "a.png", "text": "x"}\n', "no image column (none of image, image_path,"),
+        (b'{"image": "a.png", "text": ""}\n', "empty text"),
+        (b"[1, 2]\n", "expected a JSON object, got list"),
+        (b"{broken\n", "invalid JSON (Expecting property name"),
+        (b'{"image": "a.png", "text": "\xff\xfe"}\n', "invalid UTF-8 (byte 0xff at column 29)"),
     ],
 )
-def test_a_manifest_without_any_usable_row_names_the_first_bad_row(tmp_path, content, message):
+def test_a_manifest_without_any_usable_row_is_an_error_after_its_skips(
+    tmp_path, caplog, content, reason
+):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(content)
-    with pytest.raises(InputDataError, match=message):
+    manifest.write_bytes(content)
+    with pytest.raises(InputDataError, match=r"m\.jsonl: no usable image-text pairs"):
         read_pairs(manifest)
+    assert f"skipped {manifest}:1: {reason}" in caplog.text
 
 
-def test_invalid_utf8_and_missing_source(tmp_path):
-    bad = tmp_path / "m.jsonl"
-    bad.write_bytes(b'{"image": "a.png", "text": "\xff\xfe"}\n')
-    with pytest.raises(
-        InputDataError, match=r"m\.jsonl:1: invalid UTF-8 \(byte 0xff at column 29\)"
-    ):
-        read_pairs(bad)
-    with pytest.raises(InputDataError, match="no such file"):
+def test_a_missing_source_is_an_error(tmp_path):
+    with pytest.raises(InputDataError, match="nope.jsonl: no such file or folder"):
         read_pairs(tmp_path / "nope.jsonl")
+    (tmp_path / "a.txt").write_text("a caption\n")  # texts only: not a source of pairs
+    with pytest.raises(InputDataError, match=r"a\.txt: unknown manifest type '\.txt'"):
+        read_pairs(tmp_path / "a.txt")
 
 
 def test_dataset_skips_broken_images_once_and_collates(tmp_path, tokenizer, caplog):
