@@ -32,7 +32,7 @@ import math
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -304,8 +304,9 @@ class _Column:
         self.what, self.candidates, self.name = what, candidates, name
         self.is_named = name is not None
 
-    def pick(self, keys: Iterable[Any]) -> str | None:
-        keys = set(keys)
+    def pick(self, keys: Container[Any]) -> str | None:
+        """The column if ``keys`` (a record or a header) holds it; the first call that finds a
+        candidate chooses it for the rest of the file."""
         if self.name is None:
             self.name = next((c for c in self.candidates if c in keys), None)
         return self.name if self.name is not None and self.name in keys else None
@@ -435,11 +436,12 @@ def _decode(data: bytes, where: str, skipped: list[Skip]) -> str | None:
 def _json_records(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, Any]]:
     """(``file:line``, value) per record of a JSONL file or a JSON array (a ``.json`` file
     that starts with ``[``; otherwise it is read as JSON lines)."""
-    with path.open("rb") as f:
-        head = f.read(4096).removeprefix(_BOM).lstrip()
-    if path.suffix.lower() == ".json" and head.startswith(b"["):
-        yield from _json_array(path, skipped)
-        return
+    if path.suffix.lower() == ".json":
+        with path.open("rb") as f:
+            head = f.read(4096).removeprefix(_BOM).lstrip()
+        if head.startswith(b"["):
+            yield from _json_array(path, skipped)
+            return
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"

@@ -109,8 +109,9 @@ class TrainData:
     """Endless training batches for this rank, resumable at a batch boundary.
 
     Args:
-        source: a .jsonl/.csv manifest, a folder of images with .txt captions, or WebDataset
-            shards (a .tar, a folder of .tar files, or ``shard-{000..099}.tar``).
+        source: a .jsonl/.json/.csv/.tsv manifest, a folder of images with .txt captions, or
+            WebDataset shards (a .tar, a folder of .tar files, or ``shard-{000..099}.tar``); read
+            by :mod:`beit3.data` (bad rows are skipped and logged with file:line and reason).
         tokenizer: the text tokenizer.
         preprocess: image size and normalisation.
         batch_size: pairs per batch on this rank.
