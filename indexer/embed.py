@@ -6,12 +6,11 @@ on CPU it stays in fp32 (bf16 is ~100x slower on CPUs without AMX, see environme
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from beit3 import PreprocessConfig, TextTokenizer
 from beit3.data import ImageFiles
 from beit3.heads import Beit3ForRetrieval
+from beit3.run import autocast, resolve_device
 from beit3.transforms import load_image_tensor
 
 __all__ = [
@@ -33,23 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> ``cuda:<LOCAL_RANK>`` when CUDA is there, else ``cpu``."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def load_query_image(
@@ -87,7 +70,7 @@ def encode_images(
     model: Beit3ForRetrieval, images: torch.Tensor, device: torch.device
 ) -> np.ndarray:
     """(B, 3, S, S) -> (B, D) float32 unit vectors."""
-    with _autocast(device):
+    with autocast(device):  # bf16 on CUDA (beit3.run's policy: precision auto)
         vectors = model.encode_image(images.to(device, non_blocking=True))
     return vectors.float().cpu().numpy()
 
@@ -149,6 +132,6 @@ def embed_texts(
     """
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start : start + batch_size]))
-        with _autocast(device):
+        with autocast(device):  # bf16 on CUDA (beit3.run's policy: precision auto)
             vectors = model.encode_text(batch.text_ids.to(device), batch.padding_mask.to(device))
         yield vectors.float().cpu().numpy()

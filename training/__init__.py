@@ -13,7 +13,7 @@ Both run on one process or under ``torchrun`` (DDP; FSDP for large models).
 """
 
 from training.config import EvalConfig, FinetuneConfig
-from training.data import TrainData, is_shard_source
+from training.data import TrainData
 from training.evaluate import evaluate, evaluate_model, format_table
 from training.finetune import build_optimizer, finetune, forward_backward
 from training.loss import ClipLoss, ContrastiveOutput
@@ -45,7 +45,6 @@ __all__ = [
     "format_table",
     "forward_backward",
     "get_task",
-    "is_shard_source",
     "list_tasks",
     "recall_at_k",
     "register_task",

@@ -31,14 +31,11 @@ from beit3.data import (
     is_shard_source,
     read_pairs,
 )
-from beit3.data import read_captions as read_source_texts
 from beit3.errors import InputDataError
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform
 
-# is_shard_source and read_source_texts (beit3.data.read_captions) are re-exported for the
-# fine-tuning entry point, which imports them from here.
-__all__ = ["TrainData", "is_shard_source", "read_source_texts"]
+__all__ = ["TrainData"]
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from beit3.runtime import DistInfo, autocast, init_distributed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
-from training.distributed import gather_rows, shard_range
 
 from beit3.checkpoint import load_checkpoint
 from beit3.data import ImageFiles, PairRecord, group_by_image, read_pairs
-from beit3.errors import ConfigError, InputDataError
+from beit3.errors import InputDataError
+from beit3.run import DistInfo, autocast, gather_rows, init_distributed, resolve_bf16, shard_range
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from training.config import EvalConfig
@@ -50,7 +49,7 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
         CheckpointError, InputDataError: a bad checkpoint or data source (named).
     """
     info = init_distributed(config.device)
-    _check_precision(config.precision, info.device)
+    use_bf16 = resolve_bf16(config.precision, info.device)
     ckpt = load_checkpoint(config.checkpoint, architecture="retrieval", device=info.device)
     records = read_pairs(config.data, config.image_column, config.text_column)
     metrics = evaluate_model(
@@ -61,7 +60,7 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
         dist_info=info,
         batch_size=config.batch_size,
         num_workers=config.num_workers,
-        use_bf16=_use_bf16(config.precision, info.device),
+        use_bf16=use_bf16,
         block_size=config.block_size,
         ks=config.ks,
         progress=progress,
@@ -73,18 +72,6 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
         path.write_text(json.dumps(result, indent=2) + "\n")
         logger.info("wrote %s", path)
     return result
-
-
-def _check_precision(precision: str, device: torch.device) -> None:
-    if precision == "bf16" and device.type != "cuda":
-        raise ConfigError(
-            "precision bf16 needs a CUDA device (bf16 on CPU is ~100x slower "
-            "here); use fp32 or auto"
-        )
-
-
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    return device.type == "cuda" and precision in ("auto", "bf16")
 
 
 @torch.no_grad()
@@ -149,9 +136,9 @@ def evaluate_model(
             )
     finally:
         model.train(was_training)
-    image_embeds = gather_rows(image_embeds, dist_info)  # (N_img, D), in image order
-    broken = gather_rows(broken, dist_info).bool()  # (N_img,)
-    text_embeds = gather_rows(text_embeds, dist_info)  # (N_txt, D)
+    image_embeds = gather_rows(image_embeds)  # (N_img, D), in image order
+    broken = gather_rows(broken).bool()  # (N_img,)
+    text_embeds = gather_rows(text_embeds)  # (N_txt, D)
     owner_t = torch.as_tensor(owner, dtype=torch.long, device=device)
     if broken.any():
         # Drop unreadable images and their captions; renumber the remaining images.

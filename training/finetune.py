@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from beit3.checkpoint import load_checkpoint
 from beit3.config import get_preset
-from beit3.data import PairBatch, read_pairs
+from beit3.data import PairBatch, is_shard_source, read_captions, read_pairs
 from beit3.errors import ConfigError
 from beit3.factory import create_model
 from beit3.run import (
@@ -59,7 +59,7 @@ from beit3.run import (
 from beit3.tokenizer import PAD_ID, TextTokenizer, train_sentencepiece
 from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
-from training.data import TrainData, is_shard_source, read_source_texts
+from training.data import TrainData
 from training.evaluate import evaluate_model
 from training.state import Start, check_same_batches, export_model, write_model
 from training.tasks import FinetuneTask, TaskOutput, get_task
@@ -473,7 +473,7 @@ def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:
         started = time.monotonic()
         # The first 2M captions are plenty (and spare a full pass over large shard sets).
         texts = itertools.islice(
-            read_source_texts(config.train, config.image_column, config.text_column), 2_000_000
+            read_captions(config.train, config.image_column, config.text_column), 2_000_000
         )
         train_sentencepiece(texts, path, vocab_size=config.spm_vocab_size)
         logger.info(

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from beit3 import InputDataError, PreprocessConfig
+from beit3.data import is_shard_source
 from tests.data import shape_image
-from training import TrainData, is_shard_source
+from training import TrainData
 
 PRE = PreprocessConfig(img_size=32)
 
