@@ -98,7 +98,7 @@ def score_file(path: Path) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'system':34s} {'min':>5s} {'steps':>6s} "
+        f"{'system':38s} {'min':>5s} {'steps':>6s} "
         + " ".join(f"{p}@{k:<2d}" for p in ("i2t", "t2i") for k in KS)
         + f" {'rsum':>6s}"
     )
@@ -107,7 +107,7 @@ def format_table(rows: list[dict]) -> str:
         minutes = row.get("minutes")
         steps = row.get("steps")
         lines.append(
-            f"{row['system']:34s} "
+            f"{row['system']:38s} "
             + (f"{minutes:5.1f} " if isinstance(minutes, (int, float)) else f"{'-':>5s} ")
             + (f"{steps:6d} " if isinstance(steps, int) else f"{'-':>6s} ")
             + " ".join(f"{row[f'{p}_r{k}']:6.1f}" for p in ("i2t", "t2i") for k in KS)
