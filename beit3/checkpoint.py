@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from beit3.config import Beit3Config, create_config, get_preset, list_presets
 from beit3.errors import Beit3Error, CheckpointError
 from beit3.factory import architecture_of, get_architecture
-from beit3.heads import Beit3ForRetrieval
+from beit3.heads import Beit3ForRetrieval, Beit3WithMatcher
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 
@@ -47,6 +47,7 @@ __all__ = [
     "read_checkpoint_config",
     "save_checkpoint",
     "save_state_checkpoint",
+    "transfer_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,21 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} is a {self.architecture} checkpoint; indexing and search need a "
                 "retrieval model (fine-tune it first)"
+            )
+        return self.model
+
+    @property
+    def matcher(self) -> Beit3WithMatcher:
+        """The model as a fusion-encoder matcher (``match_probability``).
+
+        Raises:
+            CheckpointError: the checkpoint has no matcher (every official one, and any
+                fine-tuned without ``--itm``).
+        """
+        if not isinstance(self.model, Beit3WithMatcher):
+            raise CheckpointError(
+                f"{self.path} ({self.model_id}) has no matcher: fine-tune it with --itm "
+                "(beit3 finetune PAIRS --init CKPT --itm) to rerank with the fusion encoder"
             )
         return self.model
 
@@ -312,15 +328,7 @@ def load_checkpoint(
     if same:
         load_state_dict_checked(model, state, source=str(path), preset=preset, assign=True)
     else:
-        backbone = {k: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-        load_state_dict_checked(
-            model,
-            backbone,
-            source=str(path),
-            preset=preset,
-            allow_missing=lambda k: not k.startswith(BACKBONE_PREFIX),
-            allow_unexpected=lambda k: k.startswith(PRETRAINING_HEAD_PREFIXES),
-        )
+        transfer_state(model, state, source=str(path), preset=preset)
     model.to(device=device, dtype=torch.float32)
     tok_dir = path / "tokenizer"
     preprocess = PreprocessConfig.load(path / "preprocess.json")
@@ -334,6 +342,36 @@ def load_checkpoint(
     return Checkpoint(
         model.eval(), tokenizer, preprocess, config, preset, architecture, model_id, path
     )
+
+
+def transfer_state(
+    model: nn.Module, state: dict[str, Tensor], *, source: str, preset: str = "?"
+) -> list[str]:
+    """Load another architecture's weights into ``model``: the backbone (``beit3.*``) strictly,
+    every other tensor whose name and shape ``model`` shares (e.g. the retrieval heads into a
+    model with a matcher); the rest of ``model`` keeps its fresh initialisation.
+
+    Returns:
+        The names in ``state`` that were not carried over (e.g. pretraining heads).
+    """
+    own = model.state_dict()
+    keep = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(PRETRAINING_HEAD_PREFIXES)
+        and (k.startswith(BACKBONE_PREFIX) or (k in own and own[k].shape == v.shape))
+    }
+    load_state_dict_checked(
+        model,
+        keep,
+        source=source,
+        preset=preset,
+        allow_missing=lambda k: not k.startswith(BACKBONE_PREFIX),
+    )
+    dropped = sorted(set(state) - set(keep))
+    if dropped:
+        logger.info("%s: %d tensors not carried over (%s)", source, len(dropped), _first(dropped))
+    return dropped
 
 
 def load_state_dict_checked(

@@ -15,7 +15,7 @@ from torch import nn
 
 from beit3.config import Beit3Config, create_config
 from beit3.errors import ConfigError
-from beit3.heads import Beit3ForRetrieval
+from beit3.heads import Beit3ForRetrieval, Beit3WithMatcher
 
 __all__ = [
     "architecture_of",
@@ -27,6 +27,7 @@ __all__ = [
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "retrieval": Beit3ForRetrieval,
+    "retrieval-itm": Beit3WithMatcher,  # the dual encoder + the fusion-encoder matcher
 }
 
 

@@ -8,7 +8,7 @@ by :func:`training.finetune` and written, resolved, to ``output_dir/run_config.j
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from beit3.config import ConfigMixin
@@ -32,7 +32,9 @@ class FinetuneConfig(ConfigMixin):
             or WebDataset shards (a .tar, a folder of .tar files, or ``shard-{000..099}.tar``).
         output_dir: where checkpoints, ``final/``, ``metrics.jsonl``, TensorBoard logs go.
         task: the fine-tuning task (:mod:`training.tasks`): ``contrastive`` trains the dual
-            encoder.
+            encoder; ``contrastive-itm`` adds the fusion-encoder matcher (image-text matching on
+            hard negatives), calibrated on ``val`` after training.
+        task_options: the task's own settings, e.g. ``{"itm_weight": 1.0}``.
         init: checkpoint directory to start from (exclusive with ``preset``).
         preset: preset to train from scratch (e.g. ``beit3-tiny``).
         spm: sentencepiece model for a from-scratch run; when omitted one is trained on the
@@ -62,6 +64,7 @@ class FinetuneConfig(ConfigMixin):
     train: str
     output_dir: str
     task: str = "contrastive"
+    task_options: dict[str, float] = field(default_factory=dict)
     init: str | None = None
     preset: str | None = None
     spm: str | None = None

@@ -88,7 +88,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     """
     info = init_distributed(config.device)
     use_bf16 = resolve_bf16(config.precision, info.device)
-    task = get_task(config.task)(info)
+    task = get_task(config.task)(info, **config.task_options)
     out = Path(config.output_dir)
     resume_from = resume_step_dir(config.resume, out)
     if is_shard_source(config.train) and config.max_steps is None:
@@ -233,6 +233,9 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     final = out / "final"
     export_model(start, final, info)
     if info.is_main:
+        task.finish([p for p in (final, out / "best") if p.is_dir()], val_records)
+    barrier()
+    if info.is_main:
         logger.info(
             "finished %d steps in %.1f s; skipped %d samples with unreadable images; "
             "final model in %s",
@@ -284,8 +287,10 @@ class _Loop:
         for micro in range(accum):
             batch = next(self.batches)
             with grad_sync(self.wrapped, self.strategy, enabled=micro == accum - 1):
+                # The same draw seed on every rank, a new one per micro-batch (and on resume).
+                seed = self.config.seed * 1_000_003 + (step - 1) * accum + micro
                 out = forward_backward(
-                    self.wrapped, self.task, batch, self.info.device, self.use_bf16, 1 / accum
+                    self.wrapped, self.task, batch, self.info.device, self.use_bf16, 1 / accum, seed
                 )
             self.losses.append(out.loss)
             self.metrics = out.metrics
@@ -403,15 +408,17 @@ def forward_backward(
     device: torch.device,
     use_bf16: bool,
     scale: float = 1.0,
+    seed: int = 0,
 ) -> TaskOutput:
-    """One micro-batch: the task's losses, backward of ``scale x loss``.
+    """One micro-batch: the task's losses, backward of ``scale x loss``; ``seed`` for the
+    task's draws (the same on every rank).
 
     Returns:
         The task's output with the loss detached.
     """
     batch = PairBatch(*(t.to(device, non_blocking=True) for t in batch))
     with autocast(device, enabled=use_bf16):
-        out = task.compute(model, batch)
+        out = task.compute(model, batch, seed)
     (out.loss * scale).backward()
     return out._replace(loss=out.loss.detach())
 

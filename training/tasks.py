@@ -12,18 +12,38 @@ Register a task with :func:`register_task`; ``FinetuneConfig(task=name)`` select
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beit3.data import PairBatch
+from beit3.checkpoint import load_checkpoint, save_checkpoint
+from beit3.data import PairBatch, PairRecord
 from beit3.errors import ConfigError
-from beit3.run import DistInfo
-from training.loss import ClipLoss
+from beit3.run import DistInfo, gather_rows, is_distributed
+from beit3.tokenizer import PAD_ID
+from training.loss import ClipLoss, ContrastiveOutput
+from training.matching import (
+    expected_calibration_error,
+    fit_platt,
+    matcher_pairs,
+    mine_hard_negatives,
+    row_hashes,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ContrastiveTask",
+    "calibrate_checkpoint",
     "FinetuneTask",
+    "MatchingTask",
     "TaskOutput",
     "get_task",
     "list_tasks",
@@ -53,16 +73,23 @@ class FinetuneTask:
     # Methods other than forward that evaluation calls on the model (FSDP gathers for them).
     forward_methods: ClassVar[tuple[str, ...]] = ("encode_image", "encode_text")
 
-    def __init__(self, info: DistInfo) -> None:
+    def __init__(self, info: DistInfo, **options: float) -> None:
+        if options:
+            raise ConfigError(f"task {self.name!r} takes no options, got {sorted(options)}")
         self.info = info
 
-    def compute(self, model: nn.Module, batch: PairBatch) -> TaskOutput:
-        """The losses of one device-resident micro-batch (``model`` may be wrapped)."""
+    def compute(self, model: nn.Module, batch: PairBatch, seed: int = 0) -> TaskOutput:
+        """The losses of one device-resident micro-batch (``model`` may be wrapped); ``seed``
+        is the same on every rank for one micro-batch (for draws over the global batch)."""
         raise NotImplementedError
 
     def log_values(self, model: nn.Module) -> dict[str, float]:
         """Values of the (unwrapped) model worth logging, e.g. the contrastive temperature."""
         return {}
+
+    def finish(self, checkpoints: list[Path], val: Sequence[PairRecord] | None) -> None:
+        """After training, on rank 0: work on the exported checkpoint directories (``final``,
+        and ``best`` when there is one), e.g. calibration on the held-out pairs."""
 
 
 class ContrastiveTask(FinetuneTask):
@@ -71,13 +98,19 @@ class ContrastiveTask(FinetuneTask):
     name = "contrastive"
     architecture = "retrieval"
 
-    def __init__(self, info: DistInfo) -> None:
-        super().__init__(info)
+    def __init__(self, info: DistInfo, **options: float) -> None:
+        super().__init__(info, **options)
         self.criterion = ClipLoss(dist_info=info)
 
-    def compute(self, model: nn.Module, batch: PairBatch) -> TaskOutput:
+    def compute(self, model: nn.Module, batch: PairBatch, seed: int = 0) -> TaskOutput:
+        return self._output(self._clip(model, batch))
+
+    def _clip(self, model: nn.Module, batch: PairBatch) -> ContrastiveOutput:
         out = model(images=batch.images, text_ids=batch.text_ids, padding_mask=batch.padding_mask)
-        clip = self.criterion(out.image_embeds, out.text_embeds, out.logit_scale)
+        return self.criterion(out.image_embeds, out.text_embeds, out.logit_scale)
+
+    @staticmethod
+    def _output(clip: ContrastiveOutput) -> TaskOutput:
         return TaskOutput(
             clip.loss,
             {"image_to_text": clip.logits_per_image, "text_to_image": clip.logits_per_text},
@@ -86,6 +119,103 @@ class ContrastiveTask(FinetuneTask):
 
     def log_values(self, model: nn.Module) -> dict[str, float]:
         return {"logit_scale": float(model.logit_scale.detach().float().exp())}
+
+
+def _gather_texts(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This rank's texts padded to the longest over ranks, and the global batch's (no grad)."""
+    length = torch.tensor([ids.shape[1]], device=ids.device)
+    if is_distributed():
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length) - ids.shape[1]
+    if pad:
+        ids = F.pad(ids, (0, pad), value=PAD_ID)
+        mask = F.pad(mask, (0, pad), value=True)
+    return ids, mask, gather_rows(ids), gather_rows(mask)
+
+
+class MatchingTask(ContrastiveTask):
+    """Contrastive + image-text matching: the dual encoder and the fusion-encoder matcher.
+
+    For each pair of the global batch, one hard negative text and one hard negative image are
+    drawn from the contrastive similarities (:func:`training.matching.mine_hard_negatives`);
+    the matcher sees the positive and both negatives in one joint forward, and binary
+    cross-entropy on its logits is added to the contrastive loss with ``itm_weight``.
+
+    Options: ``itm_weight`` (default 1.0).
+    """
+
+    name = "contrastive-itm"
+    architecture = "retrieval-itm"
+    forward_methods = ("encode_image", "encode_text", "match_logits")
+
+    def __init__(self, info: DistInfo, itm_weight: float = 1.0) -> None:
+        super().__init__(info)
+        if not itm_weight >= 0:
+            raise ConfigError(f"itm_weight must be >= 0, got {itm_weight}")
+        self.itm_weight = itm_weight
+
+    def compute(self, model: nn.Module, batch: PairBatch, seed: int = 0) -> TaskOutput:
+        clip = self._clip(model, batch)
+        contrastive = self._output(clip)
+        images, rows = batch.images, batch.images.shape[0]
+        ids, mask, all_ids, all_mask = _gather_texts(batch.text_ids, batch.padding_mask)
+        with torch.no_grad():
+            all_images = gather_rows(images)
+            all_owner = gather_rows(batch.image_index)
+            same_image = batch.image_index.unsqueeze(1) == all_owner.unsqueeze(0)  # (B, G)
+            hashes, all_hashes = row_hashes(ids, mask), row_hashes(all_ids, all_mask)
+            same_text = hashes.unsqueeze(1) == all_hashes.unsqueeze(0)  # (B, G)
+            neg_text, neg_image, valid_t, valid_i = mine_hard_negatives(
+                clip.logits_per_image,
+                clip.logits_per_text,
+                clip.labels,
+                same_image,
+                same_text,
+                torch.Generator().manual_seed(seed),
+            )
+        # One joint forward over the positives, (image, negative text), (negative image, text).
+        out = model(
+            match_images=torch.cat([images, images, all_images[neg_image]]),
+            match_text_ids=torch.cat([ids, all_ids[neg_text], ids]),
+            match_padding_mask=torch.cat([mask, all_mask[neg_text], mask]),
+        )
+        targets = torch.cat([torch.ones(rows), torch.zeros(2 * rows)]).to(out.match_logits.device)
+        keep = torch.cat(
+            [torch.ones(rows, dtype=torch.bool, device=valid_t.device), valid_t, valid_i]
+        )
+        per_pair = F.binary_cross_entropy_with_logits(
+            out.match_logits, targets, reduction="none"
+        ) * keep.to(out.match_logits.dtype)
+        # Sum over this rank's pairs / the mean number over ranks: averaged over ranks (what
+        # DDP's gradient averaging optimises) it is the single-process mean on the global batch.
+        count = keep.sum().float().reshape(1)
+        if is_distributed():
+            dist.all_reduce(count)
+            count /= self.info.world_size
+        itm = per_pair.sum() / count.clamp(min=1).squeeze()
+        correct = ((out.match_logits > 0).float() == targets).float()[keep].mean()
+        return TaskOutput(
+            contrastive.loss + self.itm_weight * itm,
+            {**contrastive.logits, "match": out.match_logits},
+            {
+                **contrastive.metrics,
+                "loss_itm": itm.detach(),
+                "itm_accuracy": correct.detach() if keep.any() else torch.zeros(()),
+            },
+        )
+
+    def finish(self, checkpoints: list[Path], val: Sequence[PairRecord] | None) -> None:
+        """Fit the match probability's calibration (Platt scaling) on the held-out pairs
+        against their hard negatives from the dual encoder's top-k, store it in each checkpoint
+        (``itm_calibration``) and write ``calibration.json`` beside it."""
+        if not val:
+            logger.warning(
+                "no --val pairs: the matcher's probabilities stay uncalibrated (sigmoid of the "
+                "raw logit); fine-tune with --val to calibrate them"
+            )
+            return
+        for path in checkpoints:
+            calibrate_checkpoint(path, val)
 
 
 _TASKS: dict[str, type[FinetuneTask]] = {}
@@ -110,3 +240,41 @@ def get_task(name: str) -> type[FinetuneTask]:
 
 
 register_task(ContrastiveTask)
+register_task(MatchingTask)
+
+
+def calibrate_checkpoint(path: Path, records: Sequence[PairRecord], negatives: int = 3) -> dict:
+    """Calibrate the matcher of the checkpoint at ``path`` on ``records`` (pairs) and save it
+    back in place (its model id changes). Returns the fit and its ECE before and after."""
+    ckpt = load_checkpoint(path)
+    model = ckpt.matcher
+    pairs = matcher_pairs(model, ckpt.tokenizer, ckpt.preprocess, records, negatives=negatives)
+    before = expected_calibration_error(torch.sigmoid(pairs.logits), pairs.labels)
+    scale, bias = fit_platt(pairs.logits, pairs.labels)
+    model.calibrate_(scale, bias)
+    after = expected_calibration_error(model.calibrated(pairs.logits), pairs.labels)
+    model_id = save_checkpoint(
+        model, path, preset=ckpt.preset, tokenizer=ckpt.tokenizer, preprocess=ckpt.preprocess
+    )
+    report = {
+        "scale": scale,
+        "bias": bias,
+        "pairs": int(pairs.labels.numel()),
+        "positives": int(pairs.labels.sum()),
+        "negatives_per_query": negatives,
+        "ece_uncalibrated": before,
+        "ece_calibrated_on_fit_pairs": after,
+        "model_id": model_id,
+    }
+    (Path(path) / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info(
+        "calibrated the matcher of %s on %d held-out pairs: ECE %.3f -> %.3f (scale %.3f, "
+        "bias %.3f)",
+        path,
+        report["pairs"],
+        before,
+        after,
+        scale,
+        bias,
+    )
+    return report

@@ -26,9 +26,9 @@ from torch import nn
 
 from beit3.checkpoint import (
     load_checkpoint,
-    load_state_dict_checked,
     read_checkpoint_config,
     save_state_checkpoint,
+    transfer_state,
 )
 from beit3.config import Beit3Config, create_config
 from beit3.encoder import EncoderLayer
@@ -122,20 +122,8 @@ def _load_init(model: Beit3ForPretraining, path: Path) -> None:
     from safetensors.torch import load_file
 
     meta = read_checkpoint_config(path)
-    own = model.state_dict()
     state = load_file(str(path / "model.safetensors"))
-    keep = {
-        k: v
-        for k, v in state.items()
-        if k.startswith("beit3.") or (k in own and own[k].shape == v.shape)
-    }
-    load_state_dict_checked(
-        model,
-        keep,
-        source=str(path),
-        preset=meta["preset"],
-        allow_missing=lambda k: not k.startswith("beit3."),
-    )
+    transfer_state(model, state, source=str(path), preset=meta["preset"])
     logger.info("initialised from %s (%s)", path, meta.get("model_id", "?"))
 
 
