@@ -11,8 +11,13 @@ continues where it stopped):
   3. vqkd        a VQ-KD visual tokenizer on the train images, reconstructing patch pixels
   4. pretrain    masked data modeling (one loss) on train images, texts and pairs
   5. finetune    the dual encoder on train pairs, best of the val evaluations kept
-  6. evaluate    recall@1/5/10 both ways on the test split (emoji never seen in fine-tuning)
-  7. export      the best checkpoint in fp16 -> --out
+  6. itm         contrastive + image-text matching from 5 (the fusion-encoder matcher, hard
+                 negatives from the contrastive similarities), calibrated on the val pairs
+  7. evaluate    recall@1/5/10 both ways on the test split (emoji never seen in fine-tuning),
+                 with the dual encoder alone and with the top 16 reranked by the matcher
+  8. export      the best checkpoint in fp16 -> --out
+``--itm-from DIR`` starts at stage 6 from an existing fine-tuned model (e.g. an earlier
+demo/model), for a run that only adds the matcher.
 With --compare: a randomly initialised model of the same architecture is fine-tuned for as many
 CPU seconds as stages 3-5 took together (the same compute budget), and evaluated the same way;
 ``compare.json`` holds both rows.
@@ -108,6 +113,16 @@ def _recipe(smoke: bool) -> dict:
             "eval_every": steps(150),
             "drop_path_rate": 0.1,
         },
+        "itm": {
+            "max_steps": steps(600),
+            "lr": 2e-4,
+            "batch_size": 96,
+            "layer_decay": 0.85,
+            "eval_every": steps(150),
+            "drop_path_rate": 0.1,
+            "itm_weight": 1.0,
+        },
+        "rerank": 16,
         "scratch_lr": 1e-3,
     }
 
@@ -173,7 +188,7 @@ def _timed(state: dict, name: str, work: Path, fn):
     return result
 
 
-def _evaluate(checkpoint: str, manifest: Path, out: Path) -> dict:
+def _evaluate(checkpoint: str, manifest: Path, out: Path, rerank: int = 0) -> dict:
     metrics = evaluate(
         EvalConfig(
             checkpoint=checkpoint,
@@ -181,12 +196,16 @@ def _evaluate(checkpoint: str, manifest: Path, out: Path) -> dict:
             output_dir=str(out),
             num_workers=0,
             batch_size=128,
+            rerank=rerank,
         )
     )
-    return {k: metrics[k] for k in metrics if k.startswith(("i2t", "t2i", "average"))}
+    keep = ("i2t", "t2i", "average", "rerank", "ece", "auroc")
+    return {k: metrics[k] for k in metrics if k.startswith(keep)}
 
 
-def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict:
+def run(
+    work: Path, out: Path, smoke: bool, compare: bool, threads: int, itm_from: Path | None = None
+) -> dict:
     torch.set_num_threads(threads)
     random.seed(0)
     torch.manual_seed(0)
@@ -203,6 +222,12 @@ def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict
             texts.extend(json.loads(line)["captions"])
         return str(train_sentencepiece(texts, work / "spm", vocab_size=SPM_VOCAB, lowercase=True))
 
+    if itm_from is not None:  # stages 1-5 were run before: their model is the start
+        state.setdefault("finetune", {"seconds": 0, "cpu_seconds": 0, "result": str(itm_from)})
+        spm_dir = str(itm_from / "tokenizer")
+        state.setdefault("spm", {"seconds": 0, "cpu_seconds": 0, "result": spm_dir})
+        for stage in ("vqkd", "pretrain"):
+            state.setdefault(stage, {"seconds": 0, "cpu_seconds": 0, "result": None})
     spm_path = _timed(state, "spm", work, spm)
     tokenizer = TextTokenizer(spm_path, max_len=MAX_TEXT_LEN)
     model_overrides = {**MODEL, "vocab_size": tokenizer.vocab_size}
@@ -296,9 +321,36 @@ def run(work: Path, out: Path, smoke: bool, compare: bool, threads: int) -> dict
         finetune(FinetuneConfig(**base_ft, output_dir=str(work / "finetune"), init=pretrained))
         return str(work / "finetune" / "best")
 
-    best = _timed(state, "finetune", work, finetune_stage)
+    dual = _timed(state, "finetune", work, finetune_stage)
+
+    def itm_stage() -> str:
+        m = recipe["itm"]
+        settings = {
+            **base_ft,
+            "max_steps": m["max_steps"],
+            "lr": m["lr"],
+            "batch_size": m["batch_size"],
+            "layer_decay": m["layer_decay"],
+            "eval_every": m["eval_every"],
+            "drop_path_rate": m["drop_path_rate"],
+        }
+        finetune(
+            FinetuneConfig(
+                **settings,
+                output_dir=str(work / "itm"),
+                init=dual,
+                task="contrastive-itm",
+                task_options={"itm_weight": m["itm_weight"]},
+            )
+        )
+        return str(work / "itm" / "best")
+
+    best = _timed(state, "itm", work, itm_stage)
     test = _timed(
-        state, "evaluate", work, lambda: _evaluate(best, manifests["test"], work / "eval-test")
+        state,
+        "evaluate",
+        work,
+        lambda: _evaluate(best, manifests["test"], work / "eval-test", rerank=recipe["rerank"]),
     )
 
     def export() -> str:
@@ -415,9 +467,15 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="2%% of the steps (a quick check)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--itm-from",
+        type=Path,
+        default=None,
+        help="start at the itm stage from this fine-tuned checkpoint (stages 1-5 done before)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = run(args.work, args.out, args.smoke, args.compare, args.threads)
+    summary = run(args.work, args.out, args.smoke, args.compare, args.threads, args.itm_from)
     print(json.dumps(summary, indent=2))
 
 
