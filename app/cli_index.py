@@ -144,10 +144,21 @@ def register(cli: typer.Typer) -> None:
         k: Annotated[int, typer.Option("--k", min=1)] = 10,
         offset: Annotated[int, typer.Option(min=0)] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
+        rerank: Annotated[
+            int,
+            typer.Option(
+                min=0, help="Re-score the top N with the fusion encoder (needs an --itm model)."
+            ),
+        ] = 0,
+        min_match: Annotated[
+            float | None,
+            typer.Option(min=0.0, max=1.0, help="With --rerank: drop hits below this match."),
+        ] = None,
         model: Annotated[Path | None, _MODEL] = None,
         device: Annotated[str, _DEVICE] = "auto",
     ) -> None:
-        """Search an index with a text or an image; prints rank, score and path or text."""
+        """Search an index with a text or an image; prints rank, score (and match) and path or
+        text."""
         from beit3.errors import InputDataError
         from indexer import Searcher
 
@@ -157,7 +168,14 @@ def register(cli: typer.Typer) -> None:
             raise InputDataError(f"{query}: no such image file (--image takes a path)")
         names = list(searcher.manifest.tables)
         table = table or ("images" if "images" in names or not names else names[0])
-        hits = searcher.search(Path(query) if image else query, table, k=k, offset=offset)
+        hits = searcher.search(
+            Path(query) if image else query,
+            table,
+            k=k,
+            offset=offset,
+            rerank=rerank,
+            min_match=min_match,
+        )
         if as_json:
             typer.echo(json.dumps([h.to_dict() for h in hits], indent=1))
             return
@@ -165,4 +183,10 @@ def register(cli: typer.Typer) -> None:
             shown = h.text
             if h.modality == "image":  # with the caption of a manifest, when it had one
                 shown = f"{h.path}  {h.text}" if h.text else h.path
-            typer.echo(f"{h.rank:4d}  {h.score:7.4f}  {shown}")
+            match = f"  match {h.match:5.1%}" if h.match is not None else ""
+            typer.echo(f"{h.rank:4d}  {h.score:7.4f}{match}  {shown}")
+        if rerank and not hits:
+            typer.echo(
+                f"no confident match (none of the top {rerank} reaches match >= {min_match})",
+                err=True,
+            )

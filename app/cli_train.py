@@ -105,14 +105,30 @@ def register(cli: typer.Typer) -> None:
         device: str = "auto",
         image_column: str | None = None,
         text_column: str | None = None,
+        itm: Annotated[
+            bool,
+            typer.Option(
+                "--itm",
+                help="Also train the fusion-encoder matcher (image-text matching on hard "
+                "negatives; calibrated on --val), for search --rerank.",
+            ),
+        ] = False,
+        itm_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the --itm loss.")] = 1.0,
     ) -> None:
-        """Fine-tune the dual encoder on image-text pairs (contrastive loss)."""
+        """Fine-tune on image-text pairs: the dual encoder (contrastive loss), with --itm the
+        matcher too. With neither --init nor --preset it starts from the bundled demo model."""
+        from app.demo import DEMO_MODEL
         from training import FinetuneConfig
         from training import finetune as run
 
+        if init is None and preset is None:
+            init = DEMO_MODEL
+            typer.echo(f"starting from the bundled model {DEMO_MODEL} (--init/--preset to change)")
         config = FinetuneConfig(
             train=train,
             output_dir=str(output_dir),
+            task="contrastive-itm" if itm else "contrastive",
+            task_options={"itm_weight": itm_weight} if itm else {},
             init=_str(init),
             preset=preset,
             spm=_str(spm),
@@ -161,6 +177,14 @@ def register(cli: typer.Typer) -> None:
         device: str = "auto",
         image_column: str | None = None,
         text_column: str | None = None,
+        rerank: Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="Also rerank the top N with the fusion encoder: recall with reranking, "
+                "ECE and AUROC of the match probability, reliability.png (an --itm model).",
+            ),
+        ] = 0,
     ) -> None:
         """Image->text and text->image recall@1/5/10 of a checkpoint on held-out pairs."""
         from training import EvalConfig, format_table
@@ -176,6 +200,7 @@ def register(cli: typer.Typer) -> None:
             device=device,
             image_column=image_column,
             text_column=text_column,
+            rerank=rerank,
         )
         with _progress("eval", "batch") as update:
             metrics = run(config, progress=update)

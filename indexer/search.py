@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from beit3.errors import IndexMismatchError, InputDataError
+from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
 from indexer.manifest import DbManifest, TableInfo
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 Query = str | Path | bytes | BinaryIO | Image.Image
 _SHA = re.compile(r"[0-9a-f]{64}")
+RERANK_BATCH = 32  # (query, candidate) pairs per fusion-encoder forward
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class Hit:
     rank: 1-based position in the full ranking (offset + 1 for the first hit of a page);
     score: cosine similarity in [-1, 1]; id: the content's sha256 (stable across runs);
     path: the image file (None for texts); text: the text (None for images);
-    paths: every path (images) or ``file:line`` reference (texts) with this content.
+    paths: every path (images) or ``file:line`` reference (texts) with this content;
+    match: with reranking, the fusion encoder's calibrated probability that the hit matches
+    the query (None without reranking).
     """
 
     rank: int
@@ -47,6 +51,7 @@ class Hit:
     path: str | None
     text: str | None
     paths: tuple[str, ...] = ()
+    match: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,24 +143,128 @@ class Searcher:
                     batch.text_ids.to(self.device), batch.padding_mask.to(self.device)
                 )
             return vector.float().cpu().numpy()[0]
+        return encode_images(model, self._query_image(query)[None], self.device)[0]
+
+    def _query_image(self, query: Query) -> torch.Tensor:
+        """An image query (Path, bytes, file object, PIL image) -> (3, S, S), decoded as the
+        indexer decodes."""
         if isinstance(query, bytes):
             query = io.BytesIO(query)
         if isinstance(query, Path | Image.Image) or hasattr(query, "read"):
-            image = load_query_image(query, self.checkpoint.preprocess)
-            return encode_images(model, image[None], self.device)[0]
+            return load_query_image(query, self.checkpoint.preprocess)  # type: ignore[arg-type]
         raise InputDataError(
             f"cannot search with a {type(query).__name__}: pass a text (str) or "
             "an image (Path, bytes, file object or PIL image)"
         )
 
-    def search(self, query: Query, table: str, k: int = 10, offset: int = 0) -> list[Hit]:
+    def search(
+        self,
+        query: Query,
+        table: str,
+        k: int = 10,
+        offset: int = 0,
+        rerank: int = 0,
+        min_match: float | None = None,
+    ) -> list[Hit]:
         """The ``k`` best items of ``table`` for ``query``, after skipping ``offset``.
 
         A ``str`` is a text query; a Path, bytes, file object or PIL image is an image query.
+
+        Args:
+            rerank: re-score the vector search's top ``rerank`` candidates with the fusion
+                encoder (text query -> image table, image query -> text table) and order them
+                by match probability; pages are cut from that one reordered list, so a page
+                past ``rerank`` items is empty. 0: cosine order, no matcher.
+            min_match: with reranking, drop hits whose match probability is below this.
+
+        Raises:
+            CheckpointError: reranking with a model that has no matcher.
+            InputDataError: bad paging, or reranking a direction that has no image-text pair.
         """
         store = self._store(table)
         _check_page(k, offset)
-        return self._hits(table, store.search(self.embed_query(query)[None], k, offset)[0], offset)
+        if rerank < 0 or (min_match is not None and not 0.0 <= min_match <= 1.0):
+            raise InputDataError(
+                f"rerank must be >= 0 and min_match in [0, 1], got {rerank}, {min_match}"
+            )
+        if min_match is not None and not rerank:
+            raise InputDataError("min_match needs reranking: pass rerank (e.g. 32) as well")
+        if not rerank:
+            return self._hits(
+                table, store.search(self.embed_query(query)[None], k, offset)[0], offset
+            )
+        # Decode an image query once: a file object can be read only once.
+        query_image = None if isinstance(query, str) else self._query_image(query)
+        vector = (
+            self.embed_query(query)
+            if query_image is None
+            else encode_images(self.checkpoint.retrieval_model, query_image[None], self.device)[0]
+        )
+        hits = self._hits(table, store.search(vector[None], rerank, 0)[0], 0)
+        hits = self._rerank(query_image if query_image is not None else str(query), table, hits)
+        if min_match is not None:
+            hits = [h for h in hits if h.match is not None and h.match >= min_match]
+        page = hits[offset : offset + k]
+        return [dataclasses.replace(h, rank=offset + i + 1) for i, h in enumerate(page)]
+
+    def _rerank(self, query: str | torch.Tensor, table: str, hits: list[Hit]) -> list[Hit]:
+        """Score (query, hit) pairs with the matcher (``query``: a text, or a decoded image);
+        hits ordered by match probability."""
+        matcher = self.checkpoint.matcher  # raises "no matcher: fine-tune it with --itm"
+        modality = self.manifest.tables[table].get("modality", hits[0].modality if hits else "")
+        text_query = isinstance(query, str)
+        if text_query == (modality == "text"):
+            raise InputDataError(
+                "reranking scores image-text pairs: use a text query against an image table "
+                f"or an image query against a text table (this is {'text' if text_query else 'image'}"
+                f" -> {modality})"
+            )
+        tokenizer = self.checkpoint.tokenizer
+        if isinstance(query, str):
+            kept, images = [], []
+            for hit in hits:
+                image = self._candidate_image(hit)
+                if image is not None:
+                    kept.append(hit)
+                    images.append(image)
+            hits = kept
+            texts = [query.strip()] * len(hits)
+        else:
+            images = [query] * len(hits)
+            texts = [h.text or "" for h in hits]
+        if not hits:
+            return []
+        probs = []
+        with torch.inference_mode():
+            for lo in range(0, len(hits), RERANK_BATCH):
+                batch = tokenizer(texts[lo : lo + RERANK_BATCH])
+                probs.append(
+                    matcher.match_probability(
+                        torch.stack(images[lo : lo + RERANK_BATCH]).to(self.device),
+                        batch.text_ids.to(self.device),
+                        batch.padding_mask.to(self.device),
+                    )
+                    .float()
+                    .cpu()
+                )
+        match = torch.cat(probs).tolist()
+        scored = [dataclasses.replace(h, match=float(m)) for h, m in zip(hits, match, strict=True)]
+        # Stable: equal probabilities keep the vector search's order.
+        return sorted(scored, key=lambda h: -(h.match or 0.0))
+
+    def _candidate_image(self, hit: Hit) -> torch.Tensor | None:
+        """A candidate's image, decoded as the indexer decoded it; None (with a warning) when
+        none of its files can be read any more."""
+        reason = "no file path"
+        for path in (hit.path, *hit.paths):
+            if not path:
+                continue
+            try:
+                return load_query_image(Path(path), self.checkpoint.preprocess)
+            except Beit3Error as exc:
+                reason = str(exc)
+        logger.warning("rerank: skipped %s: %s", hit.path or hit.id, reason)
+        return None
 
     def search_vector(
         self, vector: np.ndarray, table: str, k: int = 10, offset: int = 0

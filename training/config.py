@@ -151,6 +151,9 @@ class EvalConfig(ConfigMixin):
         batch_size: images / texts encoded at a time per process.
         block_size: score rows computed at a time (memory: block_size x number of texts).
         ks: recall cut-offs.
+        rerank: also measure recall with the top ``rerank`` candidates re-scored by the
+            fusion-encoder matcher (a checkpoint trained with --itm), the matcher's ECE and
+            AUROC, and write a reliability diagram (one process).
     """
 
     checkpoint: str
@@ -164,8 +167,11 @@ class EvalConfig(ConfigMixin):
     ks: tuple[int, ...] = (1, 5, 10)
     precision: str = "auto"
     device: str = "auto"
+    rerank: int = 0
 
     def __post_init__(self) -> None:
+        if self.rerank < 0:
+            raise ConfigError(f"rerank must be >= 0, got {self.rerank}")
         for name in ("batch_size", "block_size"):
             _positive(self, name)
         if not self.ks or any(k < 1 for k in self.ks):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from beit3.checkpoint import load_checkpoint
 from beit3.data import ImageFiles, PairRecord, group_by_image, read_pairs
-from beit3.errors import InputDataError
+from beit3.errors import ConfigError, InputDataError
 from beit3.run import DistInfo, autocast, gather_rows, init_distributed, resolve_bf16, shard_range
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
@@ -50,10 +50,13 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
     """
     info = init_distributed(config.device)
     use_bf16 = resolve_bf16(config.precision, info.device)
-    ckpt = load_checkpoint(config.checkpoint, architecture="retrieval", device=info.device)
+    ckpt = load_checkpoint(config.checkpoint, device=info.device)
+    if config.rerank and info.world_size > 1:
+        raise ConfigError("eval --rerank runs on one process; start it without torchrun")
+    matcher = ckpt.matcher if config.rerank else None  # "no matcher: fine-tune with --itm"
     records = read_pairs(config.data, config.image_column, config.text_column)
     metrics = evaluate_model(
-        ckpt.model,
+        ckpt.retrieval_model,
         ckpt.tokenizer,
         ckpt.preprocess,
         records,
@@ -66,6 +69,32 @@ def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> dict[str
         progress=progress,
     )
     result: dict[str, Any] = {**metrics, "model_id": ckpt.model_id, "data": str(config.data)}
+    if matcher is not None:
+        from training.matching import matcher_calibration, reliability_diagram, reranked_recall
+
+        scores = reranked_recall(
+            matcher,
+            ckpt.tokenizer,
+            ckpt.preprocess,
+            records,
+            rerank=config.rerank,
+            ks=config.ks,
+            batch_size=config.batch_size,
+        )
+        calibration, probs, labels = matcher_calibration(
+            matcher, ckpt.tokenizer, ckpt.preprocess, records, batch_size=config.batch_size
+        )
+        result.update(calibration)
+        result.update({k: v for k, v in scores.items() if k.startswith("rerank_")})
+        result["rerank"] = config.rerank
+        result["rerank_average"] = sum(
+            v for k, v in scores.items() if k.startswith("rerank_")
+        ) / max(sum(k.startswith("rerank_") for k in scores), 1)
+        if config.output_dir is not None:
+            diagram = reliability_diagram(
+                probs, labels, Path(config.output_dir) / "reliability.png"
+            )
+            result["reliability_diagram"] = str(diagram)
     if config.output_dir is not None and info.is_main:
         path = Path(config.output_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,9 +280,19 @@ def format_table(metrics: dict[str, Any]) -> str:
     ks = sorted(int(k[5:]) for k in metrics if k.startswith("i2t_r"))
     header = "             " + "".join(f"{'R@' + str(k):>8}" for k in ks)
     rows = [header]
-    for prefix, label in (("i2t", "image->text"), ("t2i", "text->image")):
+    directions = [("i2t", "image->text"), ("t2i", "text->image")]
+    if "rerank" in metrics:
+        n = metrics["rerank"]
+        directions += [("rerank_i2t", f"  reranked@{n}"), ("rerank_t2i", f"  reranked@{n}")]
+        directions = [directions[0], directions[2], directions[1], directions[3]]
+    for prefix, label in directions:
         rows.append(f"{label:13s}" + "".join(f"{100 * metrics[f'{prefix}_r{k}']:8.2f}" for k in ks))
     line = f"average {100 * metrics['average']:.2f}"
+    if "rerank" in metrics:
+        line += (
+            f" (reranked {100 * metrics['rerank_average']:.2f}); match: ECE "
+            f"{metrics['ece']:.3f}, AUROC {metrics['auroc']:.3f}"
+        )
     if "num_images" in metrics:
         line += (
             f"  ({metrics['num_images']} images, {metrics['num_texts']} captions"

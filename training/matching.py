@@ -34,6 +34,7 @@ __all__ = [
     "auroc",
     "expected_calibration_error",
     "fit_platt",
+    "matcher_calibration",
     "matcher_pairs",
     "mine_hard_negatives",
     "reliability_diagram",
@@ -350,11 +351,9 @@ def reranked_recall(
     rerank: int,
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 64,
-    negatives: int = 3,
 ) -> dict[str, float]:
     """Recall@k both ways with the dual encoder alone and with its top-``rerank`` candidates
-    re-ordered by the calibrated match probability; plus ECE (10 bins) and AUROC of ``match``
-    on the true pairs against hard negatives (one process).
+    re-ordered by the calibrated match probability (one process).
 
     Rank = the number of candidates ordered before the best true one (a candidate with an
     equal score is ordered after it).
@@ -374,21 +373,12 @@ def reranked_recall(
         for direction, scores, truth in (("i2t", sims, true), ("t2i", sims.T, true.T)):
             dual_ranks, rerank_ranks = [], []
             k = min(rerank, scores.shape[1])
-            top = scores.topk(k, dim=1).indices  # (Q, K)
-            pairs = torch.stack(
-                [top, torch.arange(scores.shape[0]).unsqueeze(1).expand_as(top)], dim=-1
-            ).reshape(-1, 2)
-            if direction == "i2t":  # (query image, candidate text)
-                pairs = pairs.flip(-1)
-            # pairs rows are (image, text)
-            image_text = pairs if direction == "t2i" else pairs
+            top = scores.topk(k, dim=1).indices  # (Q, K) candidates of each query
+            queries = torch.arange(scores.shape[0]).unsqueeze(1).expand_as(top)
+            # (image, text) rows: the query is the image for i2t, the text for t2i.
+            pairs = torch.stack([queries, top] if direction == "i2t" else [top, queries], -1)
             logits = _score_pairs(
-                model,
-                pixels,
-                ids,
-                mask,
-                image_text if direction == "t2i" else image_text,
-                batch_size,
+                model, pixels, ids, mask, pairs.reshape(-1, 2), batch_size
             ).reshape(top.shape)
             match = model.calibrated(logits)
             for q in range(scores.shape[0]):
@@ -407,12 +397,32 @@ def reranked_recall(
                     metrics[f"{name}{direction}_r{kk}"] = value
     finally:
         model.train(was_training)
-    pairs_scored = matcher_pairs(
+    return metrics
+
+
+def matcher_calibration(
+    model: Beit3WithMatcher,
+    tokenizer: TextTokenizer,
+    preprocess: PreprocessConfig,
+    records: Sequence[PairRecord],
+    *,
+    negatives: int = 3,
+    batch_size: int = 64,
+) -> tuple[dict[str, float], Tensor, Tensor]:
+    """How well ``match`` is calibrated on held-out pairs against their hard negatives.
+
+    Returns:
+        ({"ece", "auroc", "num_pairs_calibration"}, probabilities (P,), labels (P,)); ECE over
+        10 bins of every scored pair; AUROC of the true pairs against each query's best-scoring
+        wrong candidate (by the dual encoder).
+    """
+    pairs = matcher_pairs(
         model, tokenizer, preprocess, records, negatives=negatives, batch_size=batch_size
     )
-    probs = model.calibrated(pairs_scored.logits)
-    metrics["ece"] = expected_calibration_error(probs, pairs_scored.labels)
-    positive = probs[pairs_scored.labels == 1]
-    metrics["auroc"] = auroc(positive, probs[pairs_scored.is_best_wrong])
-    metrics["num_pairs_calibration"] = float(probs.numel())
-    return metrics
+    probs = model.calibrated(pairs.logits)
+    metrics = {
+        "ece": expected_calibration_error(probs, pairs.labels),
+        "auroc": auroc(probs[pairs.labels == 1], probs[pairs.is_best_wrong]),
+        "num_pairs_calibration": float(probs.numel()),
+    }
+    return metrics, probs, pairs.labels

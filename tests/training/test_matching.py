@@ -14,6 +14,7 @@ from training.matching import (
     auroc,
     expected_calibration_error,
     fit_platt,
+    matcher_calibration,
     mine_hard_negatives,
     reranked_recall,
 )
@@ -153,9 +154,12 @@ def test_itm_fine_tuning_trains_and_calibrates_the_matcher(shapes):
     scale, bias = ckpt.matcher.itm_calibration.tolist()
     assert (scale, bias) == pytest.approx((report["scale"], report["bias"]))
     assert report["ece_calibrated_on_fit_pairs"] <= report["ece_uncalibrated"]
-    metrics = reranked_recall(
-        ckpt.matcher, ckpt.tokenizer, ckpt.preprocess, read_pairs(shapes["eval"]), rerank=8
+    records = read_pairs(shapes["eval"])
+    metrics = reranked_recall(ckpt.matcher, ckpt.tokenizer, ckpt.preprocess, records, rerank=8)
+    calibration, probs, labels = matcher_calibration(
+        ckpt.matcher, ckpt.tokenizer, ckpt.preprocess, records
     )
-    assert 0.0 <= metrics["auroc"] <= 1.0 and math.isfinite(metrics["ece"]), metrics
+    assert 0.0 <= calibration["auroc"] <= 1.0 and math.isfinite(calibration["ece"])
+    assert probs.shape == labels.shape and int(labels.sum()) == 32
     # The dual encoder still works: it is the same checkpoint, with the matcher beside it.
     assert metrics["i2t_r5"] > 0.5 and metrics["t2i_r5"] > 0.5, metrics
