@@ -114,11 +114,11 @@ def _recipe(smoke: bool) -> dict:
             "drop_path_rate": 0.1,
         },
         "itm": {
-            "max_steps": steps(600),
+            "max_steps": steps(300),
             "lr": 2e-4,
             "batch_size": 96,
             "layer_decay": 0.85,
-            "eval_every": steps(150),
+            "eval_every": steps(100),
             "drop_path_rate": 0.1,
             "itm_weight": 1.0,
         },

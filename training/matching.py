@@ -53,19 +53,33 @@ def row_hashes(ids: Tensor, padding_mask: Tensor) -> Tensor:
     return ((ids + 1) * weights).sum(dim=1)
 
 
+def _hash_uniform(seed: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """Uniform (0, 1) numbers for (row key, column key) pairs: (B,), (G,) int -> (B, G), a pure
+    function of the keys and the seed (murmur3's 32-bit finaliser on a mix of the three)."""
+    mask = 0xFFFFFFFF
+    h = (rows.long().unsqueeze(1) * 0x9E3779B1 + cols.long().unsqueeze(0) * 0x85EBCA77) & mask
+    h = (h ^ ((seed * 0xC2B2AE3D) & mask)) & mask
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> shift)) * mult) & mask  # int64 products wrap; the low 32 bits are exact
+    h = h ^ (h >> 16)
+    return (h.double() + 0.5) / 2**32
+
+
 def mine_hard_negatives(
     logits_per_image: Tensor,
     logits_per_text: Tensor,
     labels: Tensor,
     same_image: Tensor,
     same_text: Tensor,
-    generator: torch.Generator,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw one hard negative text per image and one hard negative image per text.
 
-    Each row samples from softmax(logits) over the allowed columns (Gumbel-max, so the draw of
-    a global row depends only on the generator and that row: one process and several give the
-    same negatives for the same global batch).
+    Each row samples from softmax(logits) over the allowed columns by the Gumbel-max trick,
+    with noise that is a function of (seed, row key, column key) only: however the global
+    batch is dealt to the ranks, one process and several draw the same negatives.
 
     Args:
         logits_per_image: (B, G) this rank's images against the G texts of the global batch.
@@ -73,24 +87,25 @@ def mine_hard_negatives(
         labels: (B,) each row's own column.
         same_image: (B, G) bool: column j shows the same image as row i (excluded both ways).
         same_text: (B, G) bool: text j equals text i (an exact duplicate caption: excluded).
-        generator: a CPU generator seeded the same on every rank for this step.
+        row_keys, col_keys: (B,), (G,) stable ids of the pairs (e.g. their dataset rows).
+        seed: the same on every rank for this micro-batch.
 
     Returns:
         (negative text column (B,), negative image column (B,), valid_text (B,) bool,
         valid_image (B,) bool); a row with no allowed column is not valid.
     """
-    rows, width = logits_per_image.shape
+    rows = logits_per_image.shape[0]
     device = logits_per_image.device
-    offset = int(labels[0]) if rows else 0
-    noise = torch.rand(width, width, generator=generator).clamp_(1e-9, 1 - 1e-9)
-    gumbel = -torch.log(-torch.log(noise))[offset : offset + rows].to(device)  # (B, G)
     banned = same_image | same_text
     banned[torch.arange(rows, device=device), labels] = True
     out = []
-    for logits in (logits_per_image, logits_per_text):
-        scores = (logits.detach().float() + gumbel).masked_fill(banned, -math.inf)
-        best = scores.argmax(dim=1)
-        out.append((best, torch.isfinite(scores.max(dim=1).values)))
+    for salt, logits in enumerate((logits_per_image, logits_per_text)):
+        noise = _hash_uniform(2 * seed + salt, row_keys.cpu(), col_keys.cpu()).clamp(
+            1e-12, 1 - 1e-12
+        )
+        gumbel = (-torch.log(-torch.log(noise))).to(device)
+        scores = (logits.detach().double() + gumbel).masked_fill(banned, -math.inf)
+        out.append((scores.argmax(dim=1), torch.isfinite(scores.max(dim=1).values)))
     (neg_text, valid_text), (neg_image, valid_image) = out
     return neg_text, neg_image, valid_text, valid_image
 

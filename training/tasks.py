@@ -162,6 +162,7 @@ class MatchingTask(ContrastiveTask):
         with torch.no_grad():
             all_images = gather_rows(images)
             all_owner = gather_rows(batch.image_index)
+            all_rows = gather_rows(batch.index)
             same_image = batch.image_index.unsqueeze(1) == all_owner.unsqueeze(0)  # (B, G)
             hashes, all_hashes = row_hashes(ids, mask), row_hashes(all_ids, all_mask)
             same_text = hashes.unsqueeze(1) == all_hashes.unsqueeze(0)  # (B, G)
@@ -171,7 +172,9 @@ class MatchingTask(ContrastiveTask):
                 clip.labels,
                 same_image,
                 same_text,
-                torch.Generator().manual_seed(seed),
+                batch.index,
+                all_rows,
+                seed,
             )
         # One joint forward over the positives, (image, negative text), (negative image, text).
         out = model(

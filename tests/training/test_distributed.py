@@ -86,3 +86,24 @@ def test_ddp_and_fsdp_runs_equal_one_process_and_fsdp_resumes(shapes, spm_path):
         _assert_same_run(
             root / resumed, root / "fsdp", root / resumed / "final", root / "fsdp" / "final", [3, 4]
         )
+
+
+@pytest.mark.dist
+def test_itm_under_ddp_equals_one_process(shapes, spm_path):
+    # Hard negatives are drawn over the global batch with a seed shared by the ranks, so the
+    # two ranks together pick the negatives one process picks; the matcher's second forward
+    # through the DDP wrapper reduces its gradients with the contrastive ones.
+    root = shapes["root"]
+    itm = {"task": "contrastive-itm", "max_steps": 3, "save_every": 10}
+    single = finetune(_config(shapes, spm_path, "itm-single", **itm))
+    run_distributed(
+        _run, [_config(shapes, spm_path, "itm-ddp", batch_size=8, strategy="ddp", **itm)]
+    )
+    _assert_same_run(
+        root / "itm-ddp", root / "itm-single", root / "itm-ddp" / "final", single, [1, 2, 3]
+    )
+    got, want = (
+        [json.loads(line).get("loss_itm") for line in (root / name / "metrics.jsonl").open()]
+        for name in ("itm-ddp", "itm-single")
+    )
+    assert got == pytest.approx(want, rel=1e-4)

@@ -20,9 +20,10 @@ from training.matching import (
 )
 
 
-def _draw(logits_i, logits_t, labels, same_image, same_text, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return mine_hard_negatives(logits_i, logits_t, labels, same_image, same_text, gen)
+def _draw(logits_i, logits_t, labels, same_image, same_text, seed=0, rows=None, cols=None):
+    rows = torch.arange(logits_i.shape[0]) if rows is None else rows
+    cols = torch.arange(logits_i.shape[1]) if cols is None else cols
+    return mine_hard_negatives(logits_i, logits_t, labels, same_image, same_text, rows, cols, seed)
 
 
 def test_negatives_exclude_the_positive_the_same_image_and_duplicate_captions():
@@ -51,11 +52,27 @@ def test_negatives_follow_the_similarities_and_a_rank_draws_as_one_process():
     sharp[torch.arange(g), (labels + 1) % g] = 50.0
     neg_t, _, _, _ = _draw(sharp, sharp, labels, none, none)
     assert neg_t.tolist() == ((labels + 1) % g).tolist()
-    # Rows 4..7 drawn on "rank 1" (its rows only, labels offset by 4) equal the full draw.
+    # A rank that holds rows 4..7 (labels offset by 4) draws what the full batch draws for
+    # them; and a batch dealt in another order (rows keyed by their dataset row) draws the
+    # same negatives for the same pairs.
     full = _draw(logits, logits.T, labels, none, none, seed=9)
-    part = _draw(logits[4:], logits.T[4:], labels[4:], none[4:], none[4:], seed=9)
+    part = _draw(logits[4:], logits.T[4:], labels[4:], none[4:], none[4:], seed=9, rows=labels[4:])
     for a, b in zip(full, part, strict=True):
         assert a[4:].tolist() == b.tolist()
+    perm = torch.randperm(g, generator=gen)
+    back = torch.argsort(perm)
+    shuffled = _draw(
+        logits[perm][:, perm],
+        logits.T[perm][:, perm],
+        labels,
+        none,
+        none,
+        seed=9,
+        rows=perm,
+        cols=perm,
+    )
+    assert perm[shuffled[0]][back].tolist() == full[0].tolist()  # same text for the same image
+    assert perm[shuffled[1]][back].tolist() == full[1].tolist()
     # With no allowed column a row is marked invalid instead of drawing the positive.
     one = _draw(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0]), none[:1, :1], none[:1, :1])
     assert not one[2].any() and not one[3].any()
