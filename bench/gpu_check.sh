@@ -35,6 +35,7 @@ step train_speed 90 $PY bench/train_speed.py --device cuda --preset beit3-base -
 step pretrain_speed 100 $PY bench/pretrain_speed.py --device cuda --preset beit3-base --json "$OUT/pretrain_speed.json"
 step index_speed 70 $PY bench/index_speed.py --device cuda --preset beit3-base --backend faiss \
   --workers 12 --batch-size 256 --count 2000
+step rerank_speed 60 $PY bench/rerank_speed.py --device cuda --queries 30 --backend faiss
 step model_speed_compiled 90 $PY bench/model_speed.py --device cuda --batch 8 --repeats 20 --compile
 echo "=== summary ($(( $(date +%s) - START )) s)"
 printf '%s\n' "${status[@]}"
