@@ -7,6 +7,7 @@ read in one place and can be tested without a page.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import re
@@ -26,6 +27,8 @@ MAX_UPLOAD_PIXELS = 40_000_000  # 40 MP: a large phone photo is 12-50 MP; more i
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 THUMB_SIZE = 256
 THUMB_BACKGROUND = (244, 244, 240)
+DEFAULT_RERANK = 32  # candidates the fusion encoder re-scores per query
+DEFAULT_MIN_MATCH = 0.5  # calibrated: a hit at the cutoff matches as often as not
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,89 @@ def hit_name(path: str | None, item_id: Any, label: str | None = None) -> str:
 
 def format_score(score: float) -> str:
     return f"{score:.3f}"
+
+
+def format_match(probability: float) -> str:
+    """A calibrated match probability as a percentage: ``0.87`` -> ``87%``; one decimal near 0
+    and 1, where a rounded ``0%`` or ``100%`` would claim certainty."""
+    if probability < 0.001:
+        return "<0.1%"
+    if probability > 0.999:
+        return ">99.9%"
+    if probability < 0.01 or probability > 0.99:
+        return f"{probability:.1%}"
+    return f"{probability:.0%}"
+
+
+def hit_caption(hit: Any) -> str:
+    """The line under an image card: ``score 0.312 · #1``, or ``score 0.312 · match 87% · #1``
+    when the hit was reranked."""
+    parts = [f"score {format_score(hit.score)}"]
+    if hit.match is not None:
+        parts.append(f"match {format_match(hit.match)}")
+    return " \u00b7 ".join([*parts, f"#{hit.rank}"])
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """The page's reranking settings: the fusion encoder re-scores the vector search's top
+    ``candidates``; with ``min_match`` set, hits below that probability are hidden."""
+
+    candidates: int = DEFAULT_RERANK
+    min_match: float | None = DEFAULT_MIN_MATCH
+
+
+def reranks(query_kind: str, modality: str) -> bool:
+    """Whether the matcher scores this search: it needs an image-text pair whose query the page
+    holds, i.e. a typed text against an image table or an uploaded image against a text table.
+    A clicked item is searched with its stored vector, so it stays in cosine order."""
+    return (query_kind, modality) in (("text", "image"), ("upload", "text"))
+
+
+def cosine_only_note(query_kind: str, modality: str) -> str:
+    """Why a section is in cosine order although reranking is on."""
+    if query_kind == "item":
+        return "Cosine order: reranking applies to a typed query or an uploaded image."
+    return "Cosine order: the fusion encoder scores image\u2013text pairs only."
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """What a reranked section shows.
+
+    hits: the hits on screen; more: whether another page exists; confident: False when no
+    candidate reaches the cutoff, and ``hits`` are then the nearest ones by match, not results;
+    hidden: candidates below the cutoff left out; candidates: how many the matcher scored.
+    """
+
+    hits: list[Any]
+    more: bool
+    confident: bool
+    hidden: int
+    candidates: int
+
+
+def arrange_reranked(ranked: Sequence[Any], min_match: float | None, shown: int) -> Reranked:
+    """Cut the reranked list (``Searcher.search(..., k=K, rerank=K)``, ordered by match) for the
+    page: the first ``shown`` hits at or above ``min_match``, ranked 1.. in that filtered list
+    exactly as ``Searcher.search(..., min_match=min_match)`` ranks them. When none passes, the
+    first ``shown`` candidates with their own ranks, marked not confident."""
+    passed = [h for h in ranked if min_match is None or h.match >= min_match]
+    hidden = len(ranked) - len(passed)
+    confident = bool(passed) or not ranked
+    if confident:
+        pool = [dataclasses.replace(h, rank=i + 1) for i, h in enumerate(passed)]
+    else:
+        pool = list(ranked)
+    return Reranked(pool[:shown], len(pool) > shown, confident, hidden, len(ranked))
+
+
+def no_confident_match(query: str, candidates: int, min_match: float) -> str:
+    """The message when the cutoff removes every candidate (``query`` is shown as typed)."""
+    return (
+        f"No confident match for \u201c{md_escape(query)}\u201d (none of the top {candidates} "
+        f"reaches {min_match:.0%})."
+    )
 
 
 _MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$"

@@ -4,6 +4,11 @@ Started by ``beit3 app --db DIR`` (``streamlit run`` on this file, arguments aft
 calls only :class:`indexer.Searcher`. It shows images as re-encoded thumbnails of files the index
 holds, never a path taken from the browser, and turns every failure into a message in the page.
 
+With a model that has a matcher, a typed query's images and an upload's texts are reranked: the
+Searcher re-scores the top K vector hits with the fusion encoder once per query, and the page cuts
+its pages (and the "hide weak matches" cutoff) from that one list, as ``Searcher.search(k, offset,
+rerank=K, min_match=p)`` would.
+
 State (``st.session_state``): ``active`` is the query whose results are shown (a typed text, an
 uploaded image, or an indexed item that was clicked); ``pages`` counts the result pages loaded for
 that query; ``memo`` keeps the search results of this session so a rerun does not search again.
@@ -22,19 +27,29 @@ import streamlit as st
 from PIL import Image
 
 from app._ui import (
+    DEFAULT_MIN_MATCH,
+    DEFAULT_RERANK,
     MAX_UPLOAD_PIXELS,
     UPLOAD_TYPES,
     AppArgs,
+    Rerank,
+    Reranked,
+    arrange_reranked,
     content_key,
+    cosine_only_note,
     db_labels,
     decode_upload,
     describe_db_problem,
     examples_from_names,
     examples_from_texts,
+    format_match,
     format_score,
+    hit_caption,
     hit_name,
     md_escape,
+    no_confident_match,
     parse_app_args,
+    reranks,
     thumbnail,
 )
 from beit3 import Beit3Error
@@ -45,6 +60,7 @@ PAGE_SIZES = (10, 20, 40, 80)
 TEXT_HITS_PER_PAGE = 6
 UPLOAD_WORKING_SIZE = 1024  # uploads are kept (and shown) at most this large
 NO_TEXT_TABLE = "(none)"
+MAX_RERANK = 512
 
 # Tighter page margins; one-line file names under thumbnails (the button's tooltip has it whole).
 _STYLE = """<style>
@@ -83,16 +99,24 @@ def load_searcher(db: str, model: str | None) -> Any:
 
 
 def _warm_up(searcher: Any) -> None:
-    """Run one text and one image query per table so the first real query is not the slow one."""
+    """Run one text and one image query per table so the first real query is not the slow one
+    (and, with a matcher, one reranked query per table)."""
     probe = Image.new("RGB", (64, 64), (128, 128, 128))
+    matcher = has_matcher(searcher)
     for name, info in searcher.tables.items():
         if not info.count:
             continue
         for query in ("warm up", probe):
+            pair = isinstance(query, str) == (info.modality == "image")
             try:
-                searcher.search(query, name, k=1)
+                searcher.search(query, name, k=1, rerank=2 if matcher and pair else 0)
             except Exception:  # noqa: BLE001 - warming is best effort; a real query reports errors
                 logger.warning("warm-up query on table %s failed", name, exc_info=True)
+
+
+def has_matcher(searcher: Any) -> bool:
+    """Whether the index's model can rerank (``Beit3WithMatcher``)."""
+    return bool(getattr(searcher.checkpoint.model, "has_matcher", False))
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
@@ -220,6 +244,27 @@ def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offse
     return memo[key]
 
 
+def reranked_hits(searcher: Any, db: str, query: Query, table: str, candidates: int) -> list:
+    """The query's top ``candidates`` reranked by the fusion encoder, ordered by match: one
+    Searcher call per query; pages and the cutoff are cut from this list."""
+    memo: dict = _state().setdefault("memo", {})
+    key = (db, table, query.key, "rerank", candidates)
+    if key not in memo:
+        if len(memo) > 256:
+            memo.clear()
+        source = query.text if query.kind == "text" else query.image
+        memo[key] = searcher.search(source, table, k=candidates, rerank=candidates)
+    return memo[key]
+
+
+def find_hits(
+    searcher: Any, db: str, query: Query, table: str, k: int, pages: int, rerank: Rerank
+) -> Reranked:
+    """The reranked section's hits for the first ``pages`` pages of ``k``."""
+    ranked = reranked_hits(searcher, db, query, table, rerank.candidates)
+    return arrange_reranked(ranked, rerank.min_match, k * pages)
+
+
 def collect_hits(
     searcher: Any,
     db: str,
@@ -286,8 +331,8 @@ def draw_sidebar(args: AppArgs) -> tuple[Path | None, str]:
         return labels[label], label
 
 
-def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, int]:
-    """Table pickers, page size, model and index size in the sidebar."""
+def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, int, Rerank | None]:
+    """Table pickers, page size, reranking, model and index size in the sidebar."""
     images = [n for n, t in searcher.tables.items() if t.modality == "image"]
     texts = [n for n, t in searcher.tables.items() if t.modality == "text"]
     with st.sidebar:
@@ -303,6 +348,7 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
         elif texts:
             text_table = texts[0]
         k = st.select_slider("Results per page", PAGE_SIZES, value=PAGE_SIZES[0], key="k")
+        rerank = draw_rerank_controls(searcher)
         st.divider()
         st.markdown("**Index**")
         for name, info in searcher.tables.items():
@@ -315,7 +361,48 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
         st.markdown(f"`{_code(searcher.model_id)}`")
         checkpoint = getattr(searcher.checkpoint, "path", searcher.checkpoint)
         st.caption(f"checkpoint `{_code(checkpoint)}`")
-    return image_table, text_table, int(k)
+    return image_table, text_table, int(k), rerank
+
+
+def draw_rerank_controls(searcher: Any) -> Rerank | None:
+    """The reranking switches (in the sidebar); None when the page does not rerank."""
+    label = "Rerank with the fusion encoder"
+    if not has_matcher(searcher):
+        st.toggle(label, value=False, disabled=True, key="rerank-unavailable")
+        st.caption("This model has no matcher (fine-tune with `--itm`).")
+        return None
+    on = st.toggle(
+        label,
+        value=True,
+        key="rerank",
+        help="Re-score the top candidates of a text \u2192 image or image \u2192 text search "
+        "with the fusion encoder, which reads the query and each candidate together, and order "
+        "them by its calibrated probability that they match.",
+    )
+    candidates = st.number_input(
+        "Candidates to rerank",
+        min_value=1,
+        max_value=MAX_RERANK,
+        value=DEFAULT_RERANK,
+        step=8,
+        key="rerank_k",
+        disabled=not on,
+        help="The vector search's top N; results come from these only.",
+    )
+    hide = st.toggle("Hide weak matches", value=True, key="hide_weak", disabled=not on)
+    cutoff = st.slider(
+        "Match cutoff",
+        min_value=0.0,
+        max_value=1.0,
+        value=DEFAULT_MIN_MATCH,
+        step=0.05,
+        key="min_match",
+        disabled=not (on and hide),
+        help="A calibrated probability: of the hits at 0.8, about 8 in 10 match.",
+    )
+    if not on:
+        return None
+    return Rerank(int(candidates), float(cutoff) if hide else None)
 
 
 def draw_inputs(args: AppArgs, examples: list[str]) -> None:
@@ -372,16 +459,72 @@ def draw_query_banner(searcher: Any, query: Query) -> None:
         )
 
 
-def draw_image_hits(
-    searcher: Any, db: str, query: Query, table: str, k: int, can_search_texts: bool
-) -> None:
-    found = _run_safely(
-        "Image search", collect_hits, searcher, db, query, table, k, _state().pages.get("images", 1)
+def _search_section(
+    what: str,
+    searcher: Any,
+    db: str,
+    query: Query,
+    table: str,
+    k: int,
+    section: str,
+    rerank: Rerank | None,
+) -> tuple[list, bool, Reranked | None, str] | None:
+    """(hits, more, reranked, note) of a result section, in cosine order or reranked; ``note``
+    says why a section stays in cosine order with reranking on. None after a failure (the page
+    shows why)."""
+    pages = _state().pages.get(section, 1)
+    modality = "image" if section == "images" else "text"
+    if rerank is None or not reranks(query.kind, modality):
+        found = _run_safely(what, collect_hits, searcher, db, query, table, k, pages)
+        if found is None:
+            return None
+        note = cosine_only_note(query.kind, modality) if rerank is not None else ""
+        return found[0], found[1], None, note
+    arranged = _run_safely(what, find_hits, searcher, db, query, table, k, pages, rerank)
+    if arranged is None:
+        return None
+    return arranged.hits, arranged.more, arranged, ""
+
+
+def _rerank_summary(
+    query: Query, rerank: Rerank, arranged: Reranked, heading: str
+) -> tuple[str, str]:
+    """(heading, note) of a reranked section; when nothing reaches the cutoff, shows the plain
+    "no confident match" message first and heads the nearest candidates "Not confident"."""
+    if arranged.confident:
+        hidden = ""
+        if arranged.hidden and rerank.min_match is not None:
+            hidden = f" \u00b7 {arranged.hidden} below {rerank.min_match:.0%} hidden"
+        return heading, (
+            f"Top {arranged.candidates} reranked by the fusion encoder, ordered by match{hidden}."
+        )
+    label = query.text if query.kind == "text" else query.label
+    st.warning(
+        no_confident_match(label, arranged.candidates, rerank.min_match or 0.0),
+        icon=":material/help:",
     )
+    return "Not confident", "The nearest candidates by match; none is likely to match."
+
+
+def draw_image_hits(
+    searcher: Any,
+    db: str,
+    query: Query,
+    table: str,
+    k: int,
+    can_search_texts: bool,
+    rerank: Rerank | None = None,
+) -> None:
+    found = _search_section("Image search", searcher, db, query, table, k, "images", rerank)
     if found is None:
         return
-    hits, more = found
-    st.markdown(f"#### Images \u00b7 {len(hits)}")
+    hits, more, arranged, note = found
+    heading = "Images"
+    if arranged is not None and rerank is not None and hits:
+        heading, note = _rerank_summary(query, rerank, arranged, heading)
+    st.markdown(f"#### {heading} \u00b7 {len(hits)}")
+    if note:
+        st.caption(note)
     if not hits:
         st.info("No images match. Try other words, or another table in the sidebar.")
         return
@@ -395,7 +538,7 @@ def draw_image_hits(
             else:
                 st.image(thumb, width="stretch")
             st.markdown(f"**{md_escape(name)}**")
-            st.caption(f"score {format_score(hit.score)} \u00b7 #{hit.rank}")
+            st.caption(hit_caption(hit))
             st.button(
                 "Similar",
                 key=f"similar-{table}-{hit.id}",
@@ -421,21 +564,20 @@ def draw_text_hits(
     query: Query,
     table: str,
     image_table: str | None,
+    rerank: Rerank | None = None,
 ) -> None:
-    found = _run_safely(
-        "Text search",
-        collect_hits,
-        searcher,
-        db,
-        query,
-        table,
-        TEXT_HITS_PER_PAGE,
-        _state().pages.get("texts", 1),
+    found = _search_section(
+        "Text search", searcher, db, query, table, TEXT_HITS_PER_PAGE, "texts", rerank
     )
     if found is None:
         return
-    hits, more = found
-    st.markdown(f"#### Texts \u00b7 {len(hits)}")
+    hits, more, arranged, note = found
+    heading = "Texts"
+    if arranged is not None and rerank is not None and hits:
+        heading, note = _rerank_summary(query, rerank, arranged, heading)
+    st.markdown(f"#### {heading} \u00b7 {len(hits)}")
+    if note:
+        st.caption(note)
     if not hits:
         st.info("No texts match.")
         return
@@ -444,7 +586,8 @@ def draw_text_hits(
             with st.container(
                 horizontal=True, vertical_alignment="center", wrap=False, key=f"text-hit-{hit.rank}"
             ):
-                st.markdown(f"`{format_score(hit.score)}`", width="content")
+                match = "" if hit.match is None else f" \u00b7 {format_match(hit.match)}"
+                st.markdown(f"`{format_score(hit.score)}{match}`", width="content")
                 st.markdown(md_escape(hit.text or str(hit.id)), width="stretch")
                 if image_table:
                     label = (hit.text or str(hit.id))[:60]
@@ -508,7 +651,7 @@ def main() -> None:
             icon=":material/database:",
         )
         return
-    image_table, text_table, k = draw_index_panel(searcher, db)
+    image_table, text_table, k, rerank = draw_index_panel(searcher, db)
     examples = example_queries(str(db.resolve()), image_table, text_table, searcher)
     draw_inputs(args, examples)
 
@@ -520,7 +663,7 @@ def main() -> None:
     if query is None:
         draw_welcome(searcher, examples)
         return
-    signature = (db_label, image_table, text_table, k, query.key)
+    signature = (db_label, image_table, text_table, k, rerank, query.key)
     if _state().get("pages", {}).get("signature") != signature:
         _state().pages = {"signature": signature}  # a new query starts from the first page
     draw_query_banner(searcher, query)
@@ -530,10 +673,10 @@ def main() -> None:
         images = texts = st.container()
     if image_table:
         with images:
-            draw_image_hits(searcher, str(db), query, image_table, k, bool(text_table))
+            draw_image_hits(searcher, str(db), query, image_table, k, bool(text_table), rerank)
     if text_table:
         with texts:
-            draw_text_hits(searcher, str(db), query, text_table, image_table)
+            draw_text_hits(searcher, str(db), query, text_table, image_table, rerank)
 
 
 main()

@@ -18,9 +18,11 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 from app._ui import (
+    arrange_reranked,
     decode_upload,
     examples_from_names,
     examples_from_texts,
+    format_match,
     md_escape,
     parse_app_args,
 )
@@ -290,6 +292,129 @@ def test_query_is_shown_as_text_not_markdown(page):
     assert banner == "Results for **\u201c\\!\\[x\\]\\(http://example\\.com/a\\.png\\)\u201d**"
 
 
+# --- reranking with the fusion encoder ------------------------------------------------------
+# The matcher fixture is calibrated so that every pair matches with about 0.7% (conftest.py):
+# the default cutoff (50%) hides every candidate, and hiding off shows them all in match order.
+
+RERANK = 32  # the page's default number of candidates
+
+
+@pytest.fixture
+def matcher_page(monkeypatch: pytest.MonkeyPatch, matcher_db: Path) -> AppTest:
+    at = open_page(monkeypatch, "--db", str(matcher_db))
+    no_traceback(at)
+    return at
+
+
+def reranked_cards(hits) -> list[tuple[str, str]]:
+    return [
+        (
+            f"**{md_escape(Path(h.path).name)}**",
+            f"score {h.score:.3f} \u00b7 match {h.match:.1%} \u00b7 #{h.rank}",  # 0.x%: one decimal
+        )
+        for h in hits
+    ]
+
+
+def headings(at: AppTest) -> list[str]:
+    return [m.value for m in at.main.markdown if m.value.startswith("#### ")]
+
+
+def test_rerank_switches_are_on_with_a_matcher_model(matcher_page):
+    rerank = matcher_page.toggle(key="rerank")
+    assert rerank.value is True and not rerank.disabled
+    assert matcher_page.number_input(key="rerank_k").value == RERANK
+    assert matcher_page.toggle(key="hide_weak").value is True
+    assert matcher_page.slider(key="min_match").value == 0.5
+
+
+def test_rerank_switch_is_disabled_without_a_matcher(page, app_searcher):
+    toggle = page.toggle(key="rerank-unavailable")
+    assert toggle.value is False and toggle.disabled
+    assert "This model has no matcher (fine-tune with `--itm`)." in [
+        c.value for c in page.sidebar.caption
+    ]
+    assert not [t for t in page.toggle if t.key == "hide_weak"]
+    search(page, QUERY)
+    assert cards(page) == expected_cards(app_searcher.search(QUERY, "images", k=PAGE))
+
+
+def test_reranked_cards_show_the_match_beside_the_score(matcher_page, matcher_searcher):
+    matcher_page.toggle(key="hide_weak").set_value(False).run()
+    search(matcher_page, QUERY)
+    want = matcher_searcher.search(QUERY, "images", k=PAGE, rerank=RERANK)
+    assert cards(matcher_page) == reranked_cards(want)
+    assert [h.match for h in want] == sorted((h.match for h in want), reverse=True)
+    assert headings(matcher_page)[0] == f"#### Images \u00b7 {PAGE}"
+    captions = [c.value for c in matcher_page.main.caption]
+    assert "Top 32 reranked by the fusion encoder, ordered by match." in captions
+    # text -> text has no image-text pair: the texts stay in cosine order, and the page says so.
+    assert "Cosine order: the fusion encoder scores image\u2013text pairs only." in captions
+    texts = matcher_searcher.search(QUERY, "texts", k=TEXT_PAGE)
+    assert text_rows(matcher_page) == [(f"`{h.score:.3f}`", md_escape(h.text)) for h in texts]
+
+
+def test_high_cutoff_says_no_confident_match_and_offers_the_nearest(matcher_page, matcher_searcher):
+    matcher_page.slider(key="min_match").set_value(0.9).run()
+    search(matcher_page, QUERY)
+    assert [w.value for w in matcher_page.warning] == [
+        "No confident match for \u201ca red circle\u201d (none of the top 32 reaches 90%)."
+    ]
+    assert headings(matcher_page)[0] == f"#### Not confident \u00b7 {PAGE}"
+    # The nearest are the same reranked candidates, each with its (low) match shown.
+    assert matcher_searcher.search(QUERY, "images", k=PAGE, rerank=RERANK, min_match=0.9) == []
+    want = matcher_searcher.search(QUERY, "images", k=PAGE, rerank=RERANK)
+    assert cards(matcher_page) == reranked_cards(want)
+    assert all(h.match < 0.9 for h in want)
+
+
+def test_low_cutoff_keeps_the_candidates_as_results(matcher_page, matcher_searcher):
+    matcher_page.slider(key="min_match").set_value(0.0).run()
+    search(matcher_page, QUERY)
+    assert not matcher_page.warning
+    assert headings(matcher_page)[0] == f"#### Images \u00b7 {PAGE}"
+    want = matcher_searcher.search(QUERY, "images", k=PAGE, rerank=RERANK, min_match=0.0)
+    assert cards(matcher_page) == reranked_cards(want)
+
+
+def test_reranked_pages_end_with_the_candidates(matcher_page, matcher_searcher):
+    matcher_page.toggle(key="hide_weak").set_value(False).run()
+    matcher_page.number_input(key="rerank_k").set_value(12).run()
+    search(matcher_page, QUERY)
+    assert cards(matcher_page) == reranked_cards(
+        matcher_searcher.search(QUERY, "images", k=PAGE, rerank=12)
+    )
+    matcher_page.button(key="more-images").click().run()
+    want = matcher_searcher.search(QUERY, "images", k=PAGE, rerank=12) + matcher_searcher.search(
+        QUERY, "images", k=PAGE, offset=PAGE, rerank=12
+    )
+    assert len(want) == 12 and cards(matcher_page) == reranked_cards(want)
+    assert not [b for b in matcher_page.button if b.key == "more-images"]
+
+
+def test_uploaded_image_reranks_the_texts_not_the_images(
+    matcher_page, matcher_searcher, matcher_db
+):
+    path = matcher_db.parent / "images" / "red_circle_0.png"
+    matcher_page.toggle(key="hide_weak").set_value(False).run()
+    matcher_page.file_uploader[0].set_value(("mine.png", path.read_bytes(), "image/png")).run()
+    no_traceback(matcher_page)
+    texts = matcher_searcher.search(path, "texts", k=TEXT_PAGE, rerank=RERANK)
+    assert text_rows(matcher_page) == [
+        (f"`{h.score:.3f} \u00b7 {h.match:.1%}`", md_escape(h.text)) for h in texts
+    ]
+    assert cards(matcher_page) == expected_cards(matcher_searcher.search(path, "images", k=PAGE))
+    captions = [c.value for c in matcher_page.main.caption]
+    assert "Cosine order: the fusion encoder scores image\u2013text pairs only." in captions
+
+
+def test_rerank_off_gives_cosine_order(matcher_page, matcher_searcher):
+    matcher_page.toggle(key="rerank").set_value(False).run()
+    assert matcher_page.toggle(key="hide_weak").disabled
+    search(matcher_page, QUERY)
+    assert cards(matcher_page) == expected_cards(matcher_searcher.search(QUERY, "images", k=PAGE))
+
+
 # --- helpers without a page ---------------------------------------------------------------
 
 
@@ -307,6 +432,24 @@ def test_examples_from_names_and_texts():
     assert examples_from_texts(
         ["a dog", "A dog", "x", "a very long caption " * 5, "a cat"], limit=3
     ) == ["a dog", "a cat"]
+
+
+def test_arrange_reranked_cuts_as_the_searchers_min_match(matcher_searcher):
+    ranked = matcher_searcher.search(QUERY, "images", k=RERANK, rerank=RERANK)
+    cutoff = ranked[9].match  # the 10th best: about 10 pass (ties at the cutoff pass too)
+    arranged = arrange_reranked(ranked, cutoff, shown=RERANK)
+    passed = matcher_searcher.search(QUERY, "images", k=RERANK, rerank=RERANK, min_match=cutoff)
+    assert arranged.hits == passed and len(passed) >= 10
+    assert arranged.confident and arranged.hidden == RERANK - len(passed)
+    assert [h.rank for h in arrange_reranked(ranked, cutoff, shown=4).hits] == [1, 2, 3, 4]
+    nothing = arrange_reranked(ranked, 1.0, shown=PAGE)
+    assert not nothing.confident and nothing.more and nothing.hits == ranked[:PAGE]
+    assert arrange_reranked([], 0.5, shown=PAGE).confident  # no candidate: "no images match"
+
+
+def test_format_match_keeps_a_decimal_near_certainty():
+    got = [format_match(p) for p in (0.87, 0.5, 0.0067, 0.0004, 0.995, 0.9996)]
+    assert got == ["87%", "50%", "0.7%", "<0.1%", "99.5%", ">99.9%"]
 
 
 def test_parse_app_args_reports_unknown_arguments():
