@@ -89,6 +89,16 @@ def register(cli: typer.Typer) -> None:
         weight_decay: float = 0.05,
         warmup_steps: Annotated[int | None, typer.Option(help="Default: 20% of steps.")] = None,
         drop_path: float = 0.2,
+        crop_scale: Annotated[
+            tuple[float, float],
+            typer.Option(help="Random-resized-crop area range (e.g. 0.9 1.0 for mild crops)."),
+        ] = (0.5, 1.0),
+        hflip: Annotated[
+            float,
+            typer.Option(
+                min=0.0, max=1.0, help="Horizontal-flip probability (0 for text, arrows)."
+            ),
+        ] = 0.5,
         img_size: Annotated[int | None, typer.Option(help="From scratch only.")] = None,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
         activation_checkpointing: bool = False,
@@ -142,6 +152,8 @@ def register(cli: typer.Typer) -> None:
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             drop_path_rate=drop_path,
+            crop_scale=crop_scale,
+            hflip=hflip,
             img_size=img_size,
             precision=precision,
             use_checkpoint=activation_checkpointing,
