@@ -96,6 +96,12 @@ def finetune_command(
         "--no-tensorboard",
         "--device",
         "cpu",
+        # The peer's augmentation (crop area 0.9-1, no flip): stamps hold letters and signs.
+        "--crop-scale",
+        "0.9",
+        "1.0",
+        "--hflip",
+        "0",
     ]
     for key, value in settings.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
