@@ -176,4 +176,3 @@ class Beit3WithMatcher(Beit3ForRetrieval):
             return out
         logits = self.match_logits(match_images, match_text_ids, match_padding_mask)
         return out._replace(match_logits=logits)
-

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beit3 import create_model  # noqa: E402
-from beit3.data import PairBatch  # noqa: E402
+from beit3.datasets import PairBatch  # noqa: E402
 from beit3.run import DistInfo  # noqa: E402
 from beit3.tokenizer import PAD_ID  # noqa: E402
 from training import ContrastiveTask, FinetuneConfig, build_optimizer, forward_backward  # noqa: E402

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from beit3 import PreprocessConfig, TextTokenizer
-from beit3.data import ImageFiles
+from beit3.datasets import ImageFiles
 from beit3.heads import Beit3ForRetrieval
 from beit3.run import autocast, resolve_device
 from beit3.transforms import load_image_tensor

@@ -1,12 +1,12 @@
 """Training and evaluation inputs on top of ``beit3.data``.
 
-- :class:`TrainData`: an endless, resumable stream of :class:`beit3.data.PairBatch` from a
+- :class:`TrainData`: an endless, resumable stream of :class:`beit3.datasets.PairBatch` from a
   manifest, a caption folder or WebDataset shards, sharded across ranks. Its position is
   (epoch, batches consumed this epoch); augmentation is seeded per (seed, epoch, sample), so a
   resumed run sees exactly the batches the uninterrupted run would have.
 
 The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) are
-:mod:`beit3.data`'s; evaluation images are :class:`beit3.data.ImageFiles`.
+:mod:`beit3.data`'s; evaluation images are :class:`beit3.datasets.ImageFiles`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from beit3.data import (
-    PairBatch,
-    PairDataset,
-    ResumableSampler,
-    WebDatasetPairs,
-    collate_pairs,
-    expand_shards,
-    is_shard_source,
-    read_pairs,
-)
+from beit3.data import expand_shards, is_shard_source, read_pairs
+from beit3.datasets import PairBatch, PairDataset, ResumableSampler, WebDatasetPairs, collate_pairs
 from beit3.errors import InputDataError
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform

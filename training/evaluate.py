@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from beit3.checkpoint import load_checkpoint
-from beit3.data import ImageFiles, PairRecord, group_by_image, read_pairs
+from beit3.data import PairRecord, group_by_image, read_pairs
+from beit3.datasets import ImageFiles
 from beit3.errors import ConfigError, InputDataError
 from beit3.run import DistInfo, autocast, gather_rows, init_distributed, resolve_bf16, shard_range
 from beit3.tokenizer import TextTokenizer
@@ -207,7 +208,7 @@ def _encode_images(
 ) -> tuple[Tensor, Tensor]:
     """This rank's images -> ((n, D) float32 embeddings, (n,) broken flags); broken rows are 0.
 
-    Decoded as the indexer decodes (:class:`beit3.data.ImageFiles`), so recall is measured on the
+    Decoded as the indexer decodes (:class:`beit3.datasets.ImageFiles`), so recall is measured on the
     vectors an index of these images holds.
     """
     lo, hi = span

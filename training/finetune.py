@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from beit3.checkpoint import load_checkpoint
 from beit3.config import get_preset
-from beit3.data import PairBatch, is_shard_source, read_captions, read_pairs
+from beit3.data import is_shard_source, read_captions, read_pairs
+from beit3.datasets import PairBatch
 from beit3.errors import ConfigError
 from beit3.factory import create_model
 from beit3.run import (

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from beit3.data import ImageFiles, PairRecord, group_by_image
+from beit3.data import PairRecord, group_by_image
+from beit3.datasets import ImageFiles
 from beit3.errors import InputDataError
 from beit3.heads import Beit3WithMatcher
 from beit3.tokenizer import TextTokenizer

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from beit3.checkpoint import load_checkpoint, save_checkpoint
-from beit3.data import PairBatch, PairRecord
+from beit3.data import PairRecord
+from beit3.datasets import PairBatch
 from beit3.errors import ConfigError
 from beit3.run import DistInfo, gather_rows, is_distributed
 from beit3.tokenizer import PAD_ID

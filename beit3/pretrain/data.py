@@ -24,17 +24,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from beit3.data import (
-    PairDataset,
     PairRecord,
-    ResumableSampler,
-    TextLineDataset,
-    WebDatasetPairs,
     expand_shards,
     is_shard_source,
     list_images,
     read_pairs,
     read_texts,
 )
+from beit3.datasets import PairDataset, ResumableSampler, TextLineDataset, WebDatasetPairs
 from beit3.errors import ConfigError, InputDataError
 from beit3.pretrain.masking import IGNORE_INDEX, BlockMasking, compact_positions, mask_text_row
 from beit3.tokenizer import PAD_ID, TextTokenizer

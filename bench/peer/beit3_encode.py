@@ -3,7 +3,7 @@
     .venv/bin/python bench/peer/beit3_encode.py CHECKPOINT_DIR .cache/peer-domain/test.jsonl OUT.npz
 
 The path ``beit3 eval`` takes (training/evaluate.py): ``load_checkpoint(dir,
-architecture="retrieval")``, images decoded and preprocessed by ``beit3.data.ImageFiles`` with the
+architecture="retrieval")``, images decoded and preprocessed by ``beit3.datasets.ImageFiles`` with the
 checkpoint's ``preprocess.json`` (eval transform), captions by the checkpoint's tokenizer, then
 ``encode_image`` / ``encode_text`` (L2-normalised float32). Each distinct caption is encoded
 once; the ground truth goes in ``pairs``. An unreadable image is an error here: the benchmark's
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _budget import read_jsonl, test_pairs  # noqa: E402
 
 from beit3 import load_checkpoint  # noqa: E402
-from beit3.data import ImageFiles  # noqa: E402
+from beit3.datasets import ImageFiles  # noqa: E402
 
 BATCH_SIZE = 128
 

@@ -9,12 +9,6 @@ import torch
 
 from beit3 import ImageTransform, InputDataError, PreprocessConfig
 from beit3.data import (
-    ImageFiles,
-    PairDataset,
-    ResumableSampler,
-    TextLineDataset,
-    WebDatasetPairs,
-    collate_pairs,
     expand_shards,
     group_by_image,
     list_images,
@@ -22,6 +16,14 @@ from beit3.data import (
     read_pairs,
     read_rows,
     read_texts,
+)
+from beit3.datasets import (
+    ImageFiles,
+    PairDataset,
+    ResumableSampler,
+    TextLineDataset,
+    WebDatasetPairs,
+    collate_pairs,
 )
 from tests.data import shape_image
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from beit3 import create_model
-from beit3.data import PairBatch
+from beit3.datasets import PairBatch
 from beit3.run import DistInfo
 from beit3.tokenizer import PAD_ID
 from tests.training.helpers import run_distributed
