@@ -6,7 +6,15 @@ download: ``executable_path`` is the system ``chromium``)::
     python -m app.screenshot --db DIR --query "a red circle" --out docs/screenshots
 
 writes ``search.png`` (a text query) and ``similar.png`` (after clicking "Similar" on the first
-hit). ``tests/app/test_browser.py`` uses the same functions, so the pictures show what the test saw.
+hit). ``--shots rerank`` writes ``rerank.png`` instead: the same query reranked by the fusion
+encoder, cards showing the match beside the score (the index's model must have a matcher).
+``--index-demo-with CKPT`` first indexes the bundled emoji set with CKPT into a temporary folder,
+as ``beit3 demo`` does with the bundled model, and uses that as the database::
+
+    python -m app.screenshot --index-demo-with .cache/demo-itm/model --shots rerank \\
+        --query "a red heart" --out docs/screenshots
+
+``tests/app/test_browser.py`` uses the same functions, so the pictures show what the test saw.
 Playwright is a test dependency and is imported only here.
 """
 
@@ -20,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,6 +48,8 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1440, "height": 1000}
 QUERY_INPUT = ".st-key-q input"
 GALLERY = ".st-key-image-grid"
+SHOTS = ("search", "similar", "rerank")
+NO_MATCHER = "This model has no matcher"
 
 
 def free_port() -> int:
@@ -193,30 +204,96 @@ def gallery(page: Any) -> list[tuple[str, str]]:
     return list(zip(names, captions, strict=True))
 
 
+def search_reranked(page: Any, text: str, timeout_s: float = 60.0) -> list[tuple[str, str]]:
+    """:func:`search_text` with reranking on (the page's default with a matcher); returns the
+    cards, each caption with its match ("score 0.312 · match 87% · #1").
+
+    Raises:
+        RuntimeError: the index's model has no matcher, or the cards show no match.
+    """
+    if page.get_by_text(NO_MATCHER).count():
+        raise RuntimeError(
+            "the index's model has no matcher, so the page cannot rerank: index with a model "
+            "fine-tuned with --itm (or pass one with --index-demo-with)"
+        )
+    cards = search_text(page, text, timeout_s)
+    if not cards or not all(" \u00b7 match " in caption for _, caption in cards):
+        raise RuntimeError(f"the cards for {text!r} show no match percentage: {cards[:3]}")
+    return cards
+
+
 def take_screenshots(
-    dbs: list[Path], out_dir: Path, query: str, *, model: Path | None = None
+    dbs: list[Path],
+    out_dir: Path,
+    query: str,
+    *,
+    model: Path | None = None,
+    shots: tuple[str, ...] = ("search", "similar"),
 ) -> list[Path]:
-    """Serve ``dbs``, run ``query`` in the browser, and save search.png and similar.png."""
+    """Serve ``dbs``, run ``query`` in the browser, and save ``<shot>.png`` for each of
+    ``shots``: search (the query), similar ("Similar" on its first hit), rerank (the query
+    reranked, for a model with a matcher)."""
+    unknown = sorted(set(shots) - set(SHOTS))
+    if unknown:
+        raise ValueError(f"unknown screenshots {unknown}; choose from {', '.join(SHOTS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    shots = [out_dir / "search.png", out_dir / "similar.png"]
+    written = []
     with serve(dbs, model=model) as url, browser_page() as page:
         open_app(page, url)
-        search_text(page, query)
-        page.screenshot(path=str(shots[0]))
-        click_similar(page, 0)
-        page.screenshot(path=str(shots[1]))
-    return shots
+        if "rerank" in shots:
+            search_reranked(page, query)
+            written.append(out_dir / "rerank.png")
+            page.screenshot(path=str(written[-1]))
+        if "search" in shots or "similar" in shots:
+            search_text(page, query)  # the page has reranking on when the model can
+            if "search" in shots:
+                written.append(out_dir / "search.png")
+                page.screenshot(path=str(written[-1]))
+            if "similar" in shots:
+                click_similar(page, 0)
+                written.append(out_dir / "similar.png")
+                page.screenshot(path=str(written[-1]))
+    return written
+
+
+def index_demo_with(model: Path, db: Path) -> Path:
+    """Index the bundled emoji images (labelled with their names) and the names as a text table
+    with ``model``, as ``beit3 demo`` does with the bundled model; returns ``db``."""
+    from app.demo import DEMO_CAPTIONS
+    from beit3 import load_checkpoint
+    from indexer import index_images, index_texts
+    from indexer.embed import resolve_device
+
+    checkpoint = load_checkpoint(model, device=resolve_device("auto"))
+    index_images([DEMO_CAPTIONS], db, checkpoint, table="images")
+    index_texts(DEMO_CAPTIONS, db, checkpoint, column="text", table="texts")
+    return db
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", type=Path, action="append", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", type=Path, action="append")
+    source.add_argument(
+        "--index-demo-with",
+        type=Path,
+        metavar="CKPT",
+        help="index the bundled emoji set with this checkpoint (in a temporary folder) and use it",
+    )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--query", required=True)
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument(
+        "--shots",
+        default="search,similar",
+        help=f"comma-separated, from {', '.join(SHOTS)} (default: search,similar)",
+    )
     ns = parser.parse_args(argv)
-    for path in take_screenshots(ns.db, ns.out, ns.query, model=ns.model):
-        print(f"wrote {path}")
+    shots = tuple(s.strip() for s in ns.shots.split(",") if s.strip())
+    with tempfile.TemporaryDirectory(prefix="beit3-screenshot-") as scratch:
+        dbs = ns.db or [index_demo_with(ns.index_demo_with, Path(scratch) / "demo")]
+        for path in take_screenshots(dbs, ns.out, ns.query, model=ns.model, shots=shots):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """End to end: `beit3 app` on 127.0.0.1, driven by Debian's Chromium through Playwright.
 
-Set ``BEIT3_SCREENSHOTS=DIR`` to keep the screenshots (search.png, similar.png) in DIR; they are
-always written under the test's tmp_path.
+Set ``BEIT3_SCREENSHOTS=DIR`` to keep the screenshots (search.png, similar.png, rerank.png) in
+DIR; they are always written under the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from app.screenshot import (
     chromium_path,
     click_similar,
     open_app,
+    search_reranked,
     search_text,
     serve,
 )
@@ -71,4 +72,30 @@ def test_query_in_chromium_shows_result_images(chromium, app_db, app_searcher, t
         ]
         assert similar == _cards(want)
         page.screenshot(path=str(shots / "similar.png"))
+    assert "Traceback" not in log.read_text()
+
+
+def test_reranked_query_in_chromium_shows_match_percentages(
+    chromium, matcher_db, matcher_searcher, tmp_path
+):
+    # The matcher fixture gives every pair about 0.7% (conftest.py): nothing reaches the
+    # default cutoff, so the page says so and shows the nearest candidates with their match.
+    shots = Path(os.environ.get("BEIT3_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "server.log"
+    with serve([matcher_db], log=log) as url, browser_page() as page:
+        open_app(page, url)
+        got = search_reranked(page, QUERY)
+        want = matcher_searcher.search(QUERY, "images", k=10, rerank=32)
+        assert got == [
+            (Path(h.path).name, f"score {h.score:.3f} \u00b7 match {h.match:.1%} \u00b7 #{h.rank}")
+            for h in want
+        ]
+        alert = page.locator("[data-testid=stAlert]", has_text="No confident match")
+        message = alert.locator("[data-testid=stMarkdownContainer]")  # without the icon's name
+        assert message.inner_text().strip() == (
+            "No confident match for \u201ca red circle\u201d (none of the top 32 reaches 50%)."
+        )
+        assert page.locator("h4", has_text="Not confident").count() == 1
+        page.screenshot(path=str(shots / "rerank.png"))
     assert "Traceback" not in log.read_text()
