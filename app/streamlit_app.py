@@ -503,7 +503,7 @@ def _rerank_summary(
         no_confident_match(label, arranged.candidates, rerank.min_match or 0.0),
         icon=":material/help:",
     )
-    return "Not confident", "The nearest candidates by match; none is likely to match."
+    return "Not confident", "The nearest candidates, ordered by match: for reference, not results."
 
 
 def draw_image_hits(
