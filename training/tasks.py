@@ -142,18 +142,25 @@ class MatchingTask(ContrastiveTask):
     the matcher sees the positive and both negatives in one joint forward, and binary
     cross-entropy on its logits is added to the contrastive loss with ``itm_weight``.
 
-    Options: ``itm_weight`` (default 1.0).
+    Options: ``itm_weight`` (default 1.0); ``itm_temperature`` (default 1.0): negatives are
+    drawn from softmax(contrastive logits / temperature), so above 1 they are less hard.
     """
 
     name = "contrastive-itm"
     architecture = "retrieval-itm"
     forward_methods = ("encode_image", "encode_text", "match_logits")
 
-    def __init__(self, info: DistInfo, itm_weight: float = 1.0) -> None:
+    def __init__(
+        self, info: DistInfo, itm_weight: float = 1.0, itm_temperature: float = 1.0
+    ) -> None:
         super().__init__(info)
-        if not itm_weight >= 0:
-            raise ConfigError(f"itm_weight must be >= 0, got {itm_weight}")
+        if not itm_weight >= 0 or not itm_temperature > 0:
+            raise ConfigError(
+                f"itm_weight must be >= 0 and itm_temperature > 0, got {itm_weight}, "
+                f"{itm_temperature}"
+            )
         self.itm_weight = itm_weight
+        self.itm_temperature = itm_temperature
 
     def compute(self, model: nn.Module, batch: PairBatch, seed: int = 0) -> TaskOutput:
         clip = self._clip(model, batch)
@@ -168,8 +175,8 @@ class MatchingTask(ContrastiveTask):
             hashes, all_hashes = row_hashes(ids, mask), row_hashes(all_ids, all_mask)
             same_text = hashes.unsqueeze(1) == all_hashes.unsqueeze(0)  # (B, G)
             neg_text, neg_image, valid_t, valid_i = mine_hard_negatives(
-                clip.logits_per_image,
-                clip.logits_per_text,
+                clip.logits_per_image / self.itm_temperature,
+                clip.logits_per_text / self.itm_temperature,
                 clip.labels,
                 same_image,
                 same_text,
