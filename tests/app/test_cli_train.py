@@ -117,3 +117,18 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, tiny_checkpoint):
     assert _error_lines(result) == [
         f"error: {empty}: no usable image-text pairs (every row lacked an image or text)"
     ]
+
+
+def test_finetune_without_init_or_preset_starts_from_the_bundled_model(tmp_path):
+    from app.demo import DEMO_MODEL
+
+    data = _caption_folder(tmp_path / "pairs")
+    run = tmp_path / "run"
+    args = ["finetune", str(data), "--output-dir", str(run), "--max-steps", "1"]
+    args += ["--batch-size", "4", "--num-workers", "0", "--no-tensorboard"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"starting from the bundled model {DEMO_MODEL}" in result.output
+    resolved = json.loads((run / "run_config.json").read_text())["config"]
+    assert resolved["init"] == str(DEMO_MODEL)
+    assert resolved["init_model_id"] == load_checkpoint(DEMO_MODEL).model_id
