@@ -216,7 +216,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         total_steps,
         best,
     )
-    try:
+    with run_log:
         run_steps(
             step,
             LrSchedule(total_steps, warmup, config.lr, config.min_lr),
@@ -229,8 +229,6 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
             after_step=loop.maybe_evaluate,
             progress=progress if info.is_main else None,
         )
-    finally:
-        run_log.close()
     final = out / "final"
     export_model(start, final, info)
     if info.is_main:

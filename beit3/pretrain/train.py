@@ -515,7 +515,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
         log.log(step, force=True, **metrics)
 
     model.train()
-    try:
+    with log:
         step = run_steps(
             start_step,
             LrSchedule(config.max_steps, config.warmup_steps, config.lr, config.min_lr),
@@ -527,8 +527,6 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None) -> Pretra
             on_save=save,
             progress=progress,
         )
-    finally:
-        log.close()
 
     final = output_dir / "final"
     if start_step < config.max_steps or not final.exists():

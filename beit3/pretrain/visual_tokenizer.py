@@ -316,7 +316,7 @@ def train_visual_tokenizer(
         truncate_metrics(output_dir, start_step)  # a resumed run's log reads as one run
     log = RunLogger(output_dir, info.is_main, config.log_every, config.tensorboard)
     model.train()
-    try:
+    with log:
         run_steps(
             start_step,
             LrSchedule(config.max_steps, config.warmup_steps, config.lr, config.min_lr),
@@ -328,6 +328,4 @@ def train_visual_tokenizer(
             on_save=save,
             progress=progress,
         )
-    finally:
-        log.close()
     return VisualTokenizerResult(tokenizer_dir, config.max_steps, metrics)

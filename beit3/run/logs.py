@@ -103,6 +103,12 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _fmt(value: float) -> str:
     if isinstance(value, int) or float(value).is_integer():

@@ -139,7 +139,9 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     gathered = gather_features(local)
     weights = torch.arange(12.0).reshape(4, 3)
     (gathered * weights).sum().pow(2).backward()
-    queue.put((rank, gathered.detach(), local.grad))
+    # numpy arrays travel by value: a tensor in a queue is shared through a file descriptor that
+    # this process serves, and it may exit before the parent has taken it (FileNotFoundError).
+    queue.put((rank, gathered.detach().numpy(), local.grad.numpy()))
     dist.destroy_process_group()
 
 
@@ -155,7 +157,10 @@ def test_gathered_features_give_single_process_gradients():
     procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (g, grad)) for r, g, grad in (queue.get(timeout=60) for _ in procs))
+    results = {
+        r: (torch.as_tensor(g), torch.as_tensor(grad))
+        for r, g, grad in (queue.get(timeout=60) for _ in procs)
+    }
     for p in procs:
         p.join(timeout=60)
     for rank in range(2):
