@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,17 +129,41 @@ class MatcherPairs:
     is_best_wrong: Tensor
 
 
+@dataclass
+class _Encoded:
+    """A held-out set through the dual encoder: unique image paths, captions, each caption's
+    image (owner), the decoded images (N_img, 3, S, S), padded text ids / masks, and the
+    cosine similarities (N_img, N_txt) on the CPU."""
+
+    images: list[str]
+    texts: list[str]
+    owner: Tensor
+    pixels: Tensor
+    ids: Tensor
+    mask: Tensor
+    sims: Tensor
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def _embed(
+def _encode(
     model: Beit3WithMatcher,
     tokenizer: TextTokenizer,
     preprocess: PreprocessConfig,
-    images: Sequence[str],
-    texts: Sequence[str],
+    records: Sequence[PairRecord],
     batch_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Decoded images (N, 3, S, S), image embeddings, text ids/masks padded to one length,
-    text embeddings; every image must be readable."""
+) -> _Encoded:
+    """Decode and embed ``records`` (one process); every image must be readable."""
+    images, texts, owner = group_by_image(records)
     device = next(model.parameters()).device
     files = ImageFiles(images, preprocess)
     tensors = []
@@ -164,7 +189,8 @@ def _embed(
             for i in range(0, len(ids), batch_size)
         ]
     )
-    return pixels, image_embeds, (ids, mask), text_embeds  # type: ignore[return-value]
+    sims = (image_embeds @ text_embeds.T).cpu()
+    return _Encoded(images, texts, torch.tensor(owner, dtype=torch.long), pixels, ids, mask, sims)
 
 
 @torch.no_grad()
@@ -217,15 +243,10 @@ def matcher_pairs(
 ) -> MatcherPairs:
     """Every true pair of ``records`` and, per image and per caption, its ``negatives`` hardest
     wrong candidates by the dual encoder, scored by the matcher (one process)."""
-    was_training = model.training
-    model.eval()
-    try:
-        images, texts, owner_list = group_by_image(records)
-        owner = torch.tensor(owner_list, dtype=torch.long)
-        pixels, image_embeds, (ids, mask), text_embeds = _embed(
-            model, tokenizer, preprocess, images, texts, batch_size
-        )
-        sims = (image_embeds @ text_embeds.T).cpu()  # (N_img, N_txt)
+    with _eval_mode(model):
+        enc = _encode(model, tokenizer, preprocess, records, batch_size)
+        images, texts, owner, sims = enc.images, enc.texts, enc.owner, enc.sims
+        pixels, ids, mask = enc.pixels, enc.ids, enc.mask
         true = _wrong_mask(texts, owner, len(images))
         pairs, labels, query, best_wrong = [], [], [], []
         for t in range(len(texts)):  # true pairs: query = the caption
@@ -253,8 +274,6 @@ def matcher_pairs(
         logits = _score_pairs(
             model, pixels, ids, mask, torch.tensor(pairs, dtype=torch.long), batch_size
         )
-    finally:
-        model.train(was_training)
     return MatcherPairs(
         logits,
         torch.tensor(labels, dtype=torch.float32),
@@ -374,15 +393,10 @@ def reranked_recall(
     Rank = the number of candidates ordered before the best true one (a candidate with an
     equal score is ordered after it).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        images, texts, owner_list = group_by_image(records)
-        owner = torch.tensor(owner_list, dtype=torch.long)
-        pixels, image_embeds, (ids, mask), text_embeds = _embed(
-            model, tokenizer, preprocess, images, texts, batch_size
-        )
-        sims = (image_embeds @ text_embeds.T).cpu()
+    with _eval_mode(model):
+        enc = _encode(model, tokenizer, preprocess, records, batch_size)
+        texts, owner, sims = enc.texts, enc.owner, enc.sims
+        pixels, ids, mask = enc.pixels, enc.ids, enc.mask
         true = torch.zeros_like(sims, dtype=torch.bool)
         true[owner, torch.arange(len(texts))] = True
         metrics: dict[str, float] = {}
@@ -411,8 +425,6 @@ def reranked_recall(
             for name, ranks in (("", dual_ranks), ("rerank_", rerank_ranks)):
                 for kk, value in _recall_from_ranks(torch.tensor(ranks), ks).items():
                     metrics[f"{name}{direction}_r{kk}"] = value
-    finally:
-        model.train(was_training)
     return metrics
 
 
