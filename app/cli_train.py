@@ -99,6 +99,13 @@ def register(cli: typer.Typer) -> None:
                 min=0.0, max=1.0, help="Horizontal-flip probability (0 for text, arrows)."
             ),
         ] = 0.5,
+        temperature: Annotated[
+            float | None,
+            typer.Option(
+                help="Start the contrastive temperature here (e.g. 0.02); default: the "
+                "checkpoint's (0.07 from scratch)."
+            ),
+        ] = None,
         img_size: Annotated[int | None, typer.Option(help="From scratch only.")] = None,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
         activation_checkpointing: bool = False,
@@ -154,6 +161,7 @@ def register(cli: typer.Typer) -> None:
             drop_path_rate=drop_path,
             crop_scale=crop_scale,
             hflip=hflip,
+            temperature=temperature,
             img_size=img_size,
             precision=precision,
             use_checkpoint=activation_checkpointing,

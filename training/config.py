@@ -58,6 +58,9 @@ class FinetuneConfig(ConfigMixin):
         keep_checkpoints: how many step checkpoints to keep.
         resume: ``latest`` (newest complete checkpoint of output_dir) or a step directory.
         crop_scale, hflip: training augmentation (random resized crop area, flip probability).
+        temperature: start the contrastive temperature (1 / logit scale) here, e.g. 0.02; None
+            keeps the start checkpoint's (0.07 from scratch). Adam moves the log scale by about
+            ``lr`` a step, so a short run stays near where it starts (issue 16's measurement).
         shuffle_buffer: samples held to shuffle WebDataset streams.
     """
 
@@ -88,6 +91,7 @@ class FinetuneConfig(ConfigMixin):
     drop_path_rate: float = 0.2
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.5
+    temperature: float | None = None
     precision: str = "auto"
     use_checkpoint: bool = False
     strategy: str = "auto"
@@ -126,6 +130,8 @@ class FinetuneConfig(ConfigMixin):
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.temperature is not None and not 0 < self.temperature <= 1:
+            raise ConfigError(f"temperature must be in (0, 1], got {self.temperature}")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

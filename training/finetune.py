@@ -165,6 +165,8 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
             },
         )
 
+    if config.temperature is not None:  # a resumed run's own scale is loaded below
+        _set_temperature(model, config.temperature)
     # Resumed weights go in before wrapping (FSDP shards whatever the module holds).
     if resume_from is not None:
         load_step_weights(resume_from, model, preset=start.preset)
@@ -470,6 +472,14 @@ def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out
     )
     preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
     return Start(model, tokenizer, preprocess, config.preset, None, export)
+
+
+def _set_temperature(model: nn.Module, temperature: float) -> None:
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        raise ConfigError(f"temperature: the {type(model).__name__} model has no logit scale")
+    with torch.no_grad():
+        scale.fill_(math.log(1 / temperature))
 
 
 def _own_tokenizer(config: FinetuneConfig, info: DistInfo, out: Path) -> Path:

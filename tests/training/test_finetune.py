@@ -134,7 +134,11 @@ def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing
 
 
 def test_from_scratch_trains_its_own_tokenizer_and_smoke_mode_is_fast(shapes):
-    final = finetune(_scratch(shapes, "smoke", max_steps=2))
+    final = finetune(_scratch(shapes, "smoke", max_steps=2, temperature=0.02))
+    # The contrastive scale starts at 1 / 0.02 (not the default 1 / 0.07) and Adam moves its log
+    # by at most about lr (1e-4) a step.
+    scales = [r["logit_scale"] for r in _records(shapes["root"] / "smoke") if "logit_scale" in r]
+    assert scales and all(abs(s - 50.0) < 0.1 for s in scales), scales
     ckpt = load_checkpoint(final)
     assert ckpt.config.vocab_size == ckpt.tokenizer.vocab_size < 400
     assert ckpt.tokenizer.decode(ckpt.tokenizer.encode("a red circle")) == "a red circle"
@@ -150,6 +154,8 @@ def test_bad_settings_are_named(shapes, tmp_path):
         finetune(_scratch(shapes, "shards", train=str(tmp_path / "s-{0..1}.tar")))
     with pytest.raises(InputDataError, match="no such file or folder"):
         finetune(_scratch(shapes, "missing", train=str(tmp_path / "nope.jsonl"), max_steps=1))
+    with pytest.raises(ConfigError, match=r"temperature must be in \(0, 1\], got 0"):
+        _scratch(shapes, "cold", temperature=0.0)
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         finetune(_scratch(shapes, "bf16", precision="bf16", device="cpu", max_steps=1))
 
