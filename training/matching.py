@@ -32,8 +32,10 @@ from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 
 __all__ = [
+    "HeldOut",
     "MatcherPairs",
     "auroc",
+    "encode_held_out",
     "expected_calibration_error",
     "fit_platt",
     "matcher_calibration",
@@ -130,7 +132,7 @@ class MatcherPairs:
 
 
 @dataclass
-class _Encoded:
+class HeldOut:
     """A held-out set through the dual encoder: unique image paths, captions, each caption's
     image (owner), the decoded images (N_img, 3, S, S), padded text ids / masks, and the
     cosine similarities (N_img, N_txt) on the CPU."""
@@ -155,13 +157,13 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _encode(
+def encode_held_out(
     model: Beit3WithMatcher,
     tokenizer: TextTokenizer,
     preprocess: PreprocessConfig,
     records: Sequence[PairRecord],
     batch_size: int,
-) -> _Encoded:
+) -> HeldOut:
     """Decode and embed ``records`` (one process); every image must be readable."""
     images, texts, owner = group_by_image(records)
     device = next(model.parameters()).device
@@ -190,7 +192,7 @@ def _encode(
         ]
     )
     sims = (image_embeds @ text_embeds.T).cpu()
-    return _Encoded(images, texts, torch.tensor(owner, dtype=torch.long), pixels, ids, mask, sims)
+    return HeldOut(images, texts, torch.tensor(owner, dtype=torch.long), pixels, ids, mask, sims)
 
 
 @torch.no_grad()
@@ -244,7 +246,7 @@ def matcher_pairs(
     """Every true pair of ``records`` and, per image and per caption, its ``negatives`` hardest
     wrong candidates by the dual encoder, scored by the matcher (one process)."""
     with _eval_mode(model):
-        enc = _encode(model, tokenizer, preprocess, records, batch_size)
+        enc = encode_held_out(model, tokenizer, preprocess, records, batch_size)
         images, texts, owner, sims = enc.images, enc.texts, enc.owner, enc.sims
         pixels, ids, mask = enc.pixels, enc.ids, enc.mask
         true = _wrong_mask(texts, owner, len(images))
@@ -394,7 +396,7 @@ def reranked_recall(
     equal score is ordered after it).
     """
     with _eval_mode(model):
-        enc = _encode(model, tokenizer, preprocess, records, batch_size)
+        enc = encode_held_out(model, tokenizer, preprocess, records, batch_size)
         texts, owner, sims = enc.texts, enc.owner, enc.sims
         pixels, ids, mask = enc.pixels, enc.ids, enc.mask
         true = torch.zeros_like(sims, dtype=torch.bool)
