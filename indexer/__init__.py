@@ -9,16 +9,20 @@ Public surface::
     searcher.search("a red circle", table="images", k=10)                 # list[Hit]
     searcher.search(Path("query.jpg"), table="texts")
     searcher.search_similar("images", hit.id, target="images")
+    searcher.search("IMG 2041", table="images", mode="hybrid",                # keyword + vector
+                    filters=Filters(under=["photos/2024"], types=("jpg",)))
 
 LanceDB and FAISS are imported only when a store is opened (``indexer.stores``).
 """
 
 from indexer.build import ProgressFn, index_images, index_texts
+from indexer.filters import Filters
 from indexer.manifest import TableInfo
 from indexer.report import IndexReport
 from indexer.search import Hit, Searcher
 
 __all__ = [
+    "Filters",
     "Hit",
     "IndexReport",
     "ProgressFn",

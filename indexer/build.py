@@ -27,6 +27,7 @@ from beit3 import Checkpoint, load_checkpoint
 from beit3.errors import CheckpointError, IndexMismatchError, InputDataError
 from indexer._dist import DistContext
 from indexer.embed import embed_image_files, embed_texts, resolve_device
+from indexer.facts import image_facts, row_facts, search_text
 from indexer.manifest import DbManifest, check_table_name
 from indexer.report import IndexReport
 from indexer.sources import MAX_TEXT_CHARS, hash_files, scan_images, scan_texts, sha256_text
@@ -261,6 +262,8 @@ class _Run:
             }
             manifest.write(self.db)
             store.recover()
+            if store.missing_columns():  # an index from before keyword search and filters
+                store.migrate(row_facts)
         self.ctx.barrier()
         if not self.ctx.is_main:
             store = open_store(self.db, self.table, backend, dim=self.dim, index_type=index_type)
@@ -350,9 +353,9 @@ class _Run:
     # -- shared steps ------------------------------------------------------------------------------
 
     def _stored(self) -> list[dict[str, Any]]:
-        return (
-            self.store.read_meta().select(["sha256", "paths", "mtimes", "size", "text"]).to_pylist()
-        )
+        meta = self.store.read_meta()
+        wanted = ["sha256", "paths", "mtimes", "size", "text", "width", "height", "taken", "camera"]
+        return meta.select([c for c in wanted if c in meta.column_names]).to_pylist()
 
     def _apply(
         self,
@@ -490,6 +493,10 @@ class _ChunkWriter:
         vectors = np.concatenate(self.vectors)
         for start in range(0, len(self.shas), self.chunk_size):
             shas = self.shas[start : start + self.chunk_size]
+            for sha in shas:
+                row = self.plan.rows[sha]
+                if row["modality"] == "image" and row.get("width") is None:
+                    row.update(image_facts(row["path"]))  # the header only: no pixels
             rows = rows_from_vectors(
                 [self.plan.rows[s] for s in shas],
                 vectors[start : start + self.chunk_size],
@@ -561,6 +568,14 @@ def _plan(
             "mtime": mtimes[0],
             "model_id": model_id,
         }
+        row = plan.rows[sha]
+        if modality == "image":
+            row["search_text"] = search_text(paths, row["text"])
+            row["ext"] = row_facts(row, read_image=False)["ext"]
+            for name in ("width", "height", "taken", "camera"):  # same content, same facts
+                row[name] = (old or {}).get(name)
+        else:
+            row["search_text"] = row["text"] or ""
         if old is None:
             plan.to_embed.append(sha)
         elif (old["paths"], old["mtimes"], old.get("text")) != (

@@ -19,16 +19,19 @@ from PIL import Image
 from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
+from indexer.filters import Filters
 from indexer.manifest import DbManifest, TableInfo
 from indexer.stores import Match, Store, open_store
 
-__all__ = ["Hit", "Query", "Searcher"]
+__all__ = ["MODES", "Filters", "Hit", "Query", "Searcher"]
 
 logger = logging.getLogger(__name__)
 
 Query = str | Path | bytes | BinaryIO | Image.Image
 _SHA = re.compile(r"[0-9a-f]{64}")
 RERANK_BATCH = 32  # (query, candidate) pairs per fusion-encoder forward
+MODES = ("vector", "keyword", "hybrid")
+RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class Hit:
     """One search result.
 
     rank: 1-based position in the full ranking (offset + 1 for the first hit of a page);
-    score: cosine similarity in [-1, 1]; id: the content's sha256 (stable across runs);
+    score: the mode's ranking score: cosine similarity in [-1, 1] (vector), BM25 (keyword),
+    the fused sum of 1 / (60 + rank) (hybrid); id: the content's sha256 (stable across runs);
     path: the image file (None for texts); text: the text (None for images);
     paths: every path (images) or ``file:line`` reference (texts) with this content;
     match: with reranking, the fusion encoder's calibrated probability that the hit matches
@@ -165,12 +169,25 @@ class Searcher:
         offset: int = 0,
         rerank: int = 0,
         min_match: float | None = None,
+        *,
+        mode: str = "vector",
+        filters: Filters | None = None,
+        where: str | None = None,
+        keyword_text: str | None = None,
     ) -> list[Hit]:
         """The ``k`` best items of ``table`` for ``query``, after skipping ``offset``.
 
         A ``str`` is a text query; a Path, bytes, file object or PIL image is an image query.
 
         Args:
+            mode: ``vector`` (embedding similarity), ``keyword`` (BM25 over each row's
+                ``search_text``: a text table's text; an image's caption plus the words of its
+                file name and two folders) or ``hybrid`` (reciprocal rank fusion of the two).
+                LanceDB tables only.
+            filters: conditions applied before ranking (:class:`indexer.Filters`).
+            where: a raw SQL predicate over the row columns, ANDed with ``filters``.
+            keyword_text: the words for keyword / hybrid mode; default: a text query itself
+                (an image query in those modes needs it).
             rerank: re-score the vector search's top ``rerank`` candidates with the fusion
                 encoder (text query -> image table, image query -> text table) and order them
                 by match probability; pages are cut from that one reordered list, so a page
@@ -189,9 +206,12 @@ class Searcher:
             )
         if min_match is not None and not rerank:
             raise InputDataError("min_match needs reranking: pass rerank (e.g. 32) as well")
-        if not rerank:
+        sql = _where_sql(store, mode, filters, where)
+        if keyword_text is None and isinstance(query, str):
+            keyword_text = query
+        if mode == "keyword" and not rerank:
             return self._hits(
-                table, store.search(self.embed_query(query)[None], k, offset)[0], offset
+                table, _retrieve(store, None, keyword_text, mode, k, offset, sql), offset
             )
         # Decode an image query once: a file object can be read only once.
         query_image = None if isinstance(query, str) else self._query_image(query)
@@ -200,7 +220,11 @@ class Searcher:
             if query_image is None
             else encode_images(self.checkpoint.retrieval_model, query_image[None], self.device)[0]
         )
-        hits = self._hits(table, store.search(vector[None], rerank, 0)[0], 0)
+        if not rerank:
+            return self._hits(
+                table, _retrieve(store, vector, keyword_text, mode, k, offset, sql), offset
+            )
+        hits = self._hits(table, _retrieve(store, vector, keyword_text, mode, rerank, 0, sql), 0)
         hits = self._rerank(query_image if query_image is not None else str(query), table, hits)
         if min_match is not None:
             hits = [h for h in hits if h.match is not None and h.match >= min_match]
@@ -267,18 +291,35 @@ class Searcher:
         return None
 
     def search_vector(
-        self, vector: np.ndarray, table: str, k: int = 10, offset: int = 0
+        self,
+        vector: np.ndarray,
+        table: str,
+        k: int = 10,
+        offset: int = 0,
+        *,
+        mode: str = "vector",
+        filters: Filters | None = None,
+        where: str | None = None,
+        keyword_text: str | None = None,
     ) -> list[Hit]:
-        """Search with a (D,) unit vector of this model."""
+        """Search with a (D,) unit vector of this model (a combined or feedback query).
+
+        ``mode``, ``filters`` and ``where`` are as for :meth:`search`; ``keyword_text`` gives
+        the words that ``keyword`` / ``hybrid`` mode match (the text terms of a compositional
+        query), required in those modes.
+        """
         store = self._store(table)
         _check_page(k, offset)
+        sql = _where_sql(store, mode, filters, where)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         if vector.shape[0] != store.dim:
             raise IndexMismatchError(
                 f"query vector has {vector.shape[0]} dims; table {table!r} "
                 f"holds {store.dim}-d vectors of {self.model_id}"
             )
-        return self._hits(table, store.search(vector[None], k, offset)[0], offset)
+        return self._hits(
+            table, _retrieve(store, vector, keyword_text, mode, k, offset, sql), offset
+        )
 
     def search_similar(
         self, table: str, item_id: str, target: str, k: int = 10, offset: int = 0
@@ -317,6 +358,44 @@ class Searcher:
 
     def _hits(self, table: str, matches: list[Match], offset: int) -> list[Hit]:
         return [_hit(table, offset + i + 1, m.score, m.row) for i, m in enumerate(matches)]
+
+
+def _where_sql(store: Store, mode: str, filters: Filters | None, where: str | None) -> str | None:
+    """Check the mode and the table's columns; the combined SQL predicate (or None)."""
+    if mode not in MODES:
+        raise InputDataError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    filters = filters or Filters()
+    if where is not None:
+        both = where if filters.where is None else f"({filters.where}) AND ({where})"
+        filters = dataclasses.replace(filters, where=both)
+    if filters.uses_new_columns:
+        store.check_columns("filters on file type, size, EXIF date and camera")
+    return filters.to_sql()
+
+
+def _retrieve(
+    store: Store,
+    vector: np.ndarray | None,
+    text: str | None,
+    mode: str,
+    k: int,
+    offset: int,
+    where: str | None,
+) -> list[Match]:
+    """One page of ``mode``'s ranking of ``store``'s rows that match ``where``."""
+    if mode != "vector" and (text is None or not text.strip()):
+        raise InputDataError(
+            f"{mode} search needs words: give a text query, or keyword_text with an image or "
+            "vector query"
+        )
+    if mode == "keyword":
+        assert text is not None, "checked above"
+        return store.search_keyword(text, k, offset, where)
+    assert vector is not None, f"{mode} search needs a vector"
+    if mode == "hybrid":
+        assert text is not None, "checked above"
+        return store.search_hybrid(vector, text, k, offset, where, rrf_k=RRF_K)
+    return store.search(vector[None], k, offset, where)[0]
 
 
 def _hit(table: str, rank: int, score: float, row: dict[str, Any]) -> Hit:

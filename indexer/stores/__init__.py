@@ -51,6 +51,13 @@ ROW_COLUMNS = (
     "size",
     "mtime",
     "model_id",
+    # keyword search and filters (indexer.facts); tables built before them lack these
+    "search_text",
+    "ext",
+    "width",
+    "height",
+    "taken",
+    "camera",
 )
 META_COLUMNS = tuple(c for c in ROW_COLUMNS if c != "vector")
 
@@ -68,6 +75,12 @@ def row_schema(dim: int) -> pa.Schema:
             pa.field("size", pa.int64()),
             pa.field("mtime", pa.float64()),
             pa.field("model_id", pa.string()),
+            pa.field("search_text", pa.string()),
+            pa.field("ext", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("taken", pa.float64()),
+            pa.field("camera", pa.string()),
         ]
     )
 
@@ -77,7 +90,7 @@ def rows_from_vectors(meta: Sequence[dict[str, Any]], vectors: np.ndarray, dim: 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     assert vectors.shape == (len(meta), dim), f"vectors {vectors.shape} vs {len(meta)} x {dim}"
     schema = row_schema(dim)
-    columns: dict[str, Any] = {name: [m[name] for m in meta] for name in META_COLUMNS}
+    columns: dict[str, Any] = {name: [m.get(name) for m in meta] for name in META_COLUMNS}
     columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     return pa.table({name: columns[name] for name in ROW_COLUMNS}, schema=schema)
 
@@ -141,8 +154,54 @@ class Store(abc.ABC):
         """Make the writes searchable (FAISS builds its index here)."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
-        """(Q, dim) unit vectors -> per query, up to ``k`` rows after skipping ``offset``."""
+    def search(
+        self, vectors: np.ndarray, k: int, offset: int = 0, where: str | None = None
+    ) -> list[list[Match]]:
+        """(Q, dim) unit vectors -> per query, up to ``k`` rows after skipping ``offset``.
+
+        ``where``: an SQL predicate over the row columns, applied before ranking."""
+
+    def missing_columns(self) -> list[str]:
+        """ROW_COLUMNS this table was built without (an index made before they existed)."""
+        return []
+
+    def check_columns(self, what: str) -> None:
+        """Raise the re-index message when this table predates the columns ``what`` needs."""
+        if self.missing_columns():
+            raise InputDataError(
+                f"table {self.name!r} was indexed before {what} existed (it has no "
+                f"{', '.join(self.missing_columns())} column); re-run beit3 index on the same "
+                "sources to add them (vectors are kept, nothing is re-embedded)"
+            )
+
+    def migrate(self, fill: Any) -> None:  # noqa: B027 - optional hook
+        """Add the missing columns to every row: ``fill(row) -> {column: value}``."""
+
+    def search_keyword(
+        self, text: str, k: int, offset: int = 0, where: str | None = None
+    ) -> list[Match]:
+        """Full-text (BM25) search of the ``search_text`` column; Match.score is the BM25 score."""
+        raise InputDataError(self._lacks("keyword search"))
+
+    def search_hybrid(
+        self,
+        vector: np.ndarray,
+        text: str,
+        k: int,
+        offset: int = 0,
+        where: str | None = None,
+        rrf_k: int = 60,
+    ) -> list[Match]:
+        """Reciprocal rank fusion of the vector and keyword rankings; Match.score is the fused
+        score sum(1 / (rrf_k + rank))."""
+        raise InputDataError(self._lacks("hybrid search"))
+
+    def _lacks(self, what: str) -> str:
+        return (
+            f"table {self.name!r} is a {self.backend} table, which has no {what} (only plain "
+            "vector search); index into the default LanceDB backend (beit3 index ... --backend lancedb "
+            "--table NEW) for keyword, hybrid and filtered search"
+        )
 
 
 def check_backend(backend: str) -> str:

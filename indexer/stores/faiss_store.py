@@ -168,7 +168,11 @@ class FaissStore(Store):
             rows = rows.append_column(pa.field("vector", arr.type), arr)
         return rows
 
-    def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
+    def search(
+        self, vectors: np.ndarray, k: int, offset: int = 0, where: str | None = None
+    ) -> list[list[Match]]:
+        if where is not None:  # no SQL engine over the parquet metadata: refuse, never ignore
+            raise InputDataError(self._lacks("filters"))
         _, meta, _, index = self._load()
         queries = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         if index is None or index.ntotal == 0 or offset >= index.ntotal:

@@ -40,6 +40,11 @@ _MIN_ROWS_FOR_INDEX = 5_000  # below this, brute force is fast and an IVF index 
 _RETRIES = 8
 _IN_CHUNK = 500  # keys per "sha256 IN (...)" filter
 _HEX = re.compile(r"[0-9a-f]{1,64}")
+# A filtered query over an ANN-indexed table searches the matching rows exactly (no index) when
+# they are at most this many: IVF with a selective prefilter probes partitions that hold few
+# matches and loses recall; a flat scan of 20k rows costs ~20 ms.
+EXACT_FILTER_ROWS = 20_000
+_FTS_COLUMN = "search_text"
 
 
 class LanceStore(Store):
@@ -58,6 +63,7 @@ class LanceStore(Store):
         nprobes: int = 32,
         refine_factor: int | None = None,
         auto_index_rows: int = AUTO_INDEX_ROWS,
+        exact_filter_rows: int = EXACT_FILTER_ROWS,
     ) -> None:
         index_type = index_type or "auto"
         if index_type not in LANCE_INDEX_TYPES:
@@ -66,6 +72,7 @@ class LanceStore(Store):
                 f"{', '.join(LANCE_INDEX_TYPES)}"
             )
         self.auto_index_rows = auto_index_rows
+        self.exact_filter_rows = exact_filter_rows
         lancedb = import_optional("lancedb", "lancedb")
         self.name = table
         self.dim = dim
@@ -85,6 +92,7 @@ class LanceStore(Store):
                     f"{db}: no LanceDB table {table!r}; build it with beit3 index"
                 ) from None
             self._table = self._conn.create_table(table, schema=row_schema(dim), exist_ok=True)
+        self.columns = [c for c in META_COLUMNS if c in self._table.schema.names]
         field = self._table.schema.field("vector")
         stored_dim = field.type.list_size
         if stored_dim != dim:
@@ -98,11 +106,49 @@ class LanceStore(Store):
 
     def read_meta(self) -> pa.Table:
         if self.count() == 0:
-            return row_schema(self.dim).empty_table().select(list(META_COLUMNS))
-        return self._table.search().select(list(META_COLUMNS)).limit(None).to_arrow()
+            return row_schema(self.dim).empty_table().select(self.columns)
+        return self._table.search().select(self.columns).limit(None).to_arrow()
+
+    def has_vector_index(self) -> bool:
+        """Whether the table has an ANN index (the full-text index does not count)."""
+        return any(i.index_type != "FTS" for i in self._table.list_indices())
+
+    def missing_columns(self) -> list[str]:
+        return [c for c in META_COLUMNS if c not in self.columns]
+
+    def migrate(self, fill: Any) -> None:
+        """Rewrite the table with the current schema, the missing columns from ``fill(row)``
+        (vectors are kept; the ANN and full-text indexes are rebuilt by the next commit)."""
+        missing = self.missing_columns()
+        if not missing:
+            return
+        start = time.perf_counter()
+        old = self._table.search().select([*self.columns, "vector"]).limit(None).to_arrow()
+        rows = old.select(self.columns).to_pylist()
+        for row in rows:
+            row.update({c: v for c, v in fill(row).items() if c in missing})
+        vectors = (
+            old.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+            if old.num_rows
+            else np.zeros((0, self.dim), np.float32)
+        )
+        from indexer.stores import rows_from_vectors
+
+        table = rows_from_vectors(rows, vectors.reshape(-1, self.dim), self.dim)
+        self._table = self._conn.create_table(
+            self.name, data=table, schema=row_schema(self.dim), mode="overwrite"
+        )
+        self.columns = list(META_COLUMNS)
+        logger.info(
+            "migrated table %s (%d rows): added %s in %.1f s",
+            self.name,
+            len(rows),
+            ", ".join(missing),
+            time.perf_counter() - start,
+        )
 
     def fetch(self, shas: Sequence[str], with_vectors: bool = True) -> pa.Table:
-        columns = list(META_COLUMNS) + (["vector"] if with_vectors else [])
+        columns = self.columns + (["vector"] if with_vectors else [])
         parts = []
         for start in range(0, len(shas), _IN_CHUNK):
             part = shas[start : start + _IN_CHUNK]
@@ -142,6 +188,7 @@ class LanceStore(Store):
                 fragments,
                 time.perf_counter() - start,
             )
+        self._refresh_fts()
         count = self.count()
         kind = self.index_type
         if kind == "exact":
@@ -155,7 +202,7 @@ class LanceStore(Store):
                 "table %s has %d rows: exact search, no %s index yet", self.name, count, kind
             )
             return
-        if self._table.list_indices():
+        if self.has_vector_index():
             self._table.optimize()  # adds new rows to the existing index
             return
         start = time.perf_counter()
@@ -170,26 +217,105 @@ class LanceStore(Store):
             time.perf_counter() - start,
         )
 
-    def search(self, vectors: np.ndarray, k: int, offset: int = 0) -> list[list[Match]]:
+    def _refresh_fts(self) -> None:
+        """Build the full-text index of ``search_text`` once, then fold new rows into it.
+
+        Rows written after the last build are searched too (Lance scans the unindexed part), and
+        deleted rows never come back, so keyword results are right between commits as well."""
+        if _FTS_COLUMN not in self.columns or self.count() == 0:
+            return
+        fts = [i for i in self._table.list_indices() if i.index_type == "FTS"]
+        if not fts:
+            from lancedb.index import FTS
+
+            # No stemming or stop words: the field is names and file-name words, and a query
+            # word must meet the same token ("2041", "1f355", "the").
+            self._table.create_index(
+                _FTS_COLUMN, config=FTS(stem=False, remove_stop_words=False), replace=True
+            )
+            logger.info("built the full-text index of %s", self.name)
+        elif self._table.index_stats(fts[0].name).num_unindexed_rows:
+            self._table.optimize()
+
+    def _tune(self, query: Any, where: str | None) -> Any:
+        """Prefilter and ANN settings of a vector (or hybrid) query: with a filter that leaves
+        at most EXACT_FILTER_ROWS rows, the matching rows are searched exactly."""
+        indexed = self.has_vector_index()
+        if where is not None:
+            query = query.where(where, prefilter=True)
+            if indexed and self._table.count_rows(where) <= self.exact_filter_rows:
+                return query.bypass_vector_index()
+        if indexed:
+            query = query.nprobes(self.nprobes)
+            if self.refine_factor:
+                query = query.refine_factor(self.refine_factor)
+        return query
+
+    def search(
+        self, vectors: np.ndarray, k: int, offset: int = 0, where: str | None = None
+    ) -> list[list[Match]]:
         results = []
         for vector in np.asarray(vectors, dtype=np.float32):
-            query = (
-                self._table.search(vector, vector_column_name="vector")
-                .distance_type("dot")
-                .limit(k)
-                .offset(offset)
-                .select([*META_COLUMNS, "_distance"])
-            )
-            if self._table.list_indices():
-                query = query.nprobes(self.nprobes)
-                if self.refine_factor:
-                    query = query.refine_factor(self.refine_factor)
-            table = query.to_arrow()
+            query = self._table.search(vector, vector_column_name="vector").distance_type("dot")
+            query = self._tune(query, where).limit(k).offset(offset)
+            table = query.select([*self.columns, "_distance"]).to_arrow()
             distances = table.column("_distance").to_pylist()
-            rows = table.select(list(META_COLUMNS)).to_pylist()
+            rows = table.select(self.columns).to_pylist()
             # Lance's "dot" distance is 1 - <q, v>; on unit vectors <q, v> is the cosine.
             results.append([Match(1.0 - d, row) for d, row in zip(distances, rows, strict=True)])
         return results
+
+    def search_keyword(
+        self, text: str, k: int, offset: int = 0, where: str | None = None
+    ) -> list[Match]:
+        if not self._check_fts():
+            return []
+        query = self._table.search(text, query_type="fts", fts_columns=_FTS_COLUMN)
+        if where is not None:
+            query = query.where(where, prefilter=True)
+        table = query.limit(k).offset(offset).select([*self.columns, "_score"]).to_arrow()
+        scores = table.column("_score").to_pylist()
+        rows = table.select(self.columns).to_pylist()
+        return [Match(float(s), row) for s, row in zip(scores, rows, strict=True)]
+
+    def search_hybrid(
+        self,
+        vector: np.ndarray,
+        text: str,
+        k: int,
+        offset: int = 0,
+        where: str | None = None,
+        rrf_k: int = 60,
+    ) -> list[Match]:
+        from lancedb.rerankers import RRFReranker
+
+        if not self._check_fts():
+            return []
+        hybrid = (
+            self._table.search(
+                query_type="hybrid", vector_column_name="vector", fts_columns=_FTS_COLUMN
+            )
+            .vector(np.asarray(vector, dtype=np.float32))
+            .text(text)
+            .distance_type("dot")
+            .rerank(RRFReranker(K=rrf_k))
+        )
+        table = self._tune(hybrid, where).limit(k).offset(offset).to_arrow()
+        scores = table.column("_relevance_score").to_pylist()
+        rows = table.select(self.columns).to_pylist()
+        return [Match(float(s), row) for s, row in zip(scores, rows, strict=True)]
+
+    def _check_fts(self) -> bool:
+        """True when there is something to search; raises for a table without the index."""
+        self.check_columns("keyword search")
+        if self.count() == 0:
+            return False
+        if not any(i.index_type == "FTS" for i in self._table.list_indices()):
+            raise InputDataError(
+                f"table {self.name!r} has no full-text index yet (an indexing run did not "
+                "finish); re-run beit3 index on it"
+            )
+        return True
 
     def _retry(self, write: Any) -> None:
         for attempt in range(_RETRIES):

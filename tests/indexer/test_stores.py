@@ -129,10 +129,10 @@ def test_lancedb_ivf_index_is_built_at_commit_and_finds_neighbours(tmp_path, ind
     )
     store.append(table(0, data[:4000]))
     store.commit()
-    assert not store._table.list_indices()  # noqa: SLF001 - 4000 rows: exact search still
+    assert not store.has_vector_index()  # 4000 rows: exact search still
     store.append(table(4000, data[4000:]))
     store.commit()
-    assert store._table.list_indices()  # noqa: SLF001 - the point of the test
+    assert store.has_vector_index()
     queries = data[:50]
     exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
     found = store.search(queries, k=10)
