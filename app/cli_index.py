@@ -24,6 +24,7 @@ _INDEX_TYPE = typer.Option(
     "ivf_hnsw_sq.",
 )
 _DEVICE = typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")
+EXPORT_LIMIT = 100  # hits exported by search --format without --limit
 
 
 def _progress_bars() -> tuple[Any, Any]:
@@ -156,26 +157,93 @@ def register(cli: typer.Typer) -> None:
         ] = None,
         model: Annotated[Path | None, _MODEL] = None,
         device: Annotated[str, _DEVICE] = "auto",
+        mode: Annotated[
+            str, typer.Option(help="vector (default) | keyword (file names, captions) | hybrid.")
+        ] = "vector",
+        keywords: Annotated[
+            str | None,
+            typer.Option(help="Words for keyword/hybrid mode with --image (default: QUERY)."),
+        ] = None,
+        under: Annotated[
+            list[Path] | None, typer.Option(help="Only files under this folder (repeatable).")
+        ] = None,
+        file_type: Annotated[
+            list[str] | None, typer.Option("--type", help="Only this extension (repeatable).")
+        ] = None,
+        modified_after: Annotated[str | None, typer.Option(help="YYYY-MM-DD[THH:MM].")] = None,
+        modified_before: Annotated[str | None, typer.Option(help="YYYY-MM-DD[THH:MM].")] = None,
+        min_width: Annotated[int | None, typer.Option(min=0, help="Pixels.")] = None,
+        max_width: Annotated[int | None, typer.Option(min=0)] = None,
+        min_height: Annotated[int | None, typer.Option(min=0)] = None,
+        max_height: Annotated[int | None, typer.Option(min=0)] = None,
+        taken_after: Annotated[
+            str | None, typer.Option(help="EXIF date taken, YYYY-MM-DD.")
+        ] = None,
+        taken_before: Annotated[str | None, typer.Option(help="EXIF date taken.")] = None,
+        camera: Annotated[str | None, typer.Option(help="Part of the EXIF make/model.")] = None,
+        where: Annotated[
+            str | None, typer.Option(help="Raw SQL over the row columns, e.g. 'size > 1e6'.")
+        ] = None,
+        output_format: Annotated[
+            str | None,
+            typer.Option("--format", help="json | csv: every hit up to --limit (all pages)."),
+        ] = None,
+        limit: Annotated[
+            int | None, typer.Option(min=1, help="With --format: hits to export (default 100).")
+        ] = None,
+        output: Annotated[
+            Path | None, typer.Option(dir_okay=False, help="With --format: write to FILE.")
+        ] = None,
     ) -> None:
         """Search an index with a text or an image; prints rank, score (and match) and path or
-        text."""
+        text. Filters apply before ranking; --format exports the result list."""
         from beit3.errors import InputDataError
         from indexer import Searcher
 
+        if output_format not in (None, "json", "csv"):
+            raise InputDataError(f"--format: unknown format {output_format!r}; choose json or csv")
+        if (limit is not None or output is not None) and output_format is None:
+            raise InputDataError("--limit and --output go with --format json|csv")
         logging.getLogger("faiss").setLevel(logging.WARNING)
         searcher = Searcher(db, model=model, device=device)
         if image and not Path(query).is_file():
             raise InputDataError(f"{query}: no such image file (--image takes a path)")
+        from indexer import Filters
+
+        filters = Filters(
+            under=tuple(under or ()),
+            types=tuple(file_type or ()),
+            modified_after=modified_after,
+            modified_before=modified_before,
+            min_width=min_width,
+            max_width=max_width,
+            min_height=min_height,
+            max_height=max_height,
+            taken_after=taken_after,
+            taken_before=taken_before,
+            camera=camera,
+            where=where,
+        )
         names = list(searcher.manifest.tables)
         table = table or ("images" if "images" in names or not names else names[0])
         hits = searcher.search(
             Path(query) if image else query,
             table,
-            k=k,
-            offset=offset,
+            k=(limit or EXPORT_LIMIT) if output_format else k,
+            offset=0 if output_format else offset,
             rerank=rerank,
             min_match=min_match,
+            mode=mode,
+            filters=filters,
+            keyword_text=keywords,
         )
+        if output_format is not None:
+            from app.export import write_hits
+
+            write_hits(hits, output_format, output)
+            if output is not None:
+                typer.echo(f"wrote {len(hits)} hits to {output}", err=True)
+            return
         if as_json:
             typer.echo(json.dumps([h.to_dict() for h in hits], indent=1))
             return

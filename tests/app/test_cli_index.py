@@ -181,3 +181,77 @@ def test_missing_path_is_a_usage_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_search_exports_every_hit_up_to_limit_as_csv_and_json(cli_db, tmp_path):
+    import csv
+
+    from indexer import Searcher
+
+    root, db = cli_db
+    expected = Searcher(db, device="cpu").search("a red circle", "images", k=25)
+    out = tmp_path / "hits.csv"
+    args = ["search", "a red circle", "--db", str(db), "--format", "csv", "--limit", "25"]
+    result = runner.invoke(cli, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == [
+        "rank",
+        "score",
+        "match",
+        "table",
+        "modality",
+        "id",
+        "path",
+        "text",
+        "paths",
+    ]
+    assert [r["id"] for r in rows] == [h.id for h in expected]  # 25 hits: more than one page
+    assert [int(r["rank"]) for r in rows] == list(range(1, 26))
+    assert [float(r["score"]) for r in rows] == pytest.approx([h.score for h in expected])
+    assert rows[0]["path"] == expected[0].path and rows[0]["match"] == ""
+    as_json = runner.invoke(cli, [*args[:-4], "--format", "json", "--limit", "7"])
+    assert as_json.exit_code == 0, as_json.output
+    assert [h["id"] for h in json.loads(as_json.stdout)] == [h.id for h in expected[:7]]
+
+
+def test_search_keyword_mode_and_filters_from_the_command_line(cli_db):
+    root, db = cli_db
+    base = ["search", "--db", str(db), "--json", "--k", "40"]
+    keyword = runner.invoke(cli, [*base, "purple_triangle", "--mode", "keyword"])
+    assert keyword.exit_code == 0, keyword.output
+    hits = json.loads(keyword.stdout)
+    assert hits[0]["path"].endswith("purple_triangle_0.png")
+    assert all("purple" in h["path"] or "triangle" in h["path"] for h in hits)
+    under = runner.invoke(
+        cli, [*base, "x", "--under", str(root / "shapes"), "--type", "png", "--min-width", "64"]
+    )
+    assert under.exit_code == 0, under.output
+    assert len(json.loads(under.stdout)) == 32
+    none = runner.invoke(cli, [*base, "x", "--modified-before", "2000-01-01"])
+    assert none.exit_code == 0 and json.loads(none.stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--mode", "fuzzy"],
+            "error: --mode: unknown mode 'fuzzy'; choose one of vector, keyword, hybrid",
+        ),
+        (["--format", "xml"], "error: --format: unknown format 'xml'; choose json or csv"),
+        (["--limit", "5"], "error: --limit and --output go with --format json|csv"),
+        (["--taken-after", "yesterday"], "error: --taken-after: cannot read 'yesterday' as a date"),
+        (["--type", "*.png"], "error: --type: '*.png' is not a file extension"),
+        (
+            ["--table", "texts", "--mode", "hybrid"],
+            "error: table 'texts' is a faiss table, which has no hybrid search",
+        ),
+    ],
+)
+def test_search_bad_mode_filter_or_format_is_one_line_naming_the_option(cli_db, args, message):
+    _, db = cli_db
+    result = runner.invoke(cli, ["search", "x", "--db", str(db), *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
