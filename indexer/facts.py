@@ -15,7 +15,14 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["FACT_COLUMNS", "image_facts", "path_words", "row_facts", "search_text"]
+__all__ = [
+    "FACT_COLUMNS",
+    "image_facts",
+    "keyword_query",
+    "path_words",
+    "row_facts",
+    "search_text",
+]
 
 # Columns added for keyword search and filters (the stores' ROW_COLUMNS end with these).
 FACT_COLUMNS = ("search_text", "ext", "width", "height", "taken", "camera")
@@ -36,8 +43,9 @@ def path_words(path: str, folders: int = 2) -> list[str]:
 
     ``.../2024/Holiday Rome/IMG_2041.jpg`` -> ``['2024', 'holiday', 'rome', 'img', '2041']``;
     ``holidayRome/DSC0042.JPG`` -> ``['holidayrome', 'holiday', 'rome', 'dsc0042', 'dsc',
-    '0042']`` (a word that splits is kept whole too); ``23-fe0f-20e3.png`` -> ``['23', 'fe0f',
-    '20e3']``.
+    '0042']`` (a word that splits is kept whole too, and so is a name of several words, without
+    its separators: ``23-fe0f-20e3.png`` -> ``['23fe0f20e3', '23', 'fe0f', '20e3']``; see
+    :func:`keyword_query`).
     """
     parts = [p for p in re.split(r"[\\/]", path) if p]
     if not parts:
@@ -45,7 +53,10 @@ def path_words(path: str, folders: int = 2) -> list[str]:
     parts[-1] = os.path.splitext(parts[-1])[0]
     words = []
     for part in parts[-(folders + 1) :]:
-        for chunk in _NON_WORD.split(part):
+        chunks = [c for c in _NON_WORD.split(part) if c]
+        if len(chunks) > 1:  # the name as one word too: a typed "IMG_2041" finds it first
+            words.append("".join(chunks).lower())
+        for chunk in chunks:
             if not chunk:
                 continue
             parts_of = _LETTERS_THEN_DIGITS.sub(" ", _CAMEL.sub(" ", chunk)).split()
@@ -53,6 +64,18 @@ def path_words(path: str, folders: int = 2) -> list[str]:
                 words.append(chunk.lower())
             words.extend(w.lower() for w in parts_of)
     return words
+
+
+def keyword_query(text: str) -> str:
+    """The words sent to the full-text index for ``text``: the text, plus each of its words that
+    joins parts with ``-``, ``_`` or ``.`` once more without them (as :func:`path_words`
+    stores a file name), so ``IMG_2041`` or ``1f9d1-1f3fd`` ranks that exact file first."""
+    joined = []
+    for word in text.split():
+        chunks = [c for c in _NON_WORD.split(word) if c]
+        if len(chunks) > 1:
+            joined.append("".join(chunks).lower())
+    return " ".join([text, *joined])
 
 
 def search_text(paths: Sequence[str], label: str | None) -> str:

@@ -19,6 +19,7 @@ from PIL import Image
 from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
+from indexer.facts import keyword_query
 from indexer.filters import Filters
 from indexer.manifest import DbManifest, TableInfo
 from indexer.stores import Match, Store, open_store
@@ -32,6 +33,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 RERANK_BATCH = 32  # (query, candidate) pairs per fusion-encoder forward
 MODES = ("vector", "keyword", "hybrid")
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)
+HYBRID_CANDIDATES = 0  # rows of each ranking fused (at least k + offset)
 
 
 @dataclass(frozen=True)
@@ -388,13 +390,16 @@ def _retrieve(
             f"{mode} search needs words: give a text query, or keyword_text with an image or "
             "vector query"
         )
+    text = keyword_query(text) if text is not None else None
     if mode == "keyword":
         assert text is not None, "checked above"
         return store.search_keyword(text, k, offset, where)
     assert vector is not None, f"{mode} search needs a vector"
     if mode == "hybrid":
         assert text is not None, "checked above"
-        return store.search_hybrid(vector, text, k, offset, where, rrf_k=RRF_K)
+        return store.search_hybrid(
+            vector, text, k, offset, where, rrf_k=RRF_K, candidates=HYBRID_CANDIDATES
+        )
     return store.search(vector[None], k, offset, where)[0]
 
 

@@ -191,9 +191,11 @@ class Store(abc.ABC):
         offset: int = 0,
         where: str | None = None,
         rrf_k: int = 60,
+        candidates: int = 0,
     ) -> list[Match]:
-        """Reciprocal rank fusion of the vector and keyword rankings; Match.score is the fused
-        score sum(1 / (rrf_k + rank))."""
+        """Reciprocal rank fusion of the vector and keyword rankings, each cut at its top
+        max(k + offset, candidates); Match.score is the fused sum(1 / (rrf_k + rank)), rank
+        from 1."""
         raise InputDataError(self._lacks("hybrid search"))
 
     def _lacks(self, what: str) -> str:

@@ -286,6 +286,7 @@ class LanceStore(Store):
         offset: int = 0,
         where: str | None = None,
         rrf_k: int = 60,
+        candidates: int = 0,
     ) -> list[Match]:
         from lancedb.rerankers import RRFReranker
 
@@ -300,7 +301,10 @@ class LanceStore(Store):
             .distance_type("dot")
             .rerank(RRFReranker(K=rrf_k))
         )
-        table = self._tune(hybrid, where).limit(k).offset(offset).to_arrow()
+        # Each ranking contributes its top max(k + offset, candidates) rows to the fusion.
+        want = max(k + offset, candidates)
+        table = self._tune(hybrid, where).limit(want).to_arrow()
+        table = table.slice(offset, k)
         scores = table.column("_relevance_score").to_pylist()
         rows = table.select(self.columns).to_pylist()
         return [Match(float(s), row) for s, row in zip(scores, rows, strict=True)]

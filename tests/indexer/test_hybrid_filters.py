@@ -13,7 +13,7 @@ from PIL import Image
 
 from beit3.errors import InputDataError
 from indexer import Filters, Searcher, index_images
-from indexer.facts import image_facts, path_words
+from indexer.facts import image_facts, keyword_query, path_words
 from indexer.stores import META_COLUMNS, rows_from_vectors
 from indexer.stores.lance_store import LanceStore
 from tests.data import shape_image
@@ -41,21 +41,12 @@ def _index(folder, db, ckpt, **kw):
 
 def test_path_words_split_names_and_folders():
     assert path_words("/home/u/2024/Holiday Rome/IMG_2041.jpg") == [
-        "2024",
-        "holiday",
-        "rome",
-        "img",
-        "2041",
+        *("2024", "holidayrome", "holiday", "rome", "img2041", "img", "2041")
     ]
     assert path_words("x/emoji/1f355.png") == ["x", "emoji", "1f355"]
-    assert path_words("a/b/holidayRome-DSC0042.JPG")[-6:] == [
-        "holidayrome",
-        "holiday",
-        "rome",
-        "dsc0042",
-        "dsc",
-        "0042",
-    ]
+    assert path_words("a/b/DSC0042.JPG") == ["a", "b", "dsc0042", "dsc", "0042"]
+    assert path_words("a/b/23-fe0f-20e3.png")[2:] == ["23fe0f20e3", "23", "fe0f", "20e3"]
+    assert keyword_query("IMG_2041 rome") == "IMG_2041 rome img2041"
 
 
 def test_keyword_finds_a_file_by_a_file_name_word(named_dir, tmp_path, tiny_checkpoint):

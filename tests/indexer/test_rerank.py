@@ -121,3 +121,18 @@ def test_cli_search_rerank_prints_and_returns_match(matcher_index):
     assert text.exit_code == 0 and "match" in text.stdout
     none = runner.invoke(cli, [*args, "--min-match", "1.0"])
     assert none.exit_code == 0 and "no confident match" in none.output
+
+
+@pytest.mark.parametrize("mode", ["keyword", "hybrid"])
+def test_rerank_reorders_the_candidates_of_keyword_and_hybrid_modes(matcher_index, mode):
+    root, ckpt, _ = matcher_index
+    searcher = Searcher(root / "db", device="cpu")
+    plain = searcher.search("red circle", "images", k=8, mode=mode)
+    hits = searcher.search("red circle", "images", k=8, rerank=8, mode=mode)
+    assert {h.id for h in hits} == {h.id for h in plain}  # that mode's 8 candidates
+    truth = _probabilities(ckpt, [h.path for h in hits], "red circle")
+    assert [h.match for h in hits] == pytest.approx(
+        sorted((truth[h.path] for h in hits), reverse=True), abs=1e-5
+    )
+    kept = searcher.search("red circle", "images", k=8, rerank=8, mode=mode, min_match=0.5)
+    assert all(h.match >= 0.5 for h in kept) and len(kept) == sum(v >= 0.5 for v in truth.values())
