@@ -194,6 +194,12 @@ def register(cli: typer.Typer) -> None:
         output: Annotated[
             Path | None, typer.Option(dir_okay=False, help="With --format: write to FILE.")
         ] = None,
+        collapse: Annotated[
+            float | None,
+            typer.Option(
+                min=-1.0, max=1.0, help="Fold hits closer than this cosine to a better hit (0.95)."
+            ),
+        ] = None,
     ) -> None:
         """Search an index with a text or an image; prints rank, score (and match) and path or
         text. Filters apply before ranking; --format exports the result list."""
@@ -226,17 +232,35 @@ def register(cli: typer.Typer) -> None:
         )
         names = list(searcher.manifest.tables)
         table = table or ("images" if "images" in names or not names else names[0])
-        hits = searcher.search(
-            Path(query) if image else query,
-            table,
-            k=(limit or EXPORT_LIMIT) if output_format else k,
-            offset=0 if output_format else offset,
-            rerank=rerank,
-            min_match=min_match,
-            mode=mode,
-            filters=filters,
-            keyword_text=keywords,
-        )
+        from indexer.query import CompositeQuery, is_compositional, parse_query, run_query
+
+        page = {
+            "k": (limit or EXPORT_LIMIT) if output_format else k,
+            "offset": 0 if output_format else offset,
+            "mode": mode,
+            "filters": filters,
+            "keyword_text": keywords,
+        }
+        steered = collapse is not None or (not image and is_compositional(query))
+        if steered and (rerank or min_match is not None):
+            raise InputDataError("--rerank takes a plain query, without --collapse or + / - terms")
+        if steered:  # the query syntax of indexer.query (README "Query syntax")
+            composite = (
+                CompositeQuery.of(Path(query))
+                if image
+                else parse_query(query)
+                if is_compositional(query)
+                else CompositeQuery.of(query)
+            )
+            hits = run_query(searcher, composite, table, collapse=collapse, **page)
+        else:
+            hits = searcher.search(
+                Path(query) if image else query,
+                table,
+                rerank=rerank,
+                min_match=min_match,
+                **page,
+            )
         if output_format is not None:
             from app.export import write_hits
 
@@ -252,7 +276,8 @@ def register(cli: typer.Typer) -> None:
             if h.modality == "image":  # with the caption of a manifest, when it had one
                 shown = f"{h.path}  {h.text}" if h.text else h.path
             match = f"  match {h.match:5.1%}" if h.match is not None else ""
-            typer.echo(f"{h.rank:4d}  {h.score:7.4f}{match}  {shown}")
+            similar = f"  (+{h.similar} similar)" if h.similar else ""
+            typer.echo(f"{h.rank:4d}  {h.score:7.4f}{match}  {shown}{similar}")
         if rerank and not hits:
             typer.echo(
                 f"no confident match (none of the top {rerank} reaches match >= {min_match})",

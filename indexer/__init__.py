@@ -11,6 +11,8 @@ Public surface::
     searcher.search_similar("images", hit.id, target="images")
     searcher.search("IMG 2041", table="images", mode="hybrid",                # keyword + vector
                     filters=Filters(under=["photos/2024"], types=("jpg",)))
+    query = parse_query("2:golden retriever + ./beach.jpg - snow")       # CompositeQuery
+    run_query(searcher, query, "images", k=10, collapse=0.95)             # hits, duplicates folded
 
 LanceDB and FAISS are imported only when a store is opened (``indexer.stores``).
 """
@@ -18,16 +20,23 @@ LanceDB and FAISS are imported only when a store is opened (``indexer.stores``).
 from indexer.build import ProgressFn, index_images, index_texts
 from indexer.filters import Filters
 from indexer.manifest import TableInfo
+from indexer.query import CompositeQuery, Term, collapse_hits, parse_query, rocchio, run_query
 from indexer.report import IndexReport
 from indexer.search import Hit, Searcher
 
 __all__ = [
+    "CompositeQuery",
     "Filters",
     "Hit",
     "IndexReport",
     "ProgressFn",
     "Searcher",
     "TableInfo",
+    "Term",
+    "collapse_hits",
     "index_images",
     "index_texts",
+    "parse_query",
+    "rocchio",
+    "run_query",
 ]

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,7 +47,9 @@ class Hit:
     path: the image file (None for texts); text: the text (None for images);
     paths: every path (images) or ``file:line`` reference (texts) with this content;
     match: with reranking, the fusion encoder's calibrated probability that the hit matches
-    the query (None without reranking).
+    the query (None without reranking);
+    similar: with near-duplicate collapse, how many lower hits were folded into this one
+    (``indexer.query.collapse_hits``; 0 otherwise).
     """
 
     rank: int
@@ -58,6 +61,7 @@ class Hit:
     text: str | None
     paths: tuple[str, ...] = ()
     match: float | None = None
+    similar: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -357,6 +361,22 @@ class Searcher:
         if rows.num_rows == 0:
             return None
         return np.asarray(rows.column("vector")[0].as_py(), dtype=np.float32)
+
+    def get_vectors(self, table: str, item_ids: Sequence[str]) -> np.ndarray:
+        """(N, D) float32: the stored vectors of ``item_ids``, in their order.
+
+        Raises:
+            InputDataError: an id that ``table`` does not hold.
+        """
+        rows = self._store(table).fetch(list(dict.fromkeys(item_ids)), with_vectors=True)
+        ids, vectors = rows.column("sha256").to_pylist(), rows.column("vector").to_pylist()
+        found = dict(zip(ids, vectors, strict=True))
+        missing = [i for i in item_ids if i not in found]
+        if missing:
+            raise InputDataError(f"table {table!r} of {self.db} has no item {missing[0]!r}")
+        return np.asarray([found[i] for i in item_ids], dtype=np.float32).reshape(
+            len(item_ids), self.manifest.dim
+        )
 
     def _hits(self, table: str, matches: list[Match], offset: int) -> list[Hit]:
         return [_hit(table, offset + i + 1, m.score, m.row) for i, m in enumerate(matches)]
