@@ -62,6 +62,11 @@ def test_keyword_finds_a_file_by_a_file_name_word(named_dir, tmp_path, tiny_chec
         assert hits[0].path.endswith(name), (words, [h.path for h in hits])
         assert len(hits) == 1  # no other file has these words
     assert searcher.search("nothingmatches", "images", mode="keyword") == []
+    # filters apply to keyword and hybrid rankings too, before ranking
+    paris_only = Filters(under=[named_dir / "2023"])
+    for mode in ("keyword", "hybrid"):
+        hits = searcher.search("2041 paris", "images", k=5, mode=mode, filters=paris_only)
+        assert [h.path.rsplit("/", 1)[-1] for h in hits] == ["DSC0042.png"], mode
 
 
 def test_hybrid_is_reciprocal_rank_fusion_of_both_rankings(named_dir, tmp_path, tiny_checkpoint):
