@@ -194,7 +194,10 @@ def hit_caption(hit: Any) -> str:
     parts = [f"score {format_score(hit.score)}"]
     if hit.match is not None:
         parts.append(f"match {format_match(hit.match)}")
-    return " \u00b7 ".join([*parts, f"#{hit.rank}"])
+    parts.append(f"#{hit.rank}")
+    if getattr(hit, "similar", 0):
+        parts.append(f"+{hit.similar} similar")
+    return " \u00b7 ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -304,3 +307,128 @@ def examples_from_names(paths: Iterable[str | None], limit: int = 3) -> list[str
         if len(out) == limit:
             break
     return out
+
+
+# --- steering: compositional terms, feedback, mode, filters, collapse --------------------------
+
+MODES = ("vector", "keyword", "hybrid")
+DEFAULT_COLLAPSE = 0.95  # cosine: re-encoded or resized copies of one photo sit above this
+EXPORT_LIMIT = 200  # hits the download buttons export (every page up to this many)
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One term added to the query in the page (shown as a chip): ``kind`` is "text" (``text``)
+    or "item" (an indexed hit: ``table``, ``item_id``); ``negative`` subtracts it."""
+
+    kind: str
+    label: str
+    text: str = ""
+    table: str = ""
+    item_id: Any = None
+    negative: bool = False
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.text, self.table, self.item_id, self.negative)
+
+    def term(self) -> Any:
+        from indexer import Term
+
+        weight = -1.0 if self.negative else 1.0
+        if self.kind == "item":
+            return Term.item(str(self.item_id), weight, table=self.table or None)
+        return Term.text(self.text, weight)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """How the page steers a search beyond a plain query; the defaults leave it plain.
+
+    filters apply to image tables only (the columns they read are image facts); feedback ids
+    (``liked`` / ``disliked``) may come from either table: the vectors share one space.
+    """
+
+    mode: str = "vector"
+    filters: Any = None  # indexer.Filters or None
+    collapse: float | None = None
+    chips: tuple[Chip, ...] = ()
+    liked: tuple[str, ...] = ()
+    disliked: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (
+            self.mode,
+            self.filters,
+            self.collapse,
+            tuple(c.key for c in self.chips),
+            self.liked,
+            self.disliked,
+        )
+
+    def is_plain(self, text: str = "") -> bool:
+        """No steering at all: the page's plain (and rerankable) search applies."""
+        from indexer.query import is_compositional
+
+        return (
+            self.mode == "vector"
+            and (self.filters is None or self.filters == type(self.filters)())
+            and self.collapse is None
+            and not self.chips
+            and not self.liked
+            and not self.disliked
+            and not is_compositional(text)
+        )
+
+
+def composite_query(
+    kind: str, text: str, image: Any, table: str, item_id: Any, chips: Sequence[Chip]
+) -> Any:
+    """The page's query as an :class:`indexer.CompositeQuery`: the active query (a typed text,
+    parsed when it uses the query syntax but never reading a path; an upload; a clicked item)
+    followed by the chips.
+
+    Raises:
+        InputDataError: bad syntax in the typed text.
+    """
+    from indexer import CompositeQuery, Term, parse_query
+    from indexer.query import is_compositional
+
+    terms: list[Any] = []
+    if kind == "text":
+        if is_compositional(text):
+            terms.extend(parse_query(text, allow_paths=False).terms)
+        else:
+            terms.append(Term.text(text))
+    elif kind == "upload":
+        terms.append(Term.image(image))
+    elif kind == "item":
+        terms.append(Term.item(str(item_id), table=table))
+    terms.extend(chip.term() for chip in chips)
+    return CompositeQuery(tuple(terms))
+
+
+def make_filters(
+    under: str = "",
+    types: Sequence[str] = (),
+    modified_after: Any = None,
+    modified_before: Any = None,
+    camera: str = "",
+    min_width: int = 0,
+    min_height: int = 0,
+) -> Any:
+    """The sidebar's filter inputs as :class:`indexer.Filters`, or None when none is set
+    (dates: ``datetime.date``; sizes: 0 = no bound)."""
+    from indexer import Filters
+
+    filters = Filters(
+        under=tuple(p.strip() for p in under.split(",") if p.strip()),
+        types=tuple(types),
+        modified_after=modified_after.isoformat() if modified_after else None,
+        modified_before=modified_before.isoformat() if modified_before else None,
+        camera=camera.strip() or None,
+        min_width=int(min_width) or None,
+        min_height=int(min_height) or None,
+    )
+    return None if filters == Filters() else filters

@@ -12,10 +12,17 @@ rerank=K, min_match=p)`` would.
 State (``st.session_state``): ``active`` is the query whose results are shown (a typed text, an
 uploaded image, or an indexed item that was clicked); ``pages`` counts the result pages loaded for
 that query; ``memo`` keeps the search results of this session so a rerun does not search again.
+
+Steering (issue 13): ``chips`` are terms added to the query ("Add to query" on a hit or the typed
+text; a chip's minus toggle subtracts it); ``liked`` / ``disliked`` are hits marked "more / less
+like this" (Rocchio on their stored vectors, re-queried in place); the sidebar's mode, filters and
+near-duplicate collapse apply too. Any of them sends the search through
+:func:`indexer.run_query` (the library's compositional search) and turns reranking off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -27,14 +34,20 @@ import streamlit as st
 from PIL import Image
 
 from app._ui import (
+    DEFAULT_COLLAPSE,
     DEFAULT_MIN_MATCH,
     DEFAULT_RERANK,
+    EXPORT_LIMIT,
     MAX_UPLOAD_PIXELS,
+    MODES,
     UPLOAD_TYPES,
     AppArgs,
+    Chip,
     Rerank,
     Reranked,
+    Steering,
     arrange_reranked,
+    composite_query,
     content_key,
     cosine_only_note,
     db_labels,
@@ -46,6 +59,7 @@ from app._ui import (
     format_score,
     hit_caption,
     hit_name,
+    make_filters,
     md_escape,
     no_confident_match,
     parse_app_args,
@@ -173,6 +187,8 @@ def _set_active(query: Query | None) -> None:
     _state().active = query
     _state().notice = None
     _state().upload_error = None
+    _state().liked = ()  # feedback belongs to the query it was given for
+    _state().disliked = ()
 
 
 def _on_text_submit() -> None:
@@ -181,6 +197,7 @@ def _on_text_submit() -> None:
         _set_active(None)
         _state().notice = "empty"
         return
+    _state().before_submit = _state().get("active")  # for "Add", see _on_add_text
     _set_active(Query("text", ("text", text), text, text=text))
     _state().uploader_nonce = _state().get("uploader_nonce", 0) + 1  # clear a previous upload
 
@@ -217,7 +234,54 @@ def _on_item(table: str, item_id: Any, label: str) -> None:
 def _on_clear() -> None:
     _set_active(None)
     _state().q = ""
+    _state().chips = ()
     _state().uploader_nonce = _state().get("uploader_nonce", 0) + 1
+
+
+def _on_add_chip(chip: Chip) -> None:
+    chips = tuple(_state().get("chips", ()))
+    if chip.key not in {c.key for c in chips}:
+        _state().chips = (*chips, chip)
+
+
+def _on_add_text() -> None:
+    text = " ".join(str(_state().get("q", "")).split())
+    if not text:
+        _state().notice = "empty"
+        return
+    _state().notice = None
+    active = _state().get("active")
+    if active is not None and active.kind == "text" and active.text == text:
+        # Leaving the box to press "Add" submitted the words as a new query first (the
+        # box's on_change runs before the button's): go back to the query they join.
+        _set_active(_state().get("before_submit"))
+    _on_add_chip(Chip("text", text, text=text))
+    _state().q = ""
+
+
+def _on_toggle_chip(index: int) -> None:
+    chips = list(_state().get("chips", ()))
+    chips[index] = dataclasses.replace(chips[index], negative=not chips[index].negative)
+    _state().chips = tuple(chips)
+
+
+def _on_remove_chip(index: int) -> None:
+    chips = list(_state().get("chips", ()))
+    del chips[index]
+    _state().chips = tuple(chips)
+
+
+def _on_feedback(item_id: str, more: bool) -> None:
+    """Mark a hit "more like this" (``more``) or "less like this"; the page re-queries."""
+    liked = tuple(i for i in _state().get("liked", ()) if i != item_id)
+    disliked = tuple(i for i in _state().get("disliked", ()) if i != item_id)
+    _state().liked = (*liked, item_id) if more else liked
+    _state().disliked = disliked if more else (*disliked, item_id)
+
+
+def _on_reset_feedback() -> None:
+    _state().liked = ()
+    _state().disliked = ()
 
 
 def _on_more(section: str) -> None:
@@ -227,14 +291,24 @@ def _on_more(section: str) -> None:
 # --- searching -------------------------------------------------------------------------------
 
 
-def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offset: int) -> list:
+def _search_page(
+    searcher: Any,
+    db: str,
+    query: Query,
+    table: str,
+    k: int,
+    offset: int,
+    steer: Steering | None = None,
+) -> list:
     """One page of hits for ``query`` from ``table``, remembered for this session."""
     memo: dict = _state().setdefault("memo", {})
-    key = (db, table, query.key, k, offset)
+    key = (db, table, query.key, k, offset, steer.key if steer is not None else None)
     if key not in memo:
         if len(memo) > 256:
             memo.clear()
-        if query.kind == "item":
+        if steer is not None and not steer.is_plain(query.text):
+            memo[key] = steered_hits(searcher, query, table, k, offset, steer)
+        elif query.kind == "item":
             memo[key] = searcher.search_similar(
                 query.table, query.item_id, table, k=k, offset=offset
             )
@@ -242,6 +316,50 @@ def _search_page(searcher: Any, db: str, query: Query, table: str, k: int, offse
             source = query.text if query.kind == "text" else query.image
             memo[key] = searcher.search(source, table, k=k, offset=offset)
     return memo[key]
+
+
+def steered_hits(
+    searcher: Any, query: Query, table: str, k: int, offset: int, steer: Steering
+) -> list:
+    """A page of the compositional, feedback, filtered, collapsed search (the library's
+    :func:`indexer.run_query`); filters only for image tables."""
+    from indexer import run_query
+
+    composite = composite_query(
+        query.kind, query.text, query.image, query.table, query.item_id, steer.chips
+    )
+    is_image = searcher.tables[table].modality == "image"
+    return run_query(
+        searcher,
+        composite,
+        table,
+        k,
+        offset,
+        mode=steer.mode,
+        filters=steer.filters if is_image else None,
+        relevant=steer.liked,
+        non_relevant=steer.disliked,
+        collapse=steer.collapse,
+    )
+
+
+def export_data(searcher: Any, query: Query, table: str, steer: Steering, fmt: str) -> Any:
+    """A callable for a download button: the section's hits (every page, up to EXPORT_LIMIT)
+    in ``fmt`` (the CLI's exporter, app.export); runs when the button is pressed."""
+
+    def build() -> str:
+        from app.export import format_hits
+
+        if not steer.is_plain(query.text):
+            hits = steered_hits(searcher, query, table, EXPORT_LIMIT, 0, steer)
+        elif query.kind == "item":
+            hits = searcher.search_similar(query.table, query.item_id, table, k=EXPORT_LIMIT)
+        else:
+            source = query.text if query.kind == "text" else query.image
+            hits = searcher.search(source, table, k=EXPORT_LIMIT)
+        return format_hits(hits, fmt)
+
+    return build
 
 
 def reranked_hits(searcher: Any, db: str, query: Query, table: str, candidates: int) -> list:
@@ -272,13 +390,14 @@ def collect_hits(
     table: str,
     k: int,
     pages: int,
+    steer: Steering | None = None,
 ) -> tuple[list, bool]:
     """Hits of the first ``pages`` pages, each shown once; and whether more exist."""
     hits: list = []
     total = searcher.tables[table].count
     more = True
     for page in range(pages):
-        batch = _search_page(searcher, db, query, table, k, page * k)
+        batch = _search_page(searcher, db, query, table, k, page * k, steer)
         hits.extend(batch)
         if len(batch) < k or (page + 1) * k >= total:
             more = False
@@ -331,8 +450,10 @@ def draw_sidebar(args: AppArgs) -> tuple[Path | None, str]:
         return labels[label], label
 
 
-def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, int, Rerank | None]:
-    """Table pickers, page size, reranking, model and index size in the sidebar."""
+def draw_index_panel(
+    searcher: Any, db: Path
+) -> tuple[str | None, str | None, int, Rerank | None, Steering]:
+    """Table pickers, page size, reranking, steering, model and index size in the sidebar."""
     images = [n for n, t in searcher.tables.items() if t.modality == "image"]
     texts = [n for n, t in searcher.tables.items() if t.modality == "text"]
     with st.sidebar:
@@ -349,6 +470,7 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
             text_table = texts[0]
         k = st.select_slider("Results per page", PAGE_SIZES, value=PAGE_SIZES[0], key="k")
         rerank = draw_rerank_controls(searcher)
+        steer = draw_steer_controls(searcher)
         st.divider()
         st.markdown("**Index**")
         for name, info in searcher.tables.items():
@@ -361,7 +483,53 @@ def draw_index_panel(searcher: Any, db: Path) -> tuple[str | None, str | None, i
         st.markdown(f"`{_code(searcher.model_id)}`")
         checkpoint = getattr(searcher.checkpoint, "path", searcher.checkpoint)
         st.caption(f"checkpoint `{_code(checkpoint)}`")
-    return image_table, text_table, int(k), rerank
+    return image_table, text_table, int(k), rerank, steer
+
+
+def draw_steer_controls(searcher: Any) -> Steering:
+    """Mode, near-duplicate collapse and filters (in the sidebar), with the page's chips and
+    feedback: the :class:`Steering` of this run."""
+    st.divider()
+    mode = st.segmented_control(
+        "Search mode",
+        MODES,
+        default=MODES[0],
+        key="mode",
+        help="vector: by meaning; keyword: the words of file names, folders and captions "
+        "(texts: their words); hybrid: both, fused by rank.",
+    )
+    collapse_on = st.toggle(
+        "Collapse near-duplicates",
+        value=False,
+        key="collapse",
+        help="Hits closer than the threshold (cosine) to a better hit show once, with a "
+        "“+N similar” count.",
+    )
+    threshold = st.slider(
+        "Duplicate threshold",
+        min_value=0.80,
+        max_value=1.0,
+        value=DEFAULT_COLLAPSE,
+        step=0.01,
+        key="collapse_threshold",
+        disabled=not collapse_on,
+    )
+    with st.expander("Filters (images)", expanded=False):
+        under = st.text_input("Folder", key="f_under", help="Comma-separated folders.")
+        types = st.multiselect("File type", list(UPLOAD_TYPES), key="f_types")
+        after = st.date_input("Modified after", value=None, key="f_after")
+        before = st.date_input("Modified before", value=None, key="f_before")
+        camera = st.text_input("Camera", key="f_camera", help="Part of the EXIF make/model.")
+        min_width = st.number_input("Min width (px)", min_value=0, value=0, key="f_min_width")
+        min_height = st.number_input("Min height (px)", min_value=0, value=0, key="f_min_height")
+    return Steering(
+        mode=str(mode or MODES[0]),
+        filters=make_filters(under, types, after, before, camera, min_width, min_height),
+        collapse=float(threshold) if collapse_on else None,
+        chips=tuple(_state().get("chips", ())),
+        liked=tuple(_state().get("liked", ())),
+        disliked=tuple(_state().get("disliked", ())),
+    )
 
 
 def draw_rerank_controls(searcher: Any) -> Rerank | None:
@@ -416,6 +584,14 @@ def draw_inputs(args: AppArgs, examples: list[str]) -> None:
             max_chars=300,
         )
         st.button("Search", type="primary", key="search", on_click=_on_text_submit)
+        st.button(
+            "Add",
+            key="add-text",
+            icon=":material/add:",
+            on_click=_on_add_text,
+            help="Add the words to the query as a term (the chips above the results); "
+            "the query syntax works in the box too: cat + hat - 2:snow",
+        )
     if examples:
         with left, st.container(horizontal=True, vertical_alignment="center", key="examples"):
             st.caption("Try:", width="content")
@@ -441,9 +617,11 @@ def draw_inputs(args: AppArgs, examples: list[str]) -> None:
         st.info(f"Type a few words to search{hint}, or drop an image.", icon=":material/edit:")
 
 
-def draw_query_banner(searcher: Any, query: Query) -> None:
+def draw_query_banner(searcher: Any, query: Query, steer: Steering) -> None:
     with st.container(horizontal=True, vertical_alignment="center", key="query-banner"):
-        if query.kind == "text":
+        if query.kind == "chips":
+            st.markdown("Results for **your terms**")
+        elif query.kind == "text":
             st.markdown(f"Results for **\u201c{md_escape(query.text)}\u201d**")
         elif query.kind == "upload":
             st.image(query.image, width=56)  # at most 1024 px: kept small by _on_upload
@@ -457,6 +635,39 @@ def draw_query_banner(searcher: Any, query: Query) -> None:
         st.button(
             "Clear", key="clear", type="tertiary", icon=":material/close:", on_click=_on_clear
         )
+    draw_chips(steer)
+
+
+def draw_chips(steer: Steering) -> None:
+    """The added terms as chips (click: toggle minus; x: remove) and the feedback given."""
+    if not steer.chips and not steer.liked and not steer.disliked:
+        return
+    with st.container(horizontal=True, vertical_alignment="center", key="chips"):
+        for i, chip in enumerate(steer.chips):
+            sign = "\u2212" if chip.negative else "+"
+            st.button(
+                f"{sign} {chip.label}",
+                key=f"chip-{i}",
+                help="Click to " + ("add" if chip.negative else "subtract") + " this term",
+                on_click=_on_toggle_chip,
+                args=(i,),
+            )
+            st.button(
+                ":material/close:",
+                key=f"chip-remove-{i}",
+                type="tertiary",
+                help="Remove this term",
+                on_click=_on_remove_chip,
+                args=(i,),
+            )
+        if steer.liked or steer.disliked:
+            st.caption(
+                f"feedback: {len(steer.liked)} more like, {len(steer.disliked)} less like",
+                width="content",
+            )
+            st.button(
+                "Reset feedback", key="reset-feedback", type="tertiary", on_click=_on_reset_feedback
+            )
 
 
 def _search_section(
@@ -468,17 +679,21 @@ def _search_section(
     k: int,
     section: str,
     rerank: Rerank | None,
+    steer: Steering | None = None,
 ) -> tuple[list, bool, Reranked | None, str] | None:
     """(hits, more, reranked, note) of a result section, in cosine order or reranked; ``note``
     says why a section stays in cosine order with reranking on. None after a failure (the page
     shows why)."""
     pages = _state().pages.get(section, 1)
     modality = "image" if section == "images" else "text"
-    if rerank is None or not reranks(query.kind, modality):
-        found = _run_safely(what, collect_hits, searcher, db, query, table, k, pages)
+    steered = steer is not None and not steer.is_plain(query.text)
+    if rerank is None or not reranks(query.kind, modality) or steered:
+        found = _run_safely(what, collect_hits, searcher, db, query, table, k, pages, steer)
         if found is None:
             return None
         note = cosine_only_note(query.kind, modality) if rerank is not None else ""
+        if steered and rerank is not None:
+            note = "Reranking is off while the query is steered (terms, feedback, mode, filters)."
         return found[0], found[1], None, note
     arranged = _run_safely(what, find_hits, searcher, db, query, table, k, pages, rerank)
     if arranged is None:
@@ -514,8 +729,9 @@ def draw_image_hits(
     k: int,
     can_search_texts: bool,
     rerank: Rerank | None = None,
+    steer: Steering | None = None,
 ) -> None:
-    found = _search_section("Image search", searcher, db, query, table, k, "images", rerank)
+    found = _search_section("Image search", searcher, db, query, table, k, "images", rerank, steer)
     if found is None:
         return
     hits, more, arranged, note = found
@@ -548,6 +764,9 @@ def draw_image_hits(
                 args=(table, hit.id, name),
                 help=f"Search with {name}" + (" (images and texts)" if can_search_texts else ""),
             )
+            draw_hit_actions(table, hit, name)
+    if steer is not None:
+        draw_downloads(searcher, query, table, steer, "images")
     if more:
         st.button(
             "More results",
@@ -558,6 +777,52 @@ def draw_image_hits(
         )
 
 
+def draw_hit_actions(table: str, hit: Any, label: str) -> None:
+    """A hit's steering buttons: add it to the query, more like this, less like this."""
+    liked = hit.id in _state().get("liked", ())
+    disliked = hit.id in _state().get("disliked", ())
+    with st.container(horizontal=True, gap="small", key=f"actions-{table}-{hit.id}"):
+        st.button(
+            ":material/add:",
+            key=f"add-{table}-{hit.id}",
+            type="tertiary",
+            help=f"Add {label} to the query",
+            on_click=_on_add_chip,
+            args=(Chip("item", label, table=table, item_id=hit.id),),
+        )
+        st.button(
+            ":material/thumb_up:",
+            key=f"like-{table}-{hit.id}",
+            type="primary" if liked else "tertiary",
+            help="More like this",
+            on_click=_on_feedback,
+            args=(hit.id, True),
+        )
+        st.button(
+            ":material/thumb_down:",
+            key=f"dislike-{table}-{hit.id}",
+            type="primary" if disliked else "tertiary",
+            help="Less like this",
+            on_click=_on_feedback,
+            args=(hit.id, False),
+        )
+
+
+def draw_downloads(searcher: Any, query: Query, table: str, steer: Steering, section: str) -> None:
+    with st.container(horizontal=True, key=f"downloads-{section}"):
+        for fmt in ("json", "csv"):
+            st.download_button(
+                f"Download {fmt.upper()}",
+                data=export_data(searcher, query, table, steer, fmt),
+                file_name=f"beit3-{section}.{fmt}",
+                mime="application/json" if fmt == "json" else "text/csv",
+                key=f"download-{section}-{fmt}",
+                icon=":material/download:",
+                on_click="ignore",
+                help=f"Every page of these results, up to {EXPORT_LIMIT} hits",
+            )
+
+
 def draw_text_hits(
     searcher: Any,
     db: str,
@@ -565,9 +830,10 @@ def draw_text_hits(
     table: str,
     image_table: str | None,
     rerank: Rerank | None = None,
+    steer: Steering | None = None,
 ) -> None:
     found = _search_section(
-        "Text search", searcher, db, query, table, TEXT_HITS_PER_PAGE, "texts", rerank
+        "Text search", searcher, db, query, table, TEXT_HITS_PER_PAGE, "texts", rerank, steer
     )
     if found is None:
         return
@@ -599,6 +865,7 @@ def draw_text_hits(
                         on_click=_on_item,
                         args=(table, hit.id, label),
                     )
+                draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60])
     if more:
         st.button(
             "More texts",
@@ -651,7 +918,7 @@ def main() -> None:
             icon=":material/database:",
         )
         return
-    image_table, text_table, k, rerank = draw_index_panel(searcher, db)
+    image_table, text_table, k, rerank, steer = draw_index_panel(searcher, db)
     examples = example_queries(str(db.resolve()), image_table, text_table, searcher)
     draw_inputs(args, examples)
 
@@ -660,23 +927,27 @@ def main() -> None:
         _state().active_db = db_label
         if query is not None and query.kind == "item":  # its id belongs to the other database
             query = _state().active = None
+    if query is None and steer.chips:
+        query = Query("chips", ("chips",), "your terms")
     if query is None:
         draw_welcome(searcher, examples)
         return
-    signature = (db_label, image_table, text_table, k, rerank, query.key)
+    signature = (db_label, image_table, text_table, k, rerank, query.key, steer.key)
     if _state().get("pages", {}).get("signature") != signature:
         _state().pages = {"signature": signature}  # a new query starts from the first page
-    draw_query_banner(searcher, query)
+    draw_query_banner(searcher, query, steer)
     if text_table and image_table:
         images, texts = st.columns([3, 1], gap="medium")
     else:
         images = texts = st.container()
     if image_table:
         with images:
-            draw_image_hits(searcher, str(db), query, image_table, k, bool(text_table), rerank)
+            draw_image_hits(
+                searcher, str(db), query, image_table, k, bool(text_table), rerank, steer
+            )
     if text_table:
         with texts:
-            draw_text_hits(searcher, str(db), query, text_table, image_table, rerank)
+            draw_text_hits(searcher, str(db), query, text_table, image_table, rerank, steer)
 
 
 main()

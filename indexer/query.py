@@ -212,9 +212,10 @@ def is_compositional(text: str) -> bool:
     return any(_WEIGHT.match(word) for word in text.split())
 
 
-def parse_query(text: str, base: Path | None = None) -> CompositeQuery:
+def parse_query(text: str, base: Path | None = None, allow_paths: bool = True) -> CompositeQuery:
     """Parse the query syntax of the module docstring; image paths are relative to ``base``
-    (default: the working directory).
+    (default: the working directory). ``allow_paths=False`` (a web page, where a path would
+    read the server's disk) makes an image term an error.
 
     Raises:
         InputDataError: bad syntax or a missing image file, naming the token and its position.
@@ -232,14 +233,14 @@ def parse_query(text: str, base: Path | None = None) -> CompositeQuery:
             group.append((pos, word, quoted))
             continue
         if group:
-            terms.append(_term(text, group, sign, base))
+            terms.append(_term(text, group, sign, base, allow_paths))
             group = []
         elif operator is not None:
             _missing_term(text, operator)
         sign = -1.0 if word == "-" else 1.0
         operator = (pos, word)
     if group:
-        terms.append(_term(text, group, sign, base))
+        terms.append(_term(text, group, sign, base, allow_paths))
     elif operator is not None:
         _missing_term(text, operator)
     return CompositeQuery(tuple(terms))
@@ -277,7 +278,9 @@ def _words(text: str) -> list[tuple[int, str, bool]]:
     return words
 
 
-def _term(text: str, group: list[tuple[int, str, bool]], sign: float, base: Path) -> Term:
+def _term(
+    text: str, group: list[tuple[int, str, bool]], sign: float, base: Path, allow_paths: bool
+) -> Term:
     pos, first, quoted = group[0]
     weight = 1.0
     match = None if quoted else _WEIGHT.match(first)
@@ -308,6 +311,12 @@ def _term(text: str, group: list[tuple[int, str, bool]], sign: float, base: Path
                     f"query {text!r}: image {first!r} at character {pos} is followed by "
                     f"{extra[1]!r} at character {extra[0]}; put ' + ' between terms, or quote "
                     "the text"
+                )
+            if not allow_paths:
+                raise InputDataError(
+                    f"query {text!r}: {first!r} at character {pos} names a file; here images "
+                    'join the query by upload or "Add to query", or quote the term to search '
+                    "it as text"
                 )
             path = Path(first).expanduser()
             path = path if path.is_absolute() else base / path

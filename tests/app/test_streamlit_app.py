@@ -501,3 +501,119 @@ def test_app_command_rejects_a_missing_database(tmp_path):
     result = CliRunner().invoke(cli, ["app", "--db", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+# --- steering: compositional terms, feedback, mode, filters, collapse (issue 13) ----------------
+
+
+def steered_cards(hits) -> list[tuple[str, str]]:
+    from app._ui import hit_caption
+
+    return [(f"**{md_escape(Path(h.path).name)}**", hit_caption(h)) for h in hits]
+
+
+def test_typed_compositional_query_is_the_librarys(page, app_searcher):
+    from indexer import parse_query, run_query
+
+    text = "2:a red circle - blue"
+    search(page, text)
+    want = run_query(app_searcher, parse_query(text), "images", k=PAGE)
+    assert cards(page) == steered_cards(want)
+
+
+def test_typed_path_is_refused_in_the_page(page):
+    search(page, "a red circle + ./secret.png")
+    assert any("names a file" in e.value and "character 16" in e.value for e in page.error)
+
+
+def test_add_to_query_and_minus_toggle(page, app_searcher):
+    from indexer import CompositeQuery, Term, run_query
+
+    search(page, QUERY)
+    first = app_searcher.search(QUERY, "images", k=1)[0]
+    page.button(key=f"add-images-{first.id}").click().run()
+    no_traceback(page)
+    chip = page.button(key="chip-0")
+    assert chip.label == f"+ {Path(first.path).name}"
+    plus = CompositeQuery((Term.text(QUERY), Term.item(first.id, table="images")))
+    assert cards(page) == steered_cards(run_query(app_searcher, plus, "images", k=PAGE))
+    page.button(key="chip-0").click().run()  # the minus toggle
+    assert page.button(key="chip-0").label == f"\u2212 {Path(first.path).name}"
+    minus = CompositeQuery((Term.text(QUERY), Term.item(first.id, -1.0, table="images")))
+    shown = cards(page)
+    assert shown == steered_cards(run_query(app_searcher, minus, "images", k=PAGE))
+    assert f"**{md_escape(Path(first.path).name)}**" not in [c[0] for c in shown]
+    page.button(key="chip-remove-0").click().run()
+    assert cards(page) == expected_cards(app_searcher.search(QUERY, "images", k=PAGE))
+
+
+def test_typed_words_join_the_query_as_a_chip(page, app_searcher):
+    from indexer import CompositeQuery, run_query
+
+    search(page, QUERY)
+    page.text_input(key="q").input("green").run()
+    page.button(key="add-text").click().run()
+    assert page.button(key="chip-0").label == "+ green"
+    want = run_query(app_searcher, CompositeQuery.of(QUERY, "green"), "images", k=PAGE)
+    assert cards(page) == steered_cards(want)
+
+
+def test_less_like_this_drops_the_hit_and_requeries(page, app_searcher):
+    from indexer import CompositeQuery, run_query
+
+    search(page, QUERY)
+    first = app_searcher.search(QUERY, "images", k=1)[0]
+    page.button(key=f"dislike-images-{first.id}").click().run()
+    no_traceback(page)
+    want = run_query(
+        app_searcher, CompositeQuery.of(QUERY), "images", k=PAGE, non_relevant=[first.id]
+    )
+    shown = cards(page)
+    assert shown == steered_cards(want)
+    assert f"**{md_escape(Path(first.path).name)}**" not in [c[0] for c in shown]
+
+
+def test_more_like_this_moves_the_hit_up(page, app_searcher):
+    from indexer import CompositeQuery, run_query
+
+    search(page, QUERY)
+    tenth = app_searcher.search(QUERY, "images", k=PAGE)[-1]
+    page.button(key=f"like-images-{tenth.id}").click().run()
+    want = run_query(app_searcher, CompositeQuery.of(QUERY), "images", k=PAGE, relevant=[tenth.id])
+    shown = cards(page)
+    assert shown == steered_cards(want)
+    names = [c[0] for c in shown]
+    assert names.index(f"**{md_escape(Path(tenth.path).name)}**") < PAGE - 1
+    page.button(key="reset-feedback").click().run()
+    assert cards(page) == expected_cards(app_searcher.search(QUERY, "images", k=PAGE))
+
+
+def test_collapse_shows_similar_counts(page, app_searcher):
+    from indexer import CompositeQuery, run_query
+
+    page.toggle(key="collapse").set_value(True).run()
+    page.slider(key="collapse_threshold").set_value(0.9).run()
+    search(page, QUERY)
+    want = run_query(app_searcher, CompositeQuery.of(QUERY), "images", k=PAGE, collapse=0.9)
+    assert cards(page) == steered_cards(want)
+
+
+def test_type_filter_and_hybrid_mode(page, app_searcher):
+    from indexer import CompositeQuery, Filters, run_query
+
+    page.multiselect(key="f_types").set_value(["jpg"]).run()
+    search(page, QUERY)
+    assert any("No images match" in i.value for i in page.info)  # the index holds PNGs only
+    page.multiselect(key="f_types").set_value(["png"]).run()
+    page.button_group[0].set_value("hybrid").run()
+    no_traceback(page)
+    want = run_query(
+        app_searcher,
+        CompositeQuery.of(QUERY),
+        "images",
+        k=PAGE,
+        mode="hybrid",
+        filters=Filters(types=("png",)),
+    )
+    assert cards(page) == steered_cards(want)
+    assert len(page.get("download_button")) == 2
