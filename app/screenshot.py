@@ -8,6 +8,8 @@ download: ``executable_path`` is the system ``chromium``)::
 writes ``search.png`` (a text query) and ``similar.png`` (after clicking "Similar" on the first
 hit). ``--shots rerank`` writes ``rerank.png`` instead: the same query reranked by the fusion
 encoder, cards showing the match beside the score (the index's model must have a matcher).
+``--shots steer`` writes ``steer.png``: hybrid mode, a minimum-width filter, the query typed in the
+query syntax (compositional) and the second hit added to it as a chip.
 ``--index-demo-with CKPT`` first indexes the bundled emoji set with CKPT into a temporary folder,
 as ``beit3 demo`` does with the bundled model, and uses that as the database::
 
@@ -48,7 +50,8 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1440, "height": 1000}
 QUERY_INPUT = ".st-key-q input"
 GALLERY = ".st-key-image-grid"
-SHOTS = ("search", "similar", "rerank")
+SHOTS = ("search", "similar", "rerank", "steer")
+SIMILAR_BUTTON = '[class*="st-key-similar-"] button'  # one per card; cards have more buttons
 NO_MATCHER = "This model has no matcher"
 
 
@@ -166,7 +169,7 @@ def _wait_idle(page: Any, timeout_s: float = 30.0) -> None:
             const n = (sel) => grid.querySelectorAll(sel).length;
             const cards = n('[data-testid=stCaptionContainer]');
             return cards > 0 && n('[data-testid=stMarkdownContainer] strong') === cards
-                && n('[data-testid=stButton]') === cards;
+                && n('[class*="st-key-similar-"] [data-testid=stButton]') === cards;
         }""",
         arg=GALLERY,
         timeout=timeout_s * 1000,
@@ -188,11 +191,32 @@ def search_text(page: Any, text: str, timeout_s: float = 30.0) -> list[tuple[str
 def click_similar(page: Any, index: int = 0, timeout_s: float = 30.0) -> list[tuple[str, str]]:
     """Click "Similar" on the ``index``-th card; returns the new gallery."""
     name = gallery(page)[index][0]
-    page.locator(f"{GALLERY} [data-testid=stButton] button").nth(index).click()
+    page.locator(f"{GALLERY} {SIMILAR_BUTTON}").nth(index).click()
     page.get_by_text(f"More like {name}").wait_for(timeout=timeout_s * 1000)
     page.mouse.move(
         VIEWPORT["width"] // 2, 4
     )  # no hover tooltip left over the button in a screenshot
+    _wait_idle(page, timeout_s)
+    return gallery(page)
+
+
+def steer(
+    page: Any, text: str, mode: str = "hybrid", min_width: int = 1, timeout_s: float = 60.0
+) -> list[tuple[str, str]]:
+    """Pick ``mode`` and a minimum-width filter in the sidebar, search ``text`` (the query
+    syntax), then add the second hit to the query ("+" on its card); returns the cards."""
+    page.locator(".st-key-mode button", has_text=mode).click()
+    _wait_idle(page, timeout_s)
+    page.get_by_text("Filters (images)").click()
+    width = page.locator(".st-key-f_min_width input")
+    width.fill(str(min_width))
+    width.press("Enter")
+    _wait_idle(page, timeout_s)
+    search_text(page, text, timeout_s)
+    # The icon-only button reports no box of its own to Playwright: click its container.
+    page.locator(f'{GALLERY} [class*="st-key-add-"]').nth(1).click()
+    page.locator(".st-key-chip-0").wait_for(timeout=timeout_s * 1000)
+    page.mouse.move(VIEWPORT["width"] // 2, 4)
     _wait_idle(page, timeout_s)
     return gallery(page)
 
@@ -244,6 +268,11 @@ def take_screenshots(
             search_reranked(page, query)
             written.append(out_dir / "rerank.png")
             page.screenshot(path=str(written[-1]))
+        if "steer" in shots:
+            steer(page, query)
+            written.append(out_dir / "steer.png")
+            page.screenshot(path=str(written[-1]))
+            open_app(page, url)  # a fresh session for the other shots
         if "search" in shots or "similar" in shots:
             search_text(page, query)  # the page has reranking on when the model can
             if "search" in shots:

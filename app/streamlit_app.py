@@ -516,12 +516,13 @@ def draw_steer_controls(searcher: Any) -> Steering:
     )
     with st.expander("Filters (images)", expanded=False):
         under = st.text_input("Folder", key="f_under", help="Comma-separated folders.")
+        left, right = st.columns(2)
+        min_width = left.number_input("Min width (px)", min_value=0, value=0, key="f_min_width")
+        min_height = right.number_input("Min height", min_value=0, value=0, key="f_min_height")
         types = st.multiselect("File type", list(UPLOAD_TYPES), key="f_types")
         after = st.date_input("Modified after", value=None, key="f_after")
         before = st.date_input("Modified before", value=None, key="f_before")
         camera = st.text_input("Camera", key="f_camera", help="Part of the EXIF make/model.")
-        min_width = st.number_input("Min width (px)", min_value=0, value=0, key="f_min_width")
-        min_height = st.number_input("Min height (px)", min_value=0, value=0, key="f_min_height")
     return Steering(
         mode=str(mode or MODES[0]),
         filters=make_filters(under, types, after, before, camera, min_width, min_height),
@@ -865,7 +866,14 @@ def draw_text_hits(
                         on_click=_on_item,
                         args=(table, hit.id, label),
                     )
-                draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60])
+                # In a popover: the text column is narrow.
+                with st.popover(
+                    ":material/more_vert:",
+                    type="tertiary",
+                    help="Add to the query, more / less like this",
+                    key=f"text-actions-{hit.id}",
+                ):
+                    draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60])
     if more:
         st.button(
             "More texts",

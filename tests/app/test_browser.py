@@ -1,6 +1,7 @@
 """End to end: `beit3 app` on 127.0.0.1, driven by Debian's Chromium through Playwright.
 
-Set ``BEIT3_SCREENSHOTS=DIR`` to keep the screenshots (search.png, similar.png, rerank.png) in
+Set ``BEIT3_SCREENSHOTS=DIR`` to keep the screenshots (search.png, similar.png, rerank.png,
+steer.png) in
 DIR; they are always written under the test's tmp_path.
 """
 
@@ -21,6 +22,7 @@ from app.screenshot import (
     search_reranked,
     search_text,
     serve,
+    steer,
 )
 
 pytestmark = pytest.mark.slow
@@ -98,4 +100,27 @@ def test_reranked_query_in_chromium_shows_match_percentages(
         )
         assert page.locator("h4", has_text="Not confident").count() == 1
         page.screenshot(path=str(shots / "rerank.png"))
+    assert "Traceback" not in log.read_text()
+
+
+def test_steered_query_in_chromium(chromium, app_db, app_searcher, tmp_path):
+    # Hybrid mode, a filter and a compositional query typed in the box, then the second hit
+    # added to the query as a chip: the page shows what run_query returns for the same terms.
+    from indexer import CompositeQuery, Filters, Term, parse_query, run_query
+
+    shots = Path(os.environ.get("BEIT3_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    text = "2:a red circle - blue"
+    options = {"mode": "hybrid", "filters": Filters(min_width=1)}
+    before = run_query(app_searcher, parse_query(text), "images", k=10, **options)
+    log = tmp_path / "server.log"
+    with serve([app_db], log=log) as url, browser_page() as page:
+        open_app(page, url)
+        got = steer(page, text)
+        added = CompositeQuery((*parse_query(text).terms, Term.item(before[1].id, table="images")))
+        want = run_query(app_searcher, added, "images", k=10, **options)
+        assert got == _cards(want)
+        chip = page.locator(".st-key-chip-0 button").first.inner_text()
+        assert chip.strip() == f"+ {Path(before[1].path).name}"
+        page.screenshot(path=str(shots / "steer.png"))
     assert "Traceback" not in log.read_text()
