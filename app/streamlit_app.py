@@ -874,6 +874,8 @@ def draw_text_hits(
                     key=f"text-actions-{hit.id}",
                 ):
                     draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60])
+    if steer is not None:
+        draw_downloads(searcher, query, table, steer, "texts")
     if more:
         st.button(
             "More texts",

@@ -616,4 +616,30 @@ def test_type_filter_and_hybrid_mode(page, app_searcher):
         filters=Filters(types=("png",)),
     )
     assert cards(page) == steered_cards(want)
-    assert len(page.get("download_button")) == 2
+    assert len(page.get("download_button")) == 4  # JSON and CSV of images and of texts
+
+
+def test_download_exports_every_page_with_the_cli_exporter(monkeypatch, app_searcher):
+    import importlib
+
+    from app._ui import EXPORT_LIMIT, Steering
+    from app.export import format_hits
+    from indexer import CompositeQuery, run_query
+
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py"])  # bare import: the page says no db
+    module = importlib.import_module("app.streamlit_app")
+    query = module.Query("text", ("text", QUERY), QUERY, text=QUERY)
+    steer = Steering(mode="hybrid", collapse=0.9)
+    got = module.export_data(app_searcher, query, "images", steer, "csv")()
+    want = run_query(
+        app_searcher,
+        CompositeQuery.of(QUERY),
+        "images",
+        k=EXPORT_LIMIT,
+        mode="hybrid",
+        collapse=0.9,
+    )
+    assert got == format_hits(want, "csv")
+    assert len(got.splitlines()) == 1 + len(want) and 0 < len(want) <= 32
+    plain = module.export_data(app_searcher, query, "texts", Steering(), "json")()
+    assert plain == format_hits(app_searcher.search(QUERY, "texts", k=EXPORT_LIMIT), "json")
