@@ -324,6 +324,15 @@ class LanceStore(Store):
 
         if not self._check_fts():
             return []
+        # Each ranking contributes its top max(k + offset, candidates) rows to the fusion.
+        want = max(k + offset, candidates)
+        matching = self._few_matching(where) if where is not None else None
+        if matching is not None:  # the vector half exact over the matches, as in search()
+            rankings = (
+                self._exact_over(matching, np.asarray(vector, dtype=np.float32), want, 0),
+                self.search_keyword(text, want, 0, where),
+            )
+            return _fuse(rankings, rrf_k)[offset : offset + k]
         hybrid = (
             self._table.search(
                 query_type="hybrid", vector_column_name="vector", fts_columns=_FTS_COLUMN
@@ -333,8 +342,6 @@ class LanceStore(Store):
             .distance_type("dot")
             .rerank(RRFReranker(K=rrf_k))
         )
-        # Each ranking contributes its top max(k + offset, candidates) rows to the fusion.
-        want = max(k + offset, candidates)
         table = self._tune(hybrid, where).limit(want).to_arrow()
         table = table.slice(offset, k)
         scores = table.column("_relevance_score").to_pylist()
@@ -363,6 +370,20 @@ class LanceStore(Store):
                     raise
                 logger.debug("commit conflict on %s, retrying: %s", self.name, exc)
                 time.sleep(0.05 * (attempt + 1))
+
+
+def _fuse(rankings: Sequence[list[Match]], rrf_k: int) -> list[Match]:
+    """Reciprocal rank fusion as LanceDB's RRFReranker computes it: each row scores the sum of
+    1 / (rrf_k + rank) over the rankings it is in (rank from 1), best first."""
+    scores: dict[str, float] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for ranking in rankings:
+        for rank, match in enumerate(ranking, 1):
+            key = match.row["sha256"]
+            scores[key] = scores.get(key, 0.0) + 1.0 / (rrf_k + rank)
+            rows.setdefault(key, match.row)
+    order = sorted(scores, key=lambda key: -scores[key])  # stable: vector ranking first
+    return [Match(scores[key], rows[key]) for key in order]
 
 
 def lance_index_config(index_type: str, count: int, dim: int) -> Any:

@@ -289,3 +289,26 @@ def test_search_vector_takes_mode_filters_and_keyword_text(named_dir, tmp_path, 
     assert [h.path.rsplit("/", 1)[-1] for h in hits] == ["IMG_2041.png"]
     with pytest.raises(InputDataError, match="keyword search needs words"):
         searcher.search_vector(vector, "images", 5, mode="keyword")
+
+
+def test_filtered_hybrid_on_an_ivf_table_fuses_the_exact_vector_ranking(tmp_path):
+    # At 1% selectivity IVF with the prefilter loses half the vector ranking (recall 0.50 in
+    # bench/search_speed.py); hybrid must fuse the exact ranking over the matching rows.
+    store, vectors = _store_with_widths(tmp_path, "ivf_flat")
+    where = Filters(max_width=0).to_sql()
+    matching = np.flatnonzero(np.arange(len(vectors)) % 100 < 1)
+    query = np.random.default_rng(2).normal(size=vectors.shape[1]).astype(np.float32)
+    query /= np.linalg.norm(query)
+    text = f"img {matching[3]}"
+    k = 8
+    by_vector = matching[np.argsort(-(vectors[matching] @ query))[:k]]
+    by_keyword = [int(m.row["sha256"], 16) for m in store.search_keyword(text, k, 0, where)]
+    assert by_keyword and by_keyword[0] == matching[3]
+    fused: dict[int, float] = {}
+    for ranking in (by_vector.tolist(), by_keyword):
+        for rank, row in enumerate(ranking, 1):
+            fused[row] = fused.get(row, 0.0) + 1.0 / (60 + rank)
+    found = store.search_hybrid(query, text, k, 0, where)
+    assert [m.score for m in found] == pytest.approx(sorted(fused.values(), reverse=True)[:k])
+    assert {int(m.row["sha256"], 16) for m in found} <= set(matching.tolist())
+    assert set(by_vector[:4].tolist()) <= {int(m.row["sha256"], 16) for m in found}
