@@ -59,7 +59,8 @@ class Filters:
     """Conditions a hit must meet; all given ones must hold. Bounds are inclusive.
 
     Args:
-        under: folders; a hit's path lies in one of them (any depth).
+        under: folders; one of a hit's paths (any copy of its content) lies in one of them
+            (any depth).
         types: file extensions (``jpg``, ``.PNG``; ``jpg`` also matches ``jpeg``).
         modified_after, modified_before: file mtime bounds (dates, ISO date-times, epoch s).
         min_width, max_width, min_height, max_height: image size in pixels.
@@ -95,8 +96,15 @@ class Filters:
             folders = [
                 os.path.abspath(os.path.expanduser(str(f))).rstrip(os.sep) for f in self.under
             ]
+            # Any path of the content (an exact duplicate in another folder counts): every path,
+            # each after a newline, searched for a newline + the folder.
+            every = "concat(chr(10), array_to_string(paths, chr(10)))"
             parts.append(
-                "(" + " OR ".join(f"starts_with(path, {_quote(f + os.sep)})" for f in folders) + ")"
+                "("
+                + " OR ".join(
+                    f"strpos({every}, concat(chr(10), {_quote(f + os.sep)})) > 0" for f in folders
+                )
+                + ")"
             )
         if self.types:
             exts: list[str] = []

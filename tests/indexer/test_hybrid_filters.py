@@ -312,3 +312,21 @@ def test_filtered_hybrid_on_an_ivf_table_fuses_the_exact_vector_ranking(tmp_path
     assert [m.score for m in found] == pytest.approx(sorted(fused.values(), reverse=True)[:k])
     assert {int(m.row["sha256"], 16) for m in found} <= set(matching.tolist())
     assert set(by_vector[:4].tolist()) <= {int(m.row["sha256"], 16) for m in found}
+
+
+def test_folder_filter_finds_a_content_by_any_of_its_copies(named_dir, tmp_path, tiny_checkpoint):
+    # A copy of the Rome photo in a later folder: one row (one content) whose representative
+    # path is the first; --under the copy's folder must still find it, and only it.
+    copies = named_dir / "2025" / "copies"
+    copies.mkdir(parents=True)
+    shutil.copy(named_dir / "2024" / "Holiday Rome" / "IMG_2041.png", copies / "rome.png")
+    _index(named_dir, tmp_path / "db", tiny_checkpoint)
+    searcher = Searcher(tmp_path / "db", device="cpu")
+    hits = searcher.search("a red circle", "images", k=5, filters=Filters(under=[copies]))
+    assert len(hits) == 1 and str(copies / "rome.png") in hits[0].paths
+    assert (
+        searcher.search(
+            "a red circle", "images", filters=Filters(under=[named_dir / "2025" / "cop"])
+        )
+        == []
+    )
