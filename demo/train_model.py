@@ -123,12 +123,17 @@ def _recipe(smoke: bool) -> dict:
             "eval_every": steps(150),
             "drop_path_rate": 0.1,
         },
+        # Keys of the refine and itm stages are FinetuneConfig fields over the fine-tune base.
         "refine": {
             "max_steps": steps(REFINE_STEPS),
             "lr": 5e-4,
             "warmup_steps": steps(30),
             "eval_every": steps(100),
             "temperature": REFINE_TEMPERATURE,
+            "layer_decay": 1.0,
+            "drop_path_rate": 0.0,
+            "crop_scale": REFINE_CROP,
+            "seed": 42,
         },
         "itm": {
             "max_steps": steps(300),
@@ -347,19 +352,7 @@ def run(
     finetuned = _timed(state, "finetune", work, finetune_stage)
 
     def refine_stage() -> str:
-        r = recipe["refine"]
-        settings = {
-            **base_ft,
-            "max_steps": r["max_steps"],
-            "lr": r["lr"],
-            "warmup_steps": r["warmup_steps"],
-            "eval_every": r["eval_every"],
-            "layer_decay": 1.0,
-            "drop_path_rate": 0.0,
-            "crop_scale": REFINE_CROP,
-            "temperature": r["temperature"],
-            "seed": 42,
-        }
+        settings = {**base_ft, **recipe["refine"]}
         finetune(FinetuneConfig(**settings, output_dir=str(work / "refine"), init=finetuned))
         return str(work / "refine" / "best")
 
@@ -367,15 +360,7 @@ def run(
 
     def itm_stage() -> str:
         m = recipe["itm"]
-        settings = {
-            **base_ft,
-            "max_steps": m["max_steps"],
-            "lr": m["lr"],
-            "batch_size": m["batch_size"],
-            "layer_decay": m["layer_decay"],
-            "eval_every": m["eval_every"],
-            "drop_path_rate": m["drop_path_rate"],
-        }
+        settings = {**base_ft, **{k: v for k, v in m.items() if k != "itm_weight"}}
         finetune(
             FinetuneConfig(
                 **settings,
