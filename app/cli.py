@@ -125,9 +125,9 @@ def convert(
 
 
 def _register_subcommands() -> None:
-    from app import cli_app, cli_index, cli_pretrain, cli_train
+    from app import cli_app, cli_index, cli_pretrain, cli_serve, cli_train, cli_versions
 
-    for module in (cli_index, cli_train, cli_pretrain, cli_app):
+    for module in (cli_index, cli_train, cli_pretrain, cli_app, cli_serve, cli_versions):
         module.register(cli)
 
 
