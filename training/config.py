@@ -62,6 +62,9 @@ class FinetuneConfig(ConfigMixin):
             keeps the start checkpoint's (0.07 from scratch). Adam moves the log scale by about
             ``lr`` a step, so a short run stays near where it starts (issue 16's measurement).
         shuffle_buffer: samples held to shuffle WebDataset streams.
+        max_negatives: hard negatives used per text: a JSONL row's ``negatives`` (images that
+            do not match its text, e.g. from relevance feedback) are scored against that text
+            only, as extra columns of its contrastive row (:mod:`training.data`); 0 ignores them.
     """
 
     train: str
@@ -99,6 +102,7 @@ class FinetuneConfig(ConfigMixin):
     seed: int = 42
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    max_negatives: int = 8
     log_every: int = 10
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -142,6 +146,8 @@ class FinetuneConfig(ConfigMixin):
             raise ConfigError(f"precision {self.precision!r} unknown; use one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} unknown; use one of {STRATEGIES}")
+        if not isinstance(self.max_negatives, int) or self.max_negatives < 0:
+            raise ConfigError(f"max_negatives must be an integer >= 0, got {self.max_negatives!r}")
         if self.num_workers < 0 or self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
             raise ConfigError("num_workers must be >= 0, keep_checkpoints and shuffle_buffer >= 1")
 

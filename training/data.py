@@ -4,6 +4,11 @@
   manifest, a caption folder or WebDataset shards, sharded across ranks. Its position is
   (epoch, batches consumed this epoch); augmentation is seeded per (seed, epoch, sample), so a
   resumed run sees exactly the batches the uninterrupted run would have.
+- Hard negatives: a JSONL manifest row may carry ``"negatives": [image paths]`` (relative to the
+  manifest, like ``image``): images known *not* to match that row's text (e.g. relevance
+  feedback, :mod:`indexer.feedback`). Batches then are :class:`NegativeBatch`: the pairs plus the
+  negative images and the row that owns each; the contrastive loss adds them as extra columns
+  for their own text only (:class:`training.loss.ClipLoss`).
 
 The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) are
 :mod:`beit3.data`'s; evaluation images are :class:`beit3.datasets.ImageFiles`.
@@ -12,22 +17,27 @@ The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from beit3.data import expand_shards, is_shard_source, read_pairs
+from beit3.data import IMAGE_COLUMNS, TEXT_COLUMNS, expand_shards, is_shard_source, read_pairs
 from beit3.datasets import PairBatch, PairDataset, ResumableSampler, WebDatasetPairs, collate_pairs
 from beit3.errors import InputDataError
 from beit3.tokenizer import TextTokenizer
-from beit3.transforms import PreprocessConfig, TrainImageTransform
+from beit3.transforms import PreprocessConfig, TrainImageTransform, load_image
 
-__all__ = ["TrainData"]
+__all__ = ["NEGATIVES_COLUMN", "NegativeBatch", "TrainData", "read_hard_negatives"]
+
+NEGATIVES_COLUMN = "negatives"
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,127 @@ class _SeededPairs(PairDataset):
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         self.transform.rng.seed(f"{self.seed}:{self.epoch}:{i}")
         return super().__getitem__(i)
+
+
+class NegativeBatch(NamedTuple):
+    """A :class:`beit3.datasets.PairBatch` (the first five fields, same meaning) plus hard
+    negatives: negative_images (N, 3, H, W) float, negative_owner (N,) long = the row of this
+    batch whose text each negative image does *not* match."""
+
+    images: Tensor
+    text_ids: Tensor
+    padding_mask: Tensor
+    image_index: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index, as PairBatch's does
+    negative_images: Tensor
+    negative_owner: Tensor
+
+
+def read_hard_negatives(
+    source: str | Path,
+    image_column: str | None = None,
+    text_column: str | None = None,
+) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The ``negatives`` of a JSONL manifest, keyed like its pair records: (absolute image
+    path, whitespace-normalised text) -> absolute negative image paths (in order, no repeats).
+    Other sources have none ({}).
+
+    Raises:
+        InputDataError: a ``negatives`` value that is not a list of path strings (file:line).
+    """
+    path = Path(os.path.abspath(source))
+    if is_shard_source(source) or path.suffix.lower() not in (".jsonl", ".json"):
+        return {}
+    root = str(path.parent)
+    found: dict[tuple[str, str], list[str]] = {}
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        if any(isinstance(r, dict) and NEGATIVES_COLUMN in r for r in records):
+            raise InputDataError(
+                f"{source}: hard negatives are read from JSON lines (one object per line), not "
+                "from a JSON array; write the manifest as .jsonl"
+            )
+        return {}
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        for number, line in enumerate(f, start=1):
+            if NEGATIVES_COLUMN not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # read_pairs reports the row
+            if not isinstance(record, dict) or NEGATIVES_COLUMN not in record:
+                continue
+            value = record[NEGATIVES_COLUMN]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise InputDataError(
+                    f"{path}:{number}: {NEGATIVES_COLUMN!r} must be a list of image paths, got "
+                    f"{json.dumps(value)[:80]}"
+                )
+            image = _pick(record, image_column, IMAGE_COLUMNS)
+            texts = _pick(record, text_column, TEXT_COLUMNS)
+            if not isinstance(image, str) or texts is None:
+                continue  # not a pair row: read_pairs reports it
+            negatives = [os.path.abspath(os.path.join(root, v.strip())) for v in value]
+            for text in [texts] if isinstance(texts, str) else texts:
+                if not isinstance(text, str) or not " ".join(text.split()):
+                    continue
+                key = (os.path.abspath(os.path.join(root, image.strip())), " ".join(text.split()))
+                kept = found.setdefault(key, [])
+                kept.extend(n for n in negatives if n not in kept and n != key[0])
+    return {key: tuple(paths) for key, paths in found.items() if paths}
+
+
+def _pick(record: dict[str, Any], named: str | None, columns: Sequence[str]) -> Any:
+    if named is not None:
+        return record.get(named)
+    return next((record[c] for c in columns if c in record), None)
+
+
+class _NegativePairs(_SeededPairs):
+    """Pairs whose samples also carry up to ``max_negatives`` transformed hard-negative images
+    of their text (an unreadable negative is reported once and left out)."""
+
+    def __init__(
+        self, *args: Any, negatives: list[tuple[str, ...]], max_negatives: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.negatives = negatives
+        self.max_negatives = max_negatives
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        sample = super().__getitem__(i)
+        if sample is None:
+            return None
+        images = []
+        for path in self.negatives[i][: self.max_negatives]:
+            try:
+                images.append(self.transform(load_image(path)))
+            except InputDataError as exc:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    logger.warning("skipped hard negative %s: %s", path, exc)
+        sample["negatives"] = images
+        return sample
+
+
+def collate_with_negatives(samples: Sequence[dict[str, Any] | None]) -> NegativeBatch | None:
+    """:func:`beit3.datasets.collate_pairs`, plus each kept sample's negatives stacked in order
+    with the batch row that owns them."""
+    batch = collate_pairs(samples)
+    if batch is None:
+        return None
+    kept = [s for s in samples if s is not None]
+    images = [image for s in kept for image in s["negatives"]]
+    owner = [row for row, s in enumerate(kept) for _ in s["negatives"]]
+    shape = batch.images.shape[1:]
+    return NegativeBatch(
+        *batch,
+        torch.stack(images) if images else torch.zeros(0, *shape),
+        torch.tensor(owner, dtype=torch.long),
+    )
 
 
 class _ShardStream(IterableDataset):
@@ -110,6 +241,8 @@ class TrainData:
         crop_scale: random-resized-crop area range (official 0.5-1).
         hflip: horizontal flip probability.
         shuffle_buffer: samples held for shuffling a shard stream.
+        max_negatives: hard negatives used per text (the first ones of its ``negatives``);
+            0 ignores them. When the manifest has any, batches are :class:`NegativeBatch`.
 
     Raises:
         InputDataError: unreadable source, or fewer pairs per rank than one batch.
@@ -132,6 +265,7 @@ class TrainData:
         hflip: float = 0.5,
         shuffle_buffer: int = 1000,
         pin_memory: bool = False,
+        max_negatives: int = 8,
     ) -> None:
         self.source = str(source)
         self.batch_size = batch_size
@@ -140,6 +274,8 @@ class TrainData:
         self.batch = 0  # batches consumed in the current epoch
         transform = TrainImageTransform(preprocess, scale=crop_scale, hflip=hflip)
         self.is_stream = is_shard_source(source)
+        self.num_negatives = 0  # hard-negative images listed (before the per-text cap)
+        collate: Any = collate_pairs
         if self.is_stream:
             shards = expand_shards(source)
             if len(shards) < world_size:
@@ -165,7 +301,29 @@ class TrainData:
             self.batches_per_epoch: int | None = None
         else:
             records = read_pairs(source, image_column, text_column)
-            self.dataset = _SeededPairs(records, transform, tokenizer, seed=seed)
+            hard = read_hard_negatives(source, image_column, text_column) if max_negatives else {}
+            if hard:
+                negatives = [hard.get((r.image, r.text), ()) for r in records]
+                self.num_negatives = sum(len(n) for n in negatives)
+                self.dataset = _NegativePairs(
+                    records,
+                    transform,
+                    tokenizer,
+                    seed=seed,
+                    negatives=negatives,
+                    max_negatives=max_negatives,
+                )
+                collate = collate_with_negatives
+                logger.info(
+                    "%s: %d hard-negative images for %d of %d texts (at most %d each)",
+                    source,
+                    self.num_negatives,
+                    sum(bool(n) for n in negatives),
+                    len(records),
+                    max_negatives,
+                )
+            else:
+                self.dataset = _SeededPairs(records, transform, tokenizer, seed=seed)
             self.sampler = ResumableSampler(len(records), rank, world_size, seed=seed)
             self.num_pairs = len(records)
             self.batches_per_epoch = self.sampler.num_samples // batch_size
@@ -182,7 +340,7 @@ class TrainData:
             sampler=self.sampler,
             drop_last=True,
             num_workers=num_workers,
-            collate_fn=collate_pairs,
+            collate_fn=collate,
             pin_memory=pin_memory,
             # An own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's drop-path masks would drift from the uninterrupted run's.

@@ -119,6 +119,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         hflip=config.hflip,
         shuffle_buffer=config.shuffle_buffer,
         pin_memory=info.device.type == "cuda",
+        max_negatives=config.max_negatives,
     )
     val_records = (
         read_pairs(config.val, config.image_column, config.text_column) if config.val else None
@@ -417,7 +418,7 @@ def forward_backward(
     Returns:
         The task's output with the loss detached.
     """
-    batch = PairBatch(*(t.to(device, non_blocking=True) for t in batch))
+    batch = type(batch)(*(t.to(device, non_blocking=True) for t in batch))  # or NegativeBatch
     with autocast(device, enabled=use_bf16):
         out = task.compute(model, batch, seed)
     (out.loss * scale).backward()

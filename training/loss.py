@@ -5,6 +5,11 @@ the texts of *all* ranks and its own texts against all images, gathered with gra
 labels = arange(B) + B * rank; loss = (CE(image->text) + CE(text->image)) / 2 with
 scale = exp(logit_scale), no clamp. Duplicates of one image inside a batch stay negatives.
 
+Hard negatives (relevance feedback: images known not to match a text) are extra columns of
+their own text's row of the text->image logits only: each negative image is scored against the
+one text that owns it (-inf elsewhere), on this rank, not gathered. The image->text direction
+is unchanged (a negative image has no text of its own).
+
 Generalisation: ranks may hold different batch sizes (a broken image dropped from one rank's
 batch, or an empty batch). Each rank's loss is then the sum of its rows' cross-entropies divided by
 the *mean* batch size over ranks, so the average over ranks (what DDP's gradient averaging
@@ -29,12 +34,15 @@ __all__ = ["ClipLoss", "ContrastiveOutput"]
 class ContrastiveOutput(NamedTuple):
     """loss: 0-dim float32. logits_per_image (B, B_global) scores this rank's images against
     every rank's texts, logits_per_text (B, B_global) its texts against every image; labels (B,)
-    the column of each row's own pair (hard negatives are mined from these logits)."""
+    the column of each row's own pair (hard negatives are mined from these logits).
+    hard_negative_logits (B, N): the texts against the given hard-negative images (-inf where
+    a text does not own the negative); None without them."""
 
     loss: Tensor
     logits_per_image: Tensor
     logits_per_text: Tensor
     labels: Tensor
+    hard_negative_logits: Tensor | None = None
 
 
 class ClipLoss(nn.Module):
@@ -57,7 +65,12 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
 
     def forward(
-        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor,
+        negative_embeds: Tensor | None = None,
+        negative_owner: Tensor | None = None,
     ) -> ContrastiveOutput:
         """Loss of this rank's pairs.
 
@@ -66,6 +79,8 @@ class ClipLoss(nn.Module):
             text_embeds: (B, D) L2-normalised text embeddings.
             logit_scale: 0-dim *log* temperature, as :class:`beit3.RetrievalOutput` carries it
                 (exponentiated here, as the official model does before its loss).
+            negative_embeds: (N, D) L2-normalised embeddings of hard-negative images, or None.
+            negative_owner: (N,) long: the text row (0..B-1) each negative belongs to.
 
         Returns:
             :class:`ContrastiveOutput`. Averaged over ranks its loss equals the single-process
@@ -92,11 +107,22 @@ class ClipLoss(nn.Module):
             # and every parameter (logit_scale too) gets a (zero) gradient for DDP.
             zero = (all_images.sum() + all_texts.sum() + scale) * 0.0
             return ContrastiveOutput(zero, logits_per_image, logits_per_text, labels)
+        hard = None
+        text_side = logits_per_text
+        if negative_embeds is not None and negative_embeds.shape[0] > 0:
+            assert (
+                negative_owner is not None and negative_owner.shape == negative_embeds.shape[:1]
+            ), "negative_owner must give one text row per negative"
+            rows = torch.arange(local, device=negative_owner.device)
+            owned = negative_owner.unsqueeze(0) == rows.unsqueeze(1)  # (B, N)
+            hard = scale * text_embeds @ negative_embeds.float().T  # (B, N)
+            hard = hard.masked_fill(~owned, float("-inf"))
+            text_side = torch.cat([logits_per_text, hard], dim=1)  # (B, B_global + N)
         loss = (
             F.cross_entropy(logits_per_image, labels, reduction="sum")
-            + F.cross_entropy(logits_per_text, labels, reduction="sum")
+            + F.cross_entropy(text_side, labels, reduction="sum")
         ) / 2
-        return ContrastiveOutput(loss / mean_batch, logits_per_image, logits_per_text, labels)
+        return ContrastiveOutput(loss / mean_batch, logits_per_image, logits_per_text, labels, hard)
 
 
 def _gather_sizes(local: int, device: torch.device, world_size: int) -> list[int]:

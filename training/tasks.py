@@ -107,16 +107,37 @@ class ContrastiveTask(FinetuneTask):
         return self._output(self._clip(model, batch))
 
     def _clip(self, model: nn.Module, batch: PairBatch) -> ContrastiveOutput:
-        out = model(images=batch.images, text_ids=batch.text_ids, padding_mask=batch.padding_mask)
-        return self.criterion(out.image_embeds, out.text_embeds, out.logit_scale)
+        """The contrastive loss; a :class:`training.data.NegativeBatch`'s hard-negative images
+        go through the same forward as the batch's images (one module call, for DDP)."""
+        negatives = getattr(batch, "negative_images", None)
+        rows = batch.images.shape[0]
+        images = batch.images if negatives is None else torch.cat([batch.images, negatives])
+        out = model(images=images, text_ids=batch.text_ids, padding_mask=batch.padding_mask)
+        if negatives is None:
+            return self.criterion(out.image_embeds, out.text_embeds, out.logit_scale)
+        return self.criterion(
+            out.image_embeds[:rows],
+            out.text_embeds,
+            out.logit_scale,
+            negative_embeds=out.image_embeds[rows:],
+            negative_owner=batch.negative_owner,  # type: ignore[attr-defined]
+        )
 
     @staticmethod
     def _output(clip: ContrastiveOutput) -> TaskOutput:
-        return TaskOutput(
-            clip.loss,
-            {"image_to_text": clip.logits_per_image, "text_to_image": clip.logits_per_text},
-            {"loss_contrastive": clip.loss.detach()},
-        )
+        logits = {"image_to_text": clip.logits_per_image, "text_to_image": clip.logits_per_text}
+        metrics = {"loss_contrastive": clip.loss.detach()}
+        if clip.hard_negative_logits is not None:
+            hard = clip.hard_negative_logits
+            logits["text_to_hard_negative"] = hard
+            # How often a text's own image beats every one of its hard negatives.
+            own = clip.logits_per_text.gather(1, clip.labels.unsqueeze(1)).squeeze(1)
+            has = torch.isfinite(hard).any(dim=1)
+            beaten = (own > hard.max(dim=1).values)[has].float()
+            metrics["hard_negative_accuracy"] = (
+                beaten.mean().detach() if has.any() else torch.ones(())
+            )
+        return TaskOutput(clip.loss, logits, metrics)
 
     def log_values(self, model: nn.Module) -> dict[str, float]:
         return {"logit_scale": float(model.logit_scale.detach().float().exp())}
