@@ -307,6 +307,8 @@ class SearchService:
             item_table = self.check_table(
                 getattr(request, "item_table", None) or table, "item_table"
             )
+            if searcher.get(item_table, item) is None:
+                raise _BadRequest(404, f"item: table {item_table!r} has no item {item}")
             composite = CompositeQuery((Term.item(item, table=item_table),))
         elif plain_text:
             composite = CompositeQuery.of(query)
