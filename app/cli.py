@@ -126,9 +126,11 @@ def convert(
 
 def _register_subcommands() -> None:
     from app import cli_app, cli_index, cli_pretrain, cli_serve, cli_train, cli_versions
+    from app.cli_improve import register as register_improve
 
     for module in (cli_index, cli_train, cli_pretrain, cli_app, cli_serve, cli_versions):
         module.register(cli)
+    register_improve(cli)  # improve, feedback
 
 
 _register_subcommands()
