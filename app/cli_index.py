@@ -24,6 +24,11 @@ _INDEX_TYPE = typer.Option(
     "ivf_hnsw_sq.",
 )
 _DEVICE = typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")
+_ACTIVATE = typer.Option(
+    "--activate",
+    help="With a new --model: make the version built the active one when the run finishes "
+    "(default: the active version keeps serving; switch with beit3 versions activate).",
+)
 EXPORT_LIMIT = 100  # hits exported by search --format without --limit
 
 
@@ -50,6 +55,22 @@ def _progress_bars() -> tuple[Any, Any]:
     return progress, close
 
 
+def _echo_report(report: Any, db: Path) -> None:
+    """The run's summary, and how to activate the version it built when that is not active."""
+    from indexer.manifest import DbManifest
+
+    typer.echo(str(report))
+    manifest = DbManifest.read(db)
+    active = manifest.active(report.table) if manifest is not None else None
+    if active is not None and active.id != report.version:
+        typer.echo(
+            f"version {report.version} of {report.table!r} built beside the active "
+            f"{active.id}; switch with: beit3 versions activate {report.version} --db {db}"
+        )
+    elif report.activated:
+        typer.echo(f"version {report.version} of {report.table!r} is now active")
+
+
 def register(cli: typer.Typer) -> None:
     """Add ``index images``, ``index texts`` and ``search`` to ``cli``."""
     index_cli = typer.Typer(
@@ -74,6 +95,7 @@ def register(cli: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(min=1)] = 64,
         workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 2,
         device: Annotated[str, _DEVICE] = "auto",
+        activate: Annotated[bool, _ACTIVATE] = False,
     ) -> None:
         """Embed images into the index (incremental: only new or changed files are embedded)."""
         from indexer import index_images
@@ -91,10 +113,11 @@ def register(cli: typer.Typer) -> None:
                 device=device,
                 progress=progress,
                 index_type=index_type,
+                activate=activate,
             )
         finally:
             close()
-        typer.echo(str(report))
+        _echo_report(report, db)
 
     @index_cli.command("texts")
     def index_texts_cmd(
@@ -112,6 +135,7 @@ def register(cli: typer.Typer) -> None:
         table: Annotated[str, typer.Option(help="Table name.")] = "texts",
         batch_size: Annotated[int, typer.Option(min=1)] = 256,
         device: Annotated[str, _DEVICE] = "auto",
+        activate: Annotated[bool, _ACTIVATE] = False,
     ) -> None:
         """Embed texts into the index (incremental: only new texts are embedded)."""
         from indexer import index_texts
@@ -129,10 +153,11 @@ def register(cli: typer.Typer) -> None:
                 device=device,
                 progress=progress,
                 index_type=index_type,
+                activate=activate,
             )
         finally:
             close()
-        typer.echo(str(report))
+        _echo_report(report, db)
 
     @cli.command("search")
     def search_cmd(
@@ -230,7 +255,7 @@ def register(cli: typer.Typer) -> None:
             camera=camera,
             where=where,
         )
-        names = list(searcher.manifest.tables)
+        names = list(searcher.manifest.searchable())
         table = table or ("images" if "images" in names or not names else names[0])
         from indexer.query import CompositeQuery, is_compositional, parse_query, run_query
 

@@ -13,6 +13,8 @@ Public surface::
                     filters=Filters(under=["photos/2024"], types=("jpg",)))
     query = parse_query("2:golden retriever + ./beach.jpg - snow")       # CompositeQuery
     run_query(searcher, query, "images", k=10, collapse=0.95)             # hits, duplicates folded
+    report = index_images(["photos/"], "idx", model="ckpt/v2")  # another model: version v2 beside
+    activate_version("idx", report.version)                       # searches switch atomically
 
 LanceDB and FAISS are imported only when a store is opened (``indexer.stores``).
 """
@@ -23,6 +25,13 @@ from indexer.manifest import TableInfo
 from indexer.query import CompositeQuery, Term, collapse_hits, parse_query, rocchio, run_query
 from indexer.report import IndexReport
 from indexer.search import Hit, Searcher
+from indexer.versions import (
+    VersionInfo,
+    activate_version,
+    list_versions,
+    remove_version,
+    version_paths,
+)
 
 __all__ = [
     "CompositeQuery",
@@ -33,10 +42,15 @@ __all__ = [
     "Searcher",
     "TableInfo",
     "Term",
+    "VersionInfo",
+    "activate_version",
     "collapse_hits",
     "index_images",
     "index_texts",
+    "list_versions",
     "parse_query",
+    "remove_version",
     "rocchio",
     "run_query",
+    "version_paths",
 ]

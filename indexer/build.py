@@ -13,6 +13,7 @@ world_size-th new content and writes its own chunks; rank 0 applies deletions an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,10 +29,19 @@ from beit3.errors import CheckpointError, IndexMismatchError, InputDataError
 from indexer._dist import DistContext
 from indexer.embed import embed_image_files, embed_texts, resolve_device
 from indexer.facts import image_facts, row_facts, search_text
-from indexer.manifest import DbManifest, check_table_name
+from indexer.manifest import (
+    DbManifest,
+    Version,
+    check_table_name,
+    manifest_lock,
+    now_utc,
+    write_lock,
+)
 from indexer.report import IndexReport
 from indexer.sources import MAX_TEXT_CHARS, hash_files, scan_images, scan_texts, sha256_text
 from indexer.stores import Store, check_backend, open_store, rows_from_vectors
+
+ENCODERS = ("fp32",)
 
 __all__ = ["ProgressFn", "index_images", "index_texts", "load_index_model"]
 
@@ -56,6 +66,7 @@ def index_images(
     progress: ProgressFn | None = None,
     index_type: str | None = None,
     chunk_size: int = 1024,
+    activate: bool = False,
 ) -> IndexReport:
     """Embed image files into the table ``table`` of the database directory ``db``.
 
@@ -66,8 +77,10 @@ def index_images(
             column, if there is one, labels the images).
         db: the database directory (created if needed).
         model: a checkpoint directory, or one already loaded (``load_checkpoint``; indexing
-            several tables loads it once); None means the one recorded in ``db`` (an error if
-            ``db`` is new).
+            several tables loads it once); None means the model of the table's active version
+            (an error if ``db`` is new). A model other than the active version's builds (or
+            resumes) another version of the table beside it, re-using the stored content
+            hashes; the active version keeps serving until that one is activated.
         backend: ``lancedb`` or ``faiss``; None: the table's, or ``lancedb`` for a new table.
         table: the table name.
         batch_size: images per model call.
@@ -79,17 +92,30 @@ def index_images(
             (default: exact search up to 20k rows, then an IVF_FLAT index), ``exact``,
             ``ivf_flat``, ``ivf_pq`` or ``ivf_hnsw_sq``. Fixed when the table is created.
         chunk_size: rows per write; a killed run loses at most one chunk per rank.
+        activate: make the version written the active one when the run finishes (the first
+            version of a table always is).
 
     Returns:
-        The run's counts; ``str(report)`` is a one-line summary.
+        The run's counts and the version written; ``str(report)`` is a one-line summary.
 
     Raises:
         InputDataError: a source does not exist, or ``db`` is new and ``model`` is None.
-        IndexMismatchError: ``model`` is not the model that built ``db``, or ``table`` holds texts.
+        IndexMismatchError: ``table`` holds texts, or another backend or index type.
     """
-    return _Run(
-        db, model, table, "image", backend, index_type, device, progress, chunk_size, batch_size
-    ).run_images(sources, num_workers)
+    with _writing(db, table):
+        return _Run(
+            db,
+            model,
+            table,
+            "image",
+            backend,
+            index_type,
+            device,
+            progress,
+            chunk_size,
+            batch_size,
+            activate,
+        ).run_images(sources, num_workers)
 
 
 def index_texts(
@@ -106,6 +132,7 @@ def index_texts(
     index_type: str | None = None,
     chunk_size: int = 4096,
     max_chars: int = MAX_TEXT_CHARS,
+    activate: bool = False,
 ) -> IndexReport:
     """Embed the texts of ``source`` into the table ``table`` of ``db``.
 
@@ -121,9 +148,27 @@ def index_texts(
         The run's counts. Text items are ``file:line`` references; identical texts are embedded
         once and every reference is kept.
     """
-    return _Run(
-        db, model, table, "text", backend, index_type, device, progress, chunk_size, batch_size
-    ).run_texts(source, column, max_chars)
+    with _writing(db, table):
+        return _Run(
+            db,
+            model,
+            table,
+            "text",
+            backend,
+            index_type,
+            device,
+            progress,
+            chunk_size,
+            batch_size,
+            activate,
+        ).run_texts(source, column, max_chars)
+
+
+def _writing(db: str | Path, table: str) -> contextlib.AbstractContextManager[None]:
+    """The database's writer lock, held by rank 0 for the whole run."""
+    if not DistContext().is_main:
+        return contextlib.nullcontext()
+    return write_lock(db, f"beit3 index into table {table!r}")
 
 
 def load_index_model(
@@ -131,23 +176,25 @@ def load_index_model(
     model: str | Path | Checkpoint | None,
     device: str = "auto",
     *,
+    version: Version | None = None,
     action: str = "given",
-) -> tuple[Checkpoint, DbManifest | None]:
-    """Load the checkpoint for ``db``: ``model`` if given (it must be the index's model), else the
-    one the manifest records."""
+) -> Checkpoint:
+    """Load ``model`` (a directory, or a loaded Checkpoint moved to ``device``), or with None the
+    checkpoint ``version`` records; with both, ``model`` must be ``version``'s model."""
     db = Path(db)
     manifest = DbManifest.read(db)
     if model is None:
-        if manifest is None:
+        if version is None or manifest is None:
             raise InputDataError(
                 f"{db} holds no index yet (no {DbManifest.path_of(db).name}): "
                 "pass --model CKPT to choose the model"
             )
-        model = manifest.checkpoint_path(db)
+        model = manifest.checkpoint_path(db, version)
         if not model.is_dir():
             raise CheckpointError(
-                f"index {db} was built with the checkpoint {model}, which no longer exists; "
-                f"pass --model with a copy of it ({manifest.model_id})"
+                f"version {version.id} of table {version.table!r} of {db} was built with the "
+                f"checkpoint {model}, which no longer exists; pass --model with a copy of it "
+                f"({version.model_id})"
             )
     if isinstance(model, Checkpoint):
         ckpt = model
@@ -155,9 +202,9 @@ def load_index_model(
     else:
         ckpt = load_checkpoint(model, device=resolve_device(device))
     ckpt.retrieval_model  # noqa: B018 - raises CheckpointError for another architecture
-    if manifest is not None:
-        manifest.check_model(db, ckpt.model_id, action=action)
-    return ckpt, manifest
+    if version is not None and manifest is not None:
+        manifest.check_model(db, version, ckpt.model_id, action=action)
+    return ckpt
 
 
 @dataclass
@@ -199,6 +246,7 @@ class _Run:
         progress: ProgressFn | None,
         chunk_size: int,
         batch_size: int,
+        activate: bool = False,
     ) -> None:
         self.start = time.perf_counter()
         if chunk_size < 1 or batch_size < 1:
@@ -214,60 +262,136 @@ class _Run:
         self.draws_progress = progress is not None
         self.progress = progress if (progress and self.ctx.is_main) else (lambda *a: None)
         self.device = resolve_device(device)
-        self.ckpt, manifest = load_index_model(self.db, model, str(self.device))
+        self.activate = activate
+        manifest = DbManifest.read(self.db)
+        self.ckpt = self._load_model(manifest, model)
         self.model_id = self.ckpt.model_id
         self.dim = self.ckpt.retrieval_model.embed_dim
         self.report = IndexReport(table=self.table)
-        self.store = self._open_table(manifest, backend, index_type)
+        self.store = self._open_table(backend, index_type)
+        # the hashes a new version re-uses: the active version's rows (unchanged files are
+        # not hashed again)
+        self.known: Store | None = None
+        active = self.manifest.active(self.table)
+        if active is not None and active.id != self.version.id:
+            entry = self.manifest.tables[self.table]
+            self.known = open_store(
+                self.db,
+                active.store,
+                entry["backend"],
+                dim=active.dim,
+                index_type=entry.get("index_type"),
+            )
 
-    def _open_table(
-        self, manifest: DbManifest | None, backend: str | None, index_type: str | None
-    ) -> Store:
+    def _load_model(
+        self, manifest: DbManifest | None, model: str | Path | Checkpoint | None
+    ) -> Checkpoint:
+        """The run's model: ``model``, or without it the table's active (or newest) version's,
+        or for a new table the one model of the database."""
+        if model is not None or manifest is None:
+            return load_index_model(self.db, model, str(self.device))
+        versions = manifest.table_versions(self.table)
+        version = manifest.active(self.table) or (versions[-1] if versions else None)
+        return load_index_model(
+            self.db, None, str(self.device), version=version or manifest.default_version()
+        )
+
+    def _target_version(self, manifest: DbManifest) -> Version:
+        """The version this run writes: the table's active one when it has this model, else
+        the newest version with this model (resumed), else a new one."""
+        active = manifest.active(self.table)
+        if active is not None and active.model_id == self.model_id:
+            return active
+        mine = [v for v in manifest.table_versions(self.table) if v.model_id == self.model_id]
+        if mine:
+            return mine[-1]
+        version = manifest.new_version(
+            self.db, self.table, self.model_id, self.ckpt.path, self.dim, encoder=ENCODERS[0]
+        )
+        if active is not None:
+            logger.info(
+                "table %s: building version %s with %s beside the active %s (%s)",
+                self.table,
+                version.id,
+                self.model_id,
+                active.id,
+                active.model_id,
+            )
+        return version
+
+    def _open_table(self, backend: str | None, index_type: str | None) -> Store:
         if backend is not None:
             check_backend(backend)
-        entry = manifest.tables.get(self.table) if manifest else None
-        if entry is not None:
-            if entry["modality"] != self.modality:
-                raise IndexMismatchError(
-                    f"table {self.table!r} of {self.db} holds {entry['modality']}s, not "
-                    f"{self.modality}s; choose another --table"
-                )
-            if backend is not None and backend != entry["backend"]:
-                raise IndexMismatchError(
-                    f"table {self.table!r} of {self.db} is a {entry['backend']} table, not "
-                    f"{backend}; drop --backend or choose another --table"
-                )
-            if index_type is not None and index_type != entry.get("index_type"):
-                raise IndexMismatchError(
-                    f"table {self.table!r} of {self.db} has index type "
-                    f"{entry.get('index_type')}, not {index_type}; drop the option or choose "
-                    "another --table"
-                )
-            backend, index_type = entry["backend"], entry.get("index_type")
-        backend = backend or "lancedb"
-        index_type = index_type or ("flat" if backend == "faiss" else "auto")
+        with manifest_lock(self.db):
+            manifest = DbManifest.read(self.db) or DbManifest()
+            entry = manifest.tables.get(self.table)
+            if entry is not None:
+                if entry["modality"] != self.modality:
+                    raise IndexMismatchError(
+                        f"table {self.table!r} of {self.db} holds {entry['modality']}s, not "
+                        f"{self.modality}s; choose another --table"
+                    )
+                if backend is not None and backend != entry["backend"]:
+                    raise IndexMismatchError(
+                        f"table {self.table!r} of {self.db} is a {entry['backend']} table, not "
+                        f"{backend}; drop --backend or choose another --table"
+                    )
+                if index_type is not None and index_type != entry.get("index_type"):
+                    raise IndexMismatchError(
+                        f"table {self.table!r} of {self.db} has index type "
+                        f"{entry.get('index_type')}, not {index_type}; drop the option or "
+                        "choose another --table"
+                    )
+                backend, index_type = entry["backend"], entry.get("index_type")
+            backend = backend or "lancedb"
+            index_type = index_type or ("flat" if backend == "faiss" else "auto")
+            if entry is None:
+                entry = {"modality": self.modality, "backend": backend, "active": None}
+                manifest.tables[self.table] = entry
+            entry["index_type"] = index_type
+            self.version = self._target_version(manifest)
+            if not manifest.checkpoint_path(self.db, self.version).is_dir():
+                self.version.checkpoint = os.path.relpath(
+                    Path(self.ckpt.path).absolute(), self.db.absolute()
+                )  # the recorded copy moved
+                manifest.put_version(self.version)
+            if self.ctx.is_main:
+                manifest.write(self.db)
+        self.manifest = manifest
+        self.report.version = self.version.id
+        name = self.version.store
         if self.ctx.is_main:
             store = open_store(
-                self.db, self.table, backend, dim=self.dim, create=True, index_type=index_type
+                self.db, name, backend, dim=self.dim, create=True, index_type=index_type
             )
-            if manifest is None:
-                manifest = DbManifest(model_id=self.model_id, checkpoint="", dim=self.dim)
-                manifest.set_checkpoint(self.db, self.ckpt.path)
-            elif not manifest.checkpoint_path(self.db).is_dir():
-                manifest.set_checkpoint(self.db, self.ckpt.path)  # the recorded copy moved
-            manifest.tables[self.table] = {
-                "modality": self.modality,
-                "backend": backend,
-                "index_type": index_type,
-            }
-            manifest.write(self.db)
             store.recover()
             if store.missing_columns():  # an index from before keyword search and filters
                 store.migrate(row_facts)
         self.ctx.barrier()
         if not self.ctx.is_main:
-            store = open_store(self.db, self.table, backend, dim=self.dim, index_type=index_type)
+            store = open_store(self.db, name, backend, dim=self.dim, index_type=index_type)
         return store
+
+    def _finish(self) -> None:
+        """Record the commit in the manifest (readers move to it) and activate the version when
+        asked, or when the table has none active yet."""
+        snapshot, count = self.store.snapshot(), self.store.count()
+        with manifest_lock(self.db):
+            manifest = DbManifest.read(self.db) or self.manifest
+            if self.version.id not in manifest.versions:
+                raise InputDataError(
+                    f"version {self.version.id} of {self.db} was removed while this run wrote it"
+                )
+            version = manifest.version(self.version.id)
+            version.snapshot, version.count = snapshot, count
+            version.committed = now_utc()
+            manifest.put_version(version)
+            entry = manifest.tables[self.table]
+            if self.activate or entry.get("active") is None:
+                self.report.activated = entry.get("active") != version.id
+                entry["active"] = version.id
+            manifest.write(self.db)
+        self.manifest, self.version = manifest, version
 
     # -- the two kinds of input ------------------------------------------------------------------
 
@@ -278,7 +402,7 @@ class _Run:
         stored = self._stored()
         by_path = {
             p: (r["sha256"], r["size"], mt)
-            for r in stored
+            for r in (self._stored(self.known) if self.known is not None else []) + stored
             for p, mt in zip(r["paths"], r["mtimes"], strict=True)
         }
         found: list[_Found] = []
@@ -352,8 +476,8 @@ class _Run:
 
     # -- shared steps ------------------------------------------------------------------------------
 
-    def _stored(self) -> list[dict[str, Any]]:
-        meta = self.store.read_meta()
+    def _stored(self, store: Store | None = None) -> list[dict[str, Any]]:
+        meta = (store or self.store).read_meta()
         wanted = ["sha256", "paths", "mtimes", "size", "text", "width", "height", "taken", "camera"]
         return meta.select([c for c in wanted if c in meta.column_names]).to_pylist()
 
@@ -375,6 +499,7 @@ class _Run:
         if self.ctx.is_main:
             self.progress("commit", 0, 1)
             self.store.commit()
+            self._finish()
             self.progress("commit", 1, 1)
         self.ctx.barrier()
 

@@ -161,7 +161,7 @@ class CompositeQuery:
             if term.kind == "item":
                 vector = _item_vector(searcher, term.value, term.table or table)
             else:
-                vector = searcher.embed_query(term.value)
+                vector = searcher.embed_query(term.value, table)
             rows.append(_unit(np.asarray(vector, dtype=np.float32), str(term.label())))
         return np.stack(rows)
 
@@ -187,7 +187,7 @@ def _unit(vector: np.ndarray, what: str) -> np.ndarray:
 
 
 def _item_vector(searcher: Searcher, item_id: str, table: str | None) -> np.ndarray:
-    names = list(searcher.manifest.tables)
+    names = list(searcher.manifest.searchable())
     order = ([table] if table in names else []) + [n for n in names if n != table]
     for name in order:
         vector = searcher.get_vector(name, item_id)

@@ -22,6 +22,8 @@ class IndexReport:
     """
 
     table: str = ""
+    version: str = ""  # the table version written (indexer.versions)
+    activated: bool = False  # whether this run made it the active version
     seen: int = 0
     indexed: int = 0
     unchanged: int = 0

@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from beit3 import Checkpoint
 from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
 from indexer.facts import keyword_query
 from indexer.filters import Filters
-from indexer.manifest import DbManifest, TableInfo
+from indexer.manifest import DbManifest, TableInfo, Version
 from indexer.stores import Match, Store, open_store
 
 __all__ = ["MODES", "Filters", "Hit", "Query", "Searcher"]
@@ -88,80 +90,150 @@ class Searcher:
     ) -> None:
         start = time.perf_counter()
         self.db = Path(db)
-        if DbManifest.read(self.db) is None:
+        self.device = resolve_device(device)
+        self._manifest_key: tuple[int, int] | None = None
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._stores: dict[tuple[str, int | None], Store] = {}
+        self._lock = threading.Lock()
+        manifest = self._read_manifest()
+        if manifest is None or manifest.default_version() is None:
             raise InputDataError(
                 f"{self.db} is not a beit3 index (no beit3_index.json); build one "
                 "with: beit3 index images FOLDER --db DIR --model CKPT"
             )
-        self.device = resolve_device(device)
-        self.checkpoint, manifest = load_index_model(
-            self.db, model, str(self.device), action="query"
+        default = manifest.default_version()
+        assert default is not None, "checked above"
+        self.checkpoint = load_index_model(
+            self.db, model, str(self.device), version=default, action="query"
         )
-        assert manifest is not None, "manifest checked above"
-        self.manifest = manifest
+        self._checkpoints[self.checkpoint.model_id] = self.checkpoint
         self.model_id = self.checkpoint.model_id
-        self._stores: dict[str, Store] = {}
         logger.info(
             "opened index %s (%s, tables: %s) in %.1f s",
             self.db,
             self.model_id,
-            ", ".join(manifest.tables) or "none",
+            ", ".join(manifest.searchable()) or "none",
             time.perf_counter() - start,
         )
 
     # -- tables ------------------------------------------------------------------------------------
 
     @property
+    def manifest(self) -> DbManifest:
+        """The manifest as of now (re-read when the file changed: another process committed)."""
+        manifest = self._read_manifest()
+        assert manifest is not None, "checked at start"
+        return manifest
+
+    def _read_manifest(self) -> DbManifest | None:
+        path = DbManifest.path_of(self.db)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key != self._manifest_key:
+                self._manifest = DbManifest.read(self.db)
+                self._manifest_key = key
+            return self._manifest
+
+    @property
     def tables(self) -> dict[str, TableInfo]:
-        """name -> TableInfo (count read now)."""
-        manifest = DbManifest.read(self.db) or self.manifest
-        self.manifest = manifest
+        """name -> TableInfo of its active version (count read now); tables whose first
+        version is still being built are left out."""
+        manifest = self.manifest
         return {
-            name: manifest.table_info(name, self._store(name).count()) for name in manifest.tables
+            name: manifest.table_info(name, self._store(name).count())
+            for name in manifest.searchable()
         }
 
-    def _store(self, table: str) -> Store:
-        if table not in self.manifest.tables:
-            fresh = DbManifest.read(self.db)  # another process may have added it
-            if fresh is not None:
-                self.manifest = fresh
-        if table not in self.manifest.tables:
-            known = ", ".join(sorted(self.manifest.tables)) or "none"
+    def version_of(self, table: str) -> Version:
+        """The active version of ``table`` (what a search of it reads)."""
+        manifest = self.manifest
+        version = manifest.active(table)
+        if version is None:
+            known = ", ".join(sorted(manifest.searchable())) or "none"
+            if table in manifest.tables:
+                raise InputDataError(
+                    f"table {table!r} of index {self.db} is still being built (its first "
+                    f"indexing run has not finished); its tables: {known}"
+                )
             raise InputDataError(f"index {self.db} has no table {table!r}; its tables: {known}")
-        if table not in self._stores:
-            entry = self.manifest.tables[table]
-            self._stores[table] = open_store(
+        return version
+
+    def checkpoint_of(self, table: str) -> Checkpoint:
+        """The model of ``table``'s active version (loaded once)."""
+        return self._checkpoint(self.version_of(table))
+
+    def _checkpoint(self, version: Version) -> Checkpoint:
+        if version.model_id not in self._checkpoints:
+            with self._lock:
+                if version.model_id not in self._checkpoints:
+                    self._checkpoints[version.model_id] = load_index_model(
+                        self.db, None, str(self.device), version=version, action="query"
+                    )
+        return self._checkpoints[version.model_id]
+
+    def _store(self, table: str) -> Store:
+        return self._open(self.version_of(table))
+
+    def _open(self, version: Version) -> Store:
+        """The store of ``version``, pinned to its last finished commit; a newer commit opens a
+        new reader, so a query in flight keeps the state it started with."""
+        key = (version.id, version.snapshot)
+        store = self._stores.get(key)
+        if store is None:
+            entry = self.manifest.tables[version.table]
+            store = open_store(
                 self.db,
-                table,
+                version.store,
                 entry["backend"],
-                dim=self.manifest.dim,
+                dim=version.dim,
                 index_type=entry.get("index_type"),
             )
-        return self._stores[table]
+            store.pin(version.snapshot)
+            with self._lock:
+                for old in [k for k in self._stores if k[0] == version.id]:
+                    del self._stores[old]  # an older snapshot of this version
+                self._stores[key] = store
+        return store
+
+    def _resolve(self, table: str) -> tuple[Store, Checkpoint]:
+        """``table``'s store and model, of one version (an activation between the two reads
+        must not pair one version's vectors with another's model)."""
+        version = self.version_of(table)
+        return self._open(version), self._checkpoint(version)
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def embed_query(self, query: Query) -> np.ndarray:
-        """A text (``str``) or an image (path, bytes, file object, PIL image) -> (D,) unit vector."""
-        model = self.checkpoint.retrieval_model
+    def embed_query(self, query: Query, table: str | None = None) -> np.ndarray:
+        """A text (``str``) or an image (path, bytes, file object, PIL image) -> (D,) unit vector,
+        by the model of ``table``'s active version (default: the index's model)."""
+        ckpt = self.checkpoint if table is None else self.checkpoint_of(table)
         if isinstance(query, str):
-            if not query.strip():
-                raise InputDataError("the text query is empty; type a few words")
-            batch = self.checkpoint.tokenizer([query.strip()])
-            with torch.inference_mode():
-                vector = model.encode_text(
-                    batch.text_ids.to(self.device), batch.padding_mask.to(self.device)
-                )
-            return vector.float().cpu().numpy()[0]
-        return encode_images(model, self._query_image(query)[None], self.device)[0]
+            return self._embed_text(query, ckpt)
+        return encode_images(
+            ckpt.retrieval_model, self._query_image(query, ckpt)[None], self.device
+        )[0]
 
-    def _query_image(self, query: Query) -> torch.Tensor:
+    def _embed_text(self, query: str, ckpt: Checkpoint) -> np.ndarray:
+        if not query.strip():
+            raise InputDataError("the text query is empty; type a few words")
+        batch = ckpt.tokenizer([query.strip()])
+        with torch.inference_mode():
+            vector = ckpt.retrieval_model.encode_text(
+                batch.text_ids.to(self.device), batch.padding_mask.to(self.device)
+            )
+        return vector.float().cpu().numpy()[0]
+
+    def _query_image(self, query: Query, ckpt: Checkpoint) -> torch.Tensor:
         """An image query (Path, bytes, file object, PIL image) -> (3, S, S), decoded as the
         indexer decodes."""
         if isinstance(query, bytes):
             query = io.BytesIO(query)
         if isinstance(query, Path | Image.Image) or hasattr(query, "read"):
-            return load_query_image(query, self.checkpoint.preprocess)  # type: ignore[arg-type]
+            return load_query_image(query, ckpt.preprocess)  # type: ignore[arg-type]
         raise InputDataError(
             f"cannot search with a {type(query).__name__}: pass a text (str) or "
             "an image (Path, bytes, file object or PIL image)"
@@ -204,7 +276,7 @@ class Searcher:
             CheckpointError: reranking with a model that has no matcher.
             InputDataError: bad paging, or reranking a direction that has no image-text pair.
         """
-        store = self._store(table)
+        store, ckpt = self._resolve(table)
         _check_page(k, offset)
         if rerank < 0 or (min_match is not None and not 0.0 <= min_match <= 1.0):
             raise InputDataError(
@@ -220,27 +292,31 @@ class Searcher:
                 table, _retrieve(store, None, keyword_text, mode, k, offset, sql), offset
             )
         # Decode an image query once: a file object can be read only once.
-        query_image = None if isinstance(query, str) else self._query_image(query)
+        query_image = None if isinstance(query, str) else self._query_image(query, ckpt)
         vector = (
-            self.embed_query(query)
+            self._embed_text(query, ckpt)  # type: ignore[arg-type]
             if query_image is None
-            else encode_images(self.checkpoint.retrieval_model, query_image[None], self.device)[0]
+            else encode_images(ckpt.retrieval_model, query_image[None], self.device)[0]
         )
         if not rerank:
             return self._hits(
                 table, _retrieve(store, vector, keyword_text, mode, k, offset, sql), offset
             )
         hits = self._hits(table, _retrieve(store, vector, keyword_text, mode, rerank, 0, sql), 0)
-        hits = self._rerank(query_image if query_image is not None else str(query), table, hits)
+        hits = self._rerank(
+            query_image if query_image is not None else str(query), table, hits, ckpt
+        )
         if min_match is not None:
             hits = [h for h in hits if h.match is not None and h.match >= min_match]
         page = hits[offset : offset + k]
         return [dataclasses.replace(h, rank=offset + i + 1) for i, h in enumerate(page)]
 
-    def _rerank(self, query: str | torch.Tensor, table: str, hits: list[Hit]) -> list[Hit]:
+    def _rerank(
+        self, query: str | torch.Tensor, table: str, hits: list[Hit], ckpt: Checkpoint
+    ) -> list[Hit]:
         """Score (query, hit) pairs with the matcher (``query``: a text, or a decoded image);
         hits ordered by match probability."""
-        matcher = self.checkpoint.matcher  # raises "no matcher: fine-tune it with --itm"
+        matcher = ckpt.matcher  # raises "no matcher: fine-tune it with --itm"
         modality = self.manifest.tables[table].get("modality", hits[0].modality if hits else "")
         text_query = isinstance(query, str)
         if text_query == (modality == "text"):
@@ -249,11 +325,11 @@ class Searcher:
                 f"or an image query against a text table (this is {'text' if text_query else 'image'}"
                 f" -> {modality})"
             )
-        tokenizer = self.checkpoint.tokenizer
+        tokenizer = ckpt.tokenizer
         if isinstance(query, str):
             kept, images = [], []
             for hit in hits:
-                image = self._candidate_image(hit)
+                image = self._candidate_image(hit, ckpt)
                 if image is not None:
                     kept.append(hit)
                     images.append(image)
@@ -282,7 +358,7 @@ class Searcher:
         # Stable: equal probabilities keep the vector search's order.
         return sorted(scored, key=lambda h: -(h.match or 0.0))
 
-    def _candidate_image(self, hit: Hit) -> torch.Tensor | None:
+    def _candidate_image(self, hit: Hit, ckpt: Checkpoint) -> torch.Tensor | None:
         """A candidate's image, decoded as the indexer decoded it; None (with a warning) when
         none of its files can be read any more."""
         reason = "no file path"
@@ -290,7 +366,7 @@ class Searcher:
             if not path:
                 continue
             try:
-                return load_query_image(Path(path), self.checkpoint.preprocess)
+                return load_query_image(Path(path), ckpt.preprocess)
             except Beit3Error as exc:
                 reason = str(exc)
         logger.warning("rerank: skipped %s: %s", hit.path or hit.id, reason)
@@ -321,7 +397,7 @@ class Searcher:
         if vector.shape[0] != store.dim:
             raise IndexMismatchError(
                 f"query vector has {vector.shape[0]} dims; table {table!r} "
-                f"holds {store.dim}-d vectors of {self.model_id}"
+                f"holds {store.dim}-d vectors of {self.version_of(table).model_id}"
             )
         return self._hits(
             table, _retrieve(store, vector, keyword_text, mode, k, offset, sql), offset
@@ -375,7 +451,7 @@ class Searcher:
         if missing:
             raise InputDataError(f"table {table!r} of {self.db} has no item {missing[0]!r}")
         return np.asarray([found[i] for i in item_ids], dtype=np.float32).reshape(
-            len(item_ids), self.manifest.dim
+            len(item_ids), self._store(table).dim
         )
 
     def _hits(self, table: str, matches: list[Match], offset: int) -> list[Hit]:

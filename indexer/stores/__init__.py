@@ -11,6 +11,7 @@ duplicates are embedded once.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "ROW_COLUMNS",
     "Match",
     "Store",
+    "drop_store",
     "open_store",
     "row_schema",
     "rows_from_vectors",
@@ -153,6 +155,15 @@ class Store(abc.ABC):
     def commit(self) -> None:  # noqa: B027 - optional hook
         """Make the writes searchable (FAISS builds its index here)."""
 
+    def snapshot(self) -> int | None:
+        """An id of the state the store holds now, which :meth:`pin` can return to (Lance's
+        table version); None when the store has no such history (FAISS: a reader sees whole
+        commits anyway)."""
+        return None
+
+    def pin(self, snapshot: int | None) -> None:  # noqa: B027 - optional hook
+        """Make reads see the state ``snapshot`` (None: the latest)."""
+
     @abc.abstractmethod
     def search(
         self, vectors: np.ndarray, k: int, offset: int = 0, where: str | None = None
@@ -230,3 +241,17 @@ def open_store(
     from indexer.stores.faiss_store import FaissStore
 
     return FaissStore(db, table, dim=dim, create=create, index_type=index_type or "flat")
+
+
+def drop_store(db: Path, table: str, backend: str) -> None:
+    """Delete a store and its files (a removed version)."""
+    check_backend(backend)
+    if backend == "lancedb":
+        lancedb = import_optional("lancedb", "lancedb")
+        conn = lancedb.connect(str(Path(db) / "lancedb"))
+        with contextlib.suppress(ValueError, FileNotFoundError):  # already gone
+            conn.drop_table(table)
+        return
+    import shutil
+
+    shutil.rmtree(Path(db) / "faiss" / table, ignore_errors=True)

@@ -104,6 +104,16 @@ class LanceStore(Store):
     def count(self) -> int:
         return self._table.count_rows()
 
+    def snapshot(self) -> int | None:
+        return int(self._table.version)
+
+    def pin(self, snapshot: int | None) -> None:
+        """Read the table as of ``snapshot`` (a Lance version) from now on; None: the latest."""
+        if snapshot is None:
+            self._table.checkout_latest()
+        else:  # even when it is the latest now: a checked-out table stays there
+            self._table.checkout(snapshot)
+
     def read_meta(self) -> pa.Table:
         if self.count() == 0:
             return row_schema(self.dim).empty_table().select(self.columns)

@@ -155,8 +155,13 @@ def test_bad_input_exits_2_with_one_line(cli_db, tmp_path, other_checkpoint):
             str(other_checkpoint),
         ],
     )
-    assert result.exit_code == 2
-    assert _error_line(result).startswith(f"error: index {db} was built by beit3-tiny@")
+    assert result.exit_code == 0, result.output  # another model: a version beside the active
+    # version ids are per database: v1 images, v2 texts, v3 the new images version
+    assert (
+        "version v3 of 'images' built beside the active v1; switch with: beit3 versions "
+        f"activate v3 --db {db}"
+    ) in result.stdout
+    assert "Traceback" not in result.output
 
     result = runner.invoke(
         cli, ["index", "images", str(root / "shapes"), "--db", str(tmp_path / "new")]
@@ -255,3 +260,39 @@ def test_search_bad_mode_filter_or_format_is_one_line_naming_the_option(cli_db, 
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+def test_versions_list_activate_remove(tmp_path, tiny_checkpoint, other_checkpoint):
+    write_shapes(tmp_path / "shapes")
+    db = tmp_path / "db"
+    for model in (tiny_checkpoint, other_checkpoint):
+        result = runner.invoke(
+            cli,
+            [
+                "index",
+                "images",
+                str(tmp_path / "shapes"),
+                "--db",
+                str(db),
+                "--model",
+                str(model),
+                "--workers",
+                "0",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["versions", "activate", "v9", "--db", str(db)])
+    assert result.exit_code == 2
+    assert _error_line(result) == "error: no version 'v9' in this index; its versions: v1, v2"
+    result = runner.invoke(cli, ["versions", "remove", "v1", "--db", str(db)])
+    assert result.exit_code == 2
+    assert _error_line(result).startswith("error: version v1 is the active version of table")
+    result = runner.invoke(cli, ["versions", "--db", str(db)])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and len(lines) == 2, result.output  # images v1 and v2
+    assert lines[0].startswith("* v1   images") and lines[1].startswith("  v2   images")
+    assert "32 items" in lines[1]
+    result = runner.invoke(cli, ["versions", "activate", "v2", "--db", str(db)])
+    assert result.exit_code == 0 and "table 'images' now searches version v2" in result.stdout
+    result = runner.invoke(cli, ["versions", "remove", "v1", "--db", str(db)])
+    assert result.exit_code == 0, result.output

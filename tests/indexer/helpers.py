@@ -116,8 +116,10 @@ def open_table(db: Path, table: str):
     manifest = DbManifest.read(db)
     assert manifest is not None
     entry = manifest.tables[table]
+    versions = manifest.table_versions(table)
+    version = manifest.active(table) or versions[-1]  # a first build not finished yet: its rows
     return open_store(
-        db, table, entry["backend"], dim=manifest.dim, index_type=entry.get("index_type")
+        db, version.store, entry["backend"], dim=version.dim, index_type=entry.get("index_type")
     )
 
 

@@ -171,18 +171,18 @@ def test_worker_processes_give_the_same_vectors(tmp_path, shapes_dir, tiny_check
         np.testing.assert_allclose(a[sha]["vector"], b[sha]["vector"], atol=1e-5)
 
 
-def test_another_model_is_refused_for_additions_and_queries(
+def test_another_model_builds_a_version_and_queries_check_the_model(
     tmp_path, shapes_dir, tiny_checkpoint, other_checkpoint
 ):
     db = tmp_path / "db"
     index_images([shapes_dir], db, tiny_checkpoint, num_workers=0)
+    report = index_images([shapes_dir], db, other_checkpoint, num_workers=0)
+    assert (report.version, report.activated, report.indexed) == ("v2", False, 32)
     with pytest.raises(IndexMismatchError) as info:
-        index_images([shapes_dir], db, other_checkpoint, num_workers=0)
-    message = str(info.value)
-    assert message.startswith(f"index {db} was built by beit3-tiny@")
-    assert "the given model is beit3-tiny@" in message and "re-index" in message
-    with pytest.raises(IndexMismatchError, match="the query model is beit3-tiny@"):
         Searcher(db, model=other_checkpoint)
+    message = str(info.value)
+    assert message.startswith(f"table 'images' of index {db} is searched with beit3-tiny@")
+    assert "the query model is beit3-tiny@" in message and "beit3 versions activate" in message
     with pytest.raises(IndexMismatchError, match="holds images, not texts"):
         index_texts(shapes_dir / "red_circle_0.png", db, table="images")
     with pytest.raises(IndexMismatchError, match="is a lancedb table, not faiss"):
