@@ -5,7 +5,8 @@ Layout of ``<db>/faiss/<table>/``::
     state.json            {"version": v, "count", "dim", "index_type", "built_as"}: the commit point
     meta-<v>.parquet      one row per vector (META_COLUMNS), row i = FAISS id i
     vectors-<v>.npy       (count, dim) float32, memory-mapped by readers (for search_similar)
-    index-<v>.faiss       IndexFlatIP, IndexHNSWFlat or IVF-PQ with exact re-ranking
+    index-<v>.faiss       IndexFlatIP, IndexHNSWFlat or IVF-PQ (codes only: its candidates are
+                          re-ranked exactly from vectors-<v>.npy, read through the memory map)
     pending/*.parquet     chunks written since the last commit (rows, or keys to delete)
 
 Writers only add files under ``pending/`` (each written to a temporary name and renamed), so a
@@ -23,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from indexer.stores import (
     row_schema,
 )
 
-__all__ = ["FaissStore", "build_faiss_index"]
+__all__ = ["FaissStore", "build_faiss_index", "build_ivfpq", "search_reranked"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class FaissStore(Store):
     ) -> list[list[Match]]:
         if where is not None:  # no SQL engine over the parquet metadata: refuse, never ignore
             raise InputDataError(self._lacks("filters"))
-        _, meta, _, index = self._load()
+        _, meta, stored, index = self._load()
         queries = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         if index is None or index.ntotal == 0 or offset >= index.ntotal:
             return [[] for _ in queries]
@@ -181,7 +182,10 @@ class FaissStore(Store):
         _set_search_params(
             index, nprobe=self.nprobe, ef_search=max(self.ef_search, want), k_factor=self.k_factor
         )
-        scores, ids = index.search(queries, want)
+        if _reranks_from_disk(index):
+            scores, ids = search_reranked(index, stored, queries, want, self.k_factor)
+        else:  # flat, HNSW, or an IVF-PQ of an older version with its fp32 copy in RAM (RFlat)
+            scores, ids = index.search(queries, want)
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
             pairs = [
@@ -293,7 +297,10 @@ class FaissStore(Store):
             for block in range(0, len(new_vectors), _ADD_BLOCK):
                 index.add(new_vectors[block : block + _ADD_BLOCK])
         else:
-            index, built_as = build_faiss_index(all_vectors, self.index_type)
+            # IVF-PQ: codes only; search re-ranks from the vectors file (memory-mapped).
+            index, built_as = build_faiss_index(
+                all_vectors, self.index_type, use_memory_refine=False
+            )
             built_on = count
         _write_index(index, self.dir / f"index-{nxt}.faiss")
         _write_json(
@@ -331,14 +338,19 @@ def build_faiss_index(
     ef_construction: int = 40,
     nlist: int | None = None,
     pq_m: int | None = None,
+    use_memory_refine: bool = True,
 ) -> tuple[Any, str]:
     """Build an inner-product index over (N, D) unit vectors.
 
     Args:
-        vectors: (N, D) float32 (may be a memory map).
+        vectors: (N, D) float32 or float16 (may be a memory map: it is read in blocks).
         index_type: ``flat`` (exact), ``hnsw`` (graph, M = ``hnsw_m``) or ``ivfpq`` (inverted lists
-            over product-quantised codes, re-ranked exactly with the full vectors).
+            over product-quantised codes; see :func:`build_ivfpq`).
         nlist / pq_m: IVF lists (default ~ 4 sqrt(N)) and PQ sub-quantisers (default D / 16).
+        use_memory_refine: IVF-PQ only: keep an fp32 copy of every vector inside the index for
+            the exact re-ranking (FAISS RFlat; 3 KiB per 768-d row in RAM). False: codes only,
+            and the caller re-ranks with :func:`search_reranked` from its vectors file, as
+            :class:`FaissStore` does since issue 17.
 
     Returns:
         (the CPU index, the kind actually built: an IVF-PQ on fewer than 2,000 rows is flat).
@@ -348,36 +360,116 @@ def build_faiss_index(
     if index_type == "ivfpq" and count < _MIN_ROWS_FOR_IVF:
         logger.info("only %d rows: a flat index instead of IVF-PQ", count)
         index_type = "flat"
+    blocks = (vectors[b : b + _ADD_BLOCK] for b in range(0, count, _ADD_BLOCK))
+    if index_type == "ivfpq":
+        sample = min(count, max(_ivf_lists(count, nlist) * 40, 65_536))
+        rng = np.random.default_rng(0)
+        train = vectors[np.sort(rng.choice(count, sample, replace=False))]
+        index = build_ivfpq(
+            train,
+            blocks,
+            count=count,
+            nlist=nlist,
+            pq_m=pq_m,
+            use_memory_refine=use_memory_refine,
+        )
+        return index, index_type
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
-    elif index_type == "hnsw":
+    else:
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
-    else:
-        nlist = nlist or max(16, min(65_536, int(4 * math.sqrt(count))))
-        nlist = min(nlist, count // 39)  # faiss wants >= 39 training points per list
-        pq_m = pq_m or _pq_subquantizers(dim)
-        # 8-bit codes need ~39 x 256 training points; small tables get smaller codebooks.
-        nbits = max(4, min(8, int(math.log2(count / 39))))
-        # Over ~1k lists an HNSW graph on the centroids assigns vectors ~100x faster than a scan.
-        coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
-        index = faiss.index_factory(
-            dim, f"{coarse},PQ{pq_m}x{nbits},RFlat", faiss.METRIC_INNER_PRODUCT
-        )
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index.base_index))
-        # Polysemous training (on by default) is ~20x the rest of the training time and only
-        # serves Hamming-filtered search, which the exact re-ranking makes pointless.
-        ivf.do_polysemous_training = False
-        ivf.cp.niter = 10  # k-means iterations for the lists: 25 (default) gains nothing here
-        sample = min(count, max(nlist * 40, 65_536))  # faiss asks for >= 39 per list
-        rng = np.random.default_rng(0)
-        train = np.asarray(
-            vectors[np.sort(rng.choice(count, sample, replace=False))], dtype=np.float32
-        )
-        _train(index, train)
-    for block in range(0, count, _ADD_BLOCK):
-        index.add(np.ascontiguousarray(vectors[block : block + _ADD_BLOCK], dtype=np.float32))
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
     return index, index_type
+
+
+def _ivf_lists(count: int, nlist: int | None) -> int:
+    nlist = nlist or max(16, min(65_536, int(4 * math.sqrt(count))))
+    return min(nlist, count // 39)  # faiss wants >= 39 training points per list
+
+
+def build_ivfpq(
+    train: np.ndarray,
+    blocks: Iterable[np.ndarray],
+    *,
+    count: int,
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    use_memory_refine: bool = False,
+) -> Any:
+    """An IVF-PQ trained on ``train`` and filled block by block: no more than one block of
+    vectors is in memory at a time (the 10M build of bench/search_speed.py streams them from a
+    file).
+
+    Args:
+        train: (S, D) training sample (float32 or float16), ideally ~40 x nlist rows.
+        blocks: the (n_i, D) vectors to add, in id order (float32 or float16).
+        count: the total number of rows (sizes the lists and the codebooks).
+        nlist: IVF lists (default ~ 4 sqrt(count), at least 39 training rows each).
+        pq_m: PQ sub-quantisers (default D / 16: 48 bytes a 768-d vector).
+        use_memory_refine: wrap in FAISS RFlat (an fp32 copy of every vector in RAM).
+
+    Returns:
+        ``IVF{nlist}[_HNSW32],PQ{m}x{bits}`` (inner product), or that inside an IndexRefineFlat.
+    """
+    faiss = _faiss()
+    dim = train.shape[1]
+    nlist = _ivf_lists(count, nlist)
+    pq_m = pq_m or _pq_subquantizers(dim)
+    # 8-bit codes need ~39 x 256 training points; small tables get smaller codebooks.
+    nbits = max(4, min(8, int(math.log2(count / 39))))
+    # Over ~1k lists an HNSW graph on the centroids assigns vectors ~100x faster than a scan.
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
+    refine = ",RFlat" if use_memory_refine else ""
+    index = faiss.index_factory(
+        dim, f"{coarse},PQ{pq_m}x{nbits}{refine}", faiss.METRIC_INNER_PRODUCT
+    )
+    ivf = faiss.downcast_index(
+        faiss.extract_index_ivf(index.base_index if use_memory_refine else index)
+    )
+    # Polysemous training (on by default) is ~20x the rest of the training time and only
+    # serves Hamming-filtered search, which the exact re-ranking makes pointless.
+    ivf.do_polysemous_training = False
+    ivf.cp.niter = 10  # k-means iterations for the lists: 25 (default) gains nothing here
+    _train(index, np.ascontiguousarray(train, dtype=np.float32))
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    return index
+
+
+def search_reranked(
+    index: Any, vectors: np.ndarray, queries: np.ndarray, k: int, k_factor: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search a codes-only IVF-PQ for ``k_factor * k`` candidates, then rank them exactly.
+
+    Args:
+        index: an IVF-PQ whose ids are row numbers of ``vectors`` (nprobe already set).
+        vectors: (N, D) float32 or float16, typically a memory map: only the candidates' rows are
+            read (k_factor * k of them a query), so the full vectors stay on disk.
+        queries: (Q, D) float32.
+        k: results per query; k_factor: candidates per result.
+
+    Returns:
+        (scores (Q, k) float32, ids (Q, k) int64), best first; -1 ids where fewer were found.
+    """
+    _, candidates = index.search(queries, k * k_factor)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+        found = np.sort(found[found >= 0])  # ascending: the reads go forward through the file
+        if not len(found):
+            continue
+        exact = np.asarray(vectors[found], dtype=np.float32) @ query  # (n,)
+        top = np.argsort(-exact, kind="stable")[:k]
+        scores[row, : len(top)], ids[row, : len(top)] = exact[top], found[top]
+    return scores, ids
+
+
+def _reranks_from_disk(index: Any) -> bool:
+    """A codes-only IVF-PQ (the layout since issue 17), re-ranked by :func:`search_reranked`."""
+    faiss = _faiss()
+    return isinstance(_to_cpu(index), faiss.IndexIVF)
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -407,12 +499,18 @@ def _set_search_params(index: Any, *, nprobe: int, ef_search: int, k_factor: int
     elif isinstance(cpu, faiss.IndexRefine):
         index.k_factor = k_factor
         faiss.extract_index_ivf(index.base_index).nprobe = nprobe
+    elif isinstance(cpu, faiss.IndexIVF):
+        faiss.extract_index_ivf(index).nprobe = nprobe
 
 
 def _to_gpu(index: Any) -> Any:
     """Move flat / IVF indexes to all GPUs when faiss finds any (HNSW has no GPU version)."""
     faiss = _faiss()
-    if faiss.get_num_gpus() == 0 or isinstance(index, faiss.IndexHNSW | faiss.IndexRefine):
+    # HNSW has no GPU version; an IVF-PQ (RFlat or codes only) has an HNSW coarse quantizer
+    # over 1k lists, and searching it costs ~1 ms on the CPU, so it stays there too.
+    if faiss.get_num_gpus() == 0 or isinstance(
+        index, faiss.IndexHNSW | faiss.IndexRefine | faiss.IndexIVFPQ
+    ):
         return index
     return faiss.index_cpu_to_all_gpus(index)
 
