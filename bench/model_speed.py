@@ -6,11 +6,21 @@ largest output difference.
 
     python bench/model_speed.py                      # CPU fp32, beit3-base, batch 8, 224 + 64 tokens
     python bench/model_speed.py --device cuda        # bf16 autocast on GPU
+    python bench/model_speed.py --int8 only          # CPU: fp32 vs int8 encoders, same run
+    python bench/model_speed.py --accuracy demo/model   # int8 vs fp32 on the demo data
+
+On CPU a second table times ``encode_image`` / ``encode_text`` of ours in fp32 and with int8
+dynamic quantisation (beit3.quantize), alternating the two so that load on the machine hits both
+alike, and prints the ratio and the cosine of the int8 to the fp32 embeddings. ``--accuracy``
+measures a trained checkpoint instead: mean cosine on the demo images and names, and the demo
+recall (demo/measure_model.py) for fp32, int8, and the two mixed (int8 images with fp32 texts and
+the reverse: whether an index may hold vectors of both).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import subprocess
@@ -159,6 +169,115 @@ def _wrap(fn, device: str, dtype: torch.dtype | None):
     return call
 
 
+def _int8_rows(ours: Beit3ForRetrieval, cfg, args: argparse.Namespace) -> None:
+    """fp32 vs int8 encoders of ours, timed alternately in one run (CPU)."""
+    from beit3.quantize import quantize_model
+
+    start = time.perf_counter()
+    int8 = quantize_model(ours, "int8")
+    quantize_s = time.perf_counter() - start
+    b, length = args.batch, args.text_len
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(b, 3, cfg.img_size, cfg.img_size, generator=gen)
+    ids = torch.randint(4, cfg.vocab_size, (b, length), generator=gen)
+    pad = torch.zeros(b, length, dtype=torch.bool)
+    print(f"# int8: dynamic quantisation of every nn.Linear ({quantize_s:.1f} s), batch {b}")
+    print(
+        f"{'mode':13s} {'fp32 ms':>9s} {'int8 ms':>9s} {'int8 speedup':>13s} {'cosine':>8s} "
+        f"{'per item fp32/int8 ms':>22s}"
+    )
+    for mode, call in (
+        ("encode_image", lambda m: m.encode_image(images)),
+        ("encode_text", lambda m: m.encode_text(ids, pad)),
+    ):
+        fp32_fn = _wrap(lambda call=call: call(ours), "cpu", None)
+        int8_fn = _wrap(lambda call=call: call(int8), "cpu", None)
+        fp32_fn(), int8_fn()  # warm-up
+        t_fp32, t_int8 = [], []
+        for _ in range(args.repeats):  # alternate: a load spike hits both
+            t_fp32.append(_time(fp32_fn, "cpu", 1)[0])
+            t_int8.append(_time(int8_fn, "cpu", 1)[0])
+        a, q = statistics.median(t_fp32), statistics.median(t_int8)
+        cosine = (fp32_fn() * int8_fn()).sum(-1).mean().item()
+        print(
+            f"{mode:13s} {a * 1e3:9.1f} {q * 1e3:9.1f} {a / q:12.2f}x {cosine:8.4f} "
+            f"{a * 1e3 / b:11.1f}/{q * 1e3 / b:<10.1f}"
+        )
+
+
+def int8_accuracy(checkpoint: Path) -> dict:
+    """int8 against fp32 on the demo data: cosines, and demo/measure_model.py's recall for fp32,
+    int8 and the two mixtures (image vectors of one encoder, text vectors of the other)."""
+    import json
+
+    from beit3 import load_checkpoint
+    from beit3.quantize import quantize_checkpoint
+    from beit3.transforms import load_image_tensor
+    from demo import measure_model
+
+    fp32 = load_checkpoint(checkpoint)
+    int8 = quantize_checkpoint(fp32, "int8")
+    rows = [json.loads(x) for x in (measure_model.DATA / "captions.jsonl").read_text().splitlines()]
+    paths = sorted({measure_model.DATA / r["image"] for r in rows})
+    names = sorted({r["text"] for r in rows})
+    images = torch.stack([load_image_tensor(p, fp32.preprocess) for p in paths])
+    batch = fp32.tokenizer(names)
+    cosines = {}
+    with torch.inference_mode():
+        for kind, fn in (
+            ("images", lambda m: torch.cat([m.encode_image(x) for x in images.split(256)])),
+            (
+                "names",
+                lambda m: torch.cat(
+                    [
+                        m.encode_text(i, p)
+                        for i, p in zip(
+                            batch.text_ids.split(256), batch.padding_mask.split(256), strict=True
+                        )
+                    ]
+                ),
+            ),
+        ):
+            cos = (fn(fp32.model) * fn(int8.model)).sum(-1)
+            cosines[kind] = {
+                "n": len(cos),
+                "mean": round(cos.mean().item(), 5),
+                "min": round(cos.min().item(), 5),
+            }
+
+    class _Mixed(torch.nn.Module):
+        """Image vectors from one encoder, text vectors from another."""
+
+        def __init__(self, image_model, text_model) -> None:
+            super().__init__()
+            self.image_model, self.text_model = image_model, text_model
+
+        def encode_image(self, x):
+            return self.image_model.encode_image(x)
+
+        def encode_text(self, ids, mask):
+            return self.text_model.encode_text(ids, mask)
+
+    out: dict = {"checkpoint": str(checkpoint), "model_id": fp32.model_id, "cosine": cosines}
+    variants = {
+        "fp32": fp32,
+        "int8": int8,
+        "int8 images + fp32 texts": dataclasses.replace(fp32, model=_Mixed(int8.model, fp32.model)),
+        "fp32 images + int8 texts": dataclasses.replace(fp32, model=_Mixed(fp32.model, int8.model)),
+    }
+    loader = measure_model.load_checkpoint
+    try:
+        for name, ckpt in variants.items():
+            # measure() loads its checkpoint itself: hand it this variant instead.
+            measure_model.load_checkpoint = lambda *_a, ckpt=ckpt, **_k: ckpt
+            result = measure_model.measure(checkpoint)
+            out[name] = {s: result["splits"][s] for s in ("train", "val", "test")}
+            out[name]["common_names_top5"] = result["common_names"]["top5"]
+    finally:
+        measure_model.load_checkpoint = loader
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="beit3-base")
@@ -172,8 +291,27 @@ def main() -> None:
         action="store_true",
         help="torch.compile ours (CUDA graphs on GPU); image modes only",
     )
+    parser.add_argument(
+        "--int8",
+        default="on",
+        choices=["on", "off", "only"],
+        help="CPU: also time ours fp32 vs int8 (only: skip the reference comparison)",
+    )
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="int8 vs fp32 cosines and demo recall of this checkpoint (e.g. demo/model)",
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.accuracy is not None:
+        import json
+
+        torch.set_num_threads(args.threads or 2)
+        print(json.dumps(int8_accuracy(args.accuracy), indent=1))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -189,7 +327,20 @@ def main() -> None:
         print(f"{peak_since_reset() - before:.1f}")
         return
 
-    cfg, ours, modes = _build(args, device, compile_ours=args.compile)
+    if device == "cpu" and args.int8 == "only":  # no reference model to build
+        cfg = create_config(args.preset)
+        torch.manual_seed(0)
+        ours = Beit3ForRetrieval(cfg).eval()
+    else:
+        cfg, ours, modes = _build(args, device, compile_ours=args.compile)
+    if device == "cpu" and args.int8 != "off":
+        print(
+            f"# {args.preset}, CPU x{torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"quantized engine {torch.backends.quantized.engine}"
+        )
+        _int8_rows(ours, cfg, args)
+        if args.int8 == "only":
+            return
     b, length = args.batch, args.text_len
     weights = None
     if device == "cpu":
