@@ -18,6 +18,12 @@ text; a chip's minus toggle subtracts it); ``liked`` / ``disliked`` are hits mar
 like this" (Rocchio on their stored vectors, re-queried in place); the sidebar's mode, filters and
 near-duplicate collapse apply too. Any of them sends the search through
 :func:`indexer.run_query` (the library's compositional search) and turns reranking off.
+
+Feedback (issue 15): the same thumbs up / down also store a relevance label for the query on
+screen (a typed text, or an indexed item) in the database (:mod:`indexer.feedback`), with the
+model id and version that ranked the hit; ``beit3 improve`` trains on them. An uploaded image
+steers only (no file the training could read back). The sidebar shows how many labels the
+table holds, and each table's active version and model.
 """
 
 from __future__ import annotations
@@ -271,12 +277,24 @@ def _on_remove_chip(index: int) -> None:
     _state().chips = tuple(chips)
 
 
-def _on_feedback(item_id: str, more: bool) -> None:
-    """Mark a hit "more like this" (``more``) or "less like this"; the page re-queries."""
+def _on_feedback(item_id: str, more: bool, record: dict[str, Any] | None = None) -> None:
+    """Mark a hit "more like this" (``more``) or "less like this"; the page re-queries. With a
+    ``record`` (:func:`feedback_record`) the mark is also stored as a relevance label."""
     liked = tuple(i for i in _state().get("liked", ()) if i != item_id)
     disliked = tuple(i for i in _state().get("disliked", ()) if i != item_id)
     _state().liked = (*liked, item_id) if more else liked
     _state().disliked = disliked if more else (*disliked, item_id)
+    _state().feedback_error = None
+    if record is None:
+        return
+    from indexer.feedback import FeedbackStore
+
+    fields = dict(record)
+    db = fields.pop("db")
+    try:
+        FeedbackStore(db).add(label=1 if more else -1, **fields)
+    except (Beit3Error, OSError) as exc:
+        _state().feedback_error = f"The feedback was not stored: {exc}"
 
 
 def _on_reset_feedback() -> None:
@@ -476,6 +494,10 @@ def draw_index_panel(
         for name, info in searcher.tables.items():
             unit = "images" if info.modality == "image" else "texts"
             st.markdown(f"`{_code(name)}` \u00b7 {info.count:,} {unit}")
+            version = getattr(info, "version", None)
+            if version:
+                st.caption(f"version {_code(version)} \u00b7 `{_code(info.model_id)}`")
+        draw_feedback_count(db, image_table)
         first = next(iter(searcher.tables.values()), None)
         if first is not None:
             st.caption(f"{first.backend} \u00b7 {first.dim}-d vectors \u00b7 `{_code(db)}`")
@@ -484,6 +506,53 @@ def draw_index_panel(
         checkpoint = getattr(searcher.checkpoint, "path", searcher.checkpoint)
         st.caption(f"checkpoint `{_code(checkpoint)}`")
     return image_table, text_table, int(k), rerank, steer
+
+
+def feedback_count(db: str | Path, table: str | None) -> int | None:
+    """Labels stored for hits of ``table`` (None when the database cannot hold any)."""
+    from indexer.feedback import FEEDBACK_NAME, FeedbackStore
+
+    if not (Path(db) / FEEDBACK_NAME).is_file():
+        return 0  # viewing a database does not create its feedback file
+    try:
+        return FeedbackStore(db).count(table)
+    except (Beit3Error, OSError):
+        return None
+
+
+def draw_feedback_count(db: Path, table: str | None) -> None:
+    count = feedback_count(db, table)
+    if count is None or table is None:
+        return
+    st.caption(
+        f"{count:,} feedback label{'s' * (count != 1)} stored for `{_code(table)}` "
+        f"(\U0001f44d / \U0001f44e on a hit); `beit3 improve` trains on them",
+        help="Each thumbs up / down on a hit of a typed query or an indexed item is stored "
+        "in the database as a relevance label for that query.",
+    )
+
+
+def feedback_record(searcher: Any, db: str, query: Query, table: str) -> dict[str, Any] | None:
+    """What a thumbs up / down on a hit of ``table`` stores for ``query`` (the hit's id, path
+    and text are added per hit); None for an upload or terms only."""
+    info = searcher.tables.get(table)
+    if info is None or query.kind not in ("text", "item"):
+        return None
+    record: dict[str, Any] = {
+        "db": db,
+        "hit_table": table,
+        "model_id": info.model_id,
+        "version": getattr(info, "version", None) or None,
+    }
+    if query.kind == "text":
+        return {**record, "query_text": query.text}
+    item = searcher.get(query.table, query.item_id)
+    return {
+        **record,
+        "query_id": str(query.item_id),
+        "query_table": query.table,
+        "query_path": getattr(item, "path", None),
+    }
 
 
 def draw_steer_controls(searcher: Any) -> Steering:
@@ -745,6 +814,9 @@ def draw_image_hits(
     if not hits:
         st.info("No images match. Try other words, or another table in the sidebar.")
         return
+    if _state().get("feedback_error"):
+        st.warning(_state().feedback_error, icon=":material/error:")
+    record = feedback_record(searcher, db, query, table)
     grid = st.grid("auto", min_column_width=140, gap="small", border=True, key="image-grid")
     for hit in hits:
         name = hit_name(hit.path, hit.id, hit.text)
@@ -765,7 +837,7 @@ def draw_image_hits(
                 args=(table, hit.id, name),
                 help=f"Search with {name}" + (" (images and texts)" if can_search_texts else ""),
             )
-            draw_hit_actions(table, hit, name)
+            draw_hit_actions(table, hit, name, record)
     if steer is not None:
         draw_downloads(searcher, query, table, steer, "images")
     if more:
@@ -778,10 +850,17 @@ def draw_image_hits(
         )
 
 
-def draw_hit_actions(table: str, hit: Any, label: str) -> None:
-    """A hit's steering buttons: add it to the query, more like this, less like this."""
+def draw_hit_actions(
+    table: str, hit: Any, label: str, record: dict[str, Any] | None = None
+) -> None:
+    """A hit's steering buttons: add it to the query, more like this, less like this; with a
+    ``record`` (:func:`feedback_record`) the thumbs also store a relevance label."""
     liked = hit.id in _state().get("liked", ())
     disliked = hit.id in _state().get("disliked", ())
+    stored = None
+    if record is not None:
+        stored = {**record, "hit_id": hit.id, "hit_path": hit.path, "hit_text": hit.text}
+    note = " (stored as feedback for this query)" if stored else ""
     with st.container(horizontal=True, gap="small", key=f"actions-{table}-{hit.id}"):
         st.button(
             ":material/add:",
@@ -795,17 +874,17 @@ def draw_hit_actions(table: str, hit: Any, label: str) -> None:
             ":material/thumb_up:",
             key=f"like-{table}-{hit.id}",
             type="primary" if liked else "tertiary",
-            help="More like this",
+            help="Relevant: more like this" + note,
             on_click=_on_feedback,
-            args=(hit.id, True),
+            args=(hit.id, True, stored),
         )
         st.button(
             ":material/thumb_down:",
             key=f"dislike-{table}-{hit.id}",
             type="primary" if disliked else "tertiary",
-            help="Less like this",
+            help="Not relevant: less like this" + note,
             on_click=_on_feedback,
-            args=(hit.id, False),
+            args=(hit.id, False, stored),
         )
 
 
@@ -848,6 +927,7 @@ def draw_text_hits(
     if not hits:
         st.info("No texts match.")
         return
+    record = feedback_record(searcher, db, query, table)
     with st.container(border=True, key="text-hits"):
         for hit in hits:
             with st.container(
@@ -873,7 +953,7 @@ def draw_text_hits(
                     help="Add to the query, more / less like this",
                     key=f"text-actions-{hit.id}",
                 ):
-                    draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60])
+                    draw_hit_actions(table, hit, (hit.text or str(hit.id))[:60], record)
     if steer is not None:
         draw_downloads(searcher, query, table, steer, "texts")
     if more:
