@@ -24,6 +24,11 @@ _INDEX_TYPE = typer.Option(
     "ivf_hnsw_sq.",
 )
 _DEVICE = typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")
+_QUANTIZE = typer.Option(
+    "--quantize",
+    help="int8: embed with the int8 encoder on the CPU (about 2x faster; queries use it too). "
+    "Default: the encoder of the version updated (fp32 for a new one).",
+)
 _ACTIVATE = typer.Option(
     "--activate",
     help="With a new --model: make the version built the active one when the run finishes "
@@ -96,6 +101,7 @@ def register(cli: typer.Typer) -> None:
         workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 2,
         device: Annotated[str, _DEVICE] = "auto",
         activate: Annotated[bool, _ACTIVATE] = False,
+        quantize: Annotated[str | None, _QUANTIZE] = None,
     ) -> None:
         """Embed images into the index (incremental: only new or changed files are embedded)."""
         from indexer import index_images
@@ -114,6 +120,7 @@ def register(cli: typer.Typer) -> None:
                 progress=progress,
                 index_type=index_type,
                 activate=activate,
+                quantize=quantize,
             )
         finally:
             close()
@@ -136,6 +143,7 @@ def register(cli: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(min=1)] = 256,
         device: Annotated[str, _DEVICE] = "auto",
         activate: Annotated[bool, _ACTIVATE] = False,
+        quantize: Annotated[str | None, _QUANTIZE] = None,
     ) -> None:
         """Embed texts into the index (incremental: only new texts are embedded)."""
         from indexer import index_texts
@@ -154,6 +162,7 @@ def register(cli: typer.Typer) -> None:
                 progress=progress,
                 index_type=index_type,
                 activate=activate,
+                quantize=quantize,
             )
         finally:
             close()

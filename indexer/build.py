@@ -26,6 +26,7 @@ import numpy as np
 
 from beit3 import Checkpoint, load_checkpoint
 from beit3.errors import CheckpointError, IndexMismatchError, InputDataError
+from beit3.quantize import QUANTIZE_MODES, quantize_checkpoint
 from indexer._dist import DistContext
 from indexer.embed import embed_image_files, embed_texts, resolve_device
 from indexer.facts import image_facts, row_facts, search_text
@@ -41,7 +42,7 @@ from indexer.report import IndexReport
 from indexer.sources import MAX_TEXT_CHARS, hash_files, scan_images, scan_texts, sha256_text
 from indexer.stores import Store, check_backend, open_store, rows_from_vectors
 
-ENCODERS = ("fp32",)
+ENCODERS = ("fp32", *QUANTIZE_MODES)  # how a version's vectors were computed
 
 __all__ = ["ProgressFn", "index_images", "index_texts", "load_index_model"]
 
@@ -67,6 +68,7 @@ def index_images(
     index_type: str | None = None,
     chunk_size: int = 1024,
     activate: bool = False,
+    quantize: str | None = None,
 ) -> IndexReport:
     """Embed image files into the table ``table`` of the database directory ``db``.
 
@@ -94,6 +96,10 @@ def index_images(
         chunk_size: rows per write; a killed run loses at most one chunk per rank.
         activate: make the version written the active one when the run finishes (the first
             version of a table always is).
+        quantize: ``int8``: embed with the int8 (dynamically quantised) encoder, on the CPU
+            (about 2x faster there; bench/model_speed.py). The version records it and queries
+            use the same encoder; fp32 and int8 vectors of one model live in separate versions.
+            None: the encoder of the version updated (fp32 for a new one).
 
     Returns:
         The run's counts and the version written; ``str(report)`` is a one-line summary.
@@ -115,6 +121,7 @@ def index_images(
             chunk_size,
             batch_size,
             activate,
+            quantize,
         ).run_images(sources, num_workers)
 
 
@@ -133,6 +140,7 @@ def index_texts(
     chunk_size: int = 4096,
     max_chars: int = MAX_TEXT_CHARS,
     activate: bool = False,
+    quantize: str | None = None,
 ) -> IndexReport:
     """Embed the texts of ``source`` into the table ``table`` of ``db``.
 
@@ -161,6 +169,7 @@ def index_texts(
             chunk_size,
             batch_size,
             activate,
+            quantize,
         ).run_texts(source, column, max_chars)
 
 
@@ -247,6 +256,7 @@ class _Run:
         chunk_size: int,
         batch_size: int,
         activate: bool = False,
+        quantize: str | None = None,
     ) -> None:
         self.start = time.perf_counter()
         if chunk_size < 1 or batch_size < 1:
@@ -266,6 +276,9 @@ class _Run:
         manifest = DbManifest.read(self.db)
         self.ckpt = self._load_model(manifest, model)
         self.model_id = self.ckpt.model_id
+        self.encoder = self._encoder(manifest, quantize)
+        if self.encoder != "fp32":
+            self.ckpt = quantize_checkpoint(self.ckpt, self.encoder)
         self.dim = self.ckpt.retrieval_model.embed_dim
         self.report = IndexReport(table=self.table)
         self.store = self._open_table(backend, index_type)
@@ -296,17 +309,31 @@ class _Run:
             self.db, None, str(self.device), version=version or manifest.default_version()
         )
 
+    def _encoder(self, manifest: DbManifest | None, quantize: str | None) -> str:
+        """``quantize``, or without it the encoder of the version this model updates."""
+        if quantize is not None:
+            if quantize not in ENCODERS:
+                raise InputDataError(
+                    f"--quantize: unknown mode {quantize!r}; choose one of {', '.join(ENCODERS)}"
+                )
+            return quantize
+        versions = manifest.table_versions(self.table) if manifest is not None else []
+        active = manifest.active(self.table) if manifest is not None else None
+        mine = [v for v in [active, *reversed(versions)] if v and v.model_id == self.model_id]
+        return mine[0].encoder if mine else "fp32"
+
     def _target_version(self, manifest: DbManifest) -> Version:
-        """The version this run writes: the table's active one when it has this model, else
-        the newest version with this model (resumed), else a new one."""
+        """The version this run writes: the table's active one when it has this model and
+        encoder, else the newest version with them (resumed), else a new one."""
         active = manifest.active(self.table)
-        if active is not None and active.model_id == self.model_id:
+        ours = (self.model_id, self.encoder)
+        if active is not None and (active.model_id, active.encoder) == ours:
             return active
-        mine = [v for v in manifest.table_versions(self.table) if v.model_id == self.model_id]
+        mine = [v for v in manifest.table_versions(self.table) if (v.model_id, v.encoder) == ours]
         if mine:
             return mine[-1]
         version = manifest.new_version(
-            self.db, self.table, self.model_id, self.ckpt.path, self.dim, encoder=ENCODERS[0]
+            self.db, self.table, self.model_id, self.ckpt.path, self.dim, encoder=self.encoder
         )
         if active is not None:
             logger.info(

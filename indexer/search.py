@@ -20,6 +20,7 @@ from PIL import Image
 
 from beit3 import Checkpoint
 from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
+from beit3.quantize import quantize_checkpoint
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
 from indexer.facts import keyword_query
@@ -92,7 +93,7 @@ class Searcher:
         self.db = Path(db)
         self.device = resolve_device(device)
         self._manifest_key: tuple[int, int] | None = None
-        self._checkpoints: dict[str, Checkpoint] = {}
+        self._checkpoints: dict[tuple[str, str], Checkpoint] = {}  # (model id, encoder)
         self._stores: dict[tuple[str, int | None], Store] = {}
         self._lock = threading.Lock()
         manifest = self._read_manifest()
@@ -103,10 +104,9 @@ class Searcher:
             )
         default = manifest.default_version()
         assert default is not None, "checked above"
-        self.checkpoint = load_index_model(
-            self.db, model, str(self.device), version=default, action="query"
-        )
-        self._checkpoints[self.checkpoint.model_id] = self.checkpoint
+        given = load_index_model(self.db, model, str(self.device), version=default, action="query")
+        self._checkpoints[(given.model_id, "fp32")] = given
+        self.checkpoint = self._checkpoint(default)
         self.model_id = self.checkpoint.model_id
         logger.info(
             "opened index %s (%s, tables: %s) in %.1f s",
@@ -167,13 +167,18 @@ class Searcher:
         return self._checkpoint(self.version_of(table))
 
     def _checkpoint(self, version: Version) -> Checkpoint:
-        if version.model_id not in self._checkpoints:
+        """The model that made ``version``'s vectors: its checkpoint, quantised when the
+        version's encoder is int8 (a query must be embedded as the items were)."""
+        key = (version.model_id, version.encoder)
+        if key not in self._checkpoints:
             with self._lock:
-                if version.model_id not in self._checkpoints:
-                    self._checkpoints[version.model_id] = load_index_model(
-                        self.db, None, str(self.device), version=version, action="query"
-                    )
-        return self._checkpoints[version.model_id]
+                fp32 = self._checkpoints.get((version.model_id, "fp32")) or load_index_model(
+                    self.db, None, str(self.device), version=version, action="query"
+                )
+                self._checkpoints[(version.model_id, "fp32")] = fp32
+                if version.encoder != "fp32":
+                    self._checkpoints[key] = quantize_checkpoint(fp32, version.encoder)
+        return self._checkpoints[key]
 
     def _store(self, table: str) -> Store:
         return self._open(self.version_of(table))

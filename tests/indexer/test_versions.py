@@ -222,3 +222,34 @@ def test_a_model_mismatch_names_the_table_version(
         Searcher(db, model=other_checkpoint)
     vectors = rows(db, "images")
     assert all(np.isfinite(r["vector"]).all() for r in vectors.values())
+
+
+def test_an_int8_version_is_queried_with_the_int8_encoder(tmp_path, shapes_dir, tiny_checkpoint):
+    db = tmp_path / "db"
+    index_images([shapes_dir], db, tiny_checkpoint, num_workers=0)
+    report = index_images([shapes_dir], db, tiny_checkpoint, num_workers=0, quantize="int8")
+    assert report.version == "v2"  # same model, other encoder: kept apart
+    assert [(v.id, v.encoder) for v in list_versions(db)] == [("v1", "fp32"), ("v2", "int8")]
+    # a run without --quantize updates the version of its model it finds first: the active one
+    assert index_images([shapes_dir], db, num_workers=0).version == "v1"
+    activate_version(db, "v2")
+    searcher = Searcher(db)
+    assert searcher.tables["images"].encoder == "int8"
+    image = sorted(shapes_dir.iterdir())[3]
+    stored = rows(db, "images")  # v2's rows: int8 vectors
+    sha = next(s for s, r in stored.items() if r["path"] == str(image))
+
+    def int8_linears(ckpt) -> int:
+        return sum(
+            type(m).__module__.startswith("torch.ao.nn.quantized") for m in ckpt.model.modules()
+        )
+
+    assert int8_linears(searcher.checkpoint_of("images")) > 0  # queries use the int8 encoder
+    assert int8_linears(Searcher(db, model=tiny_checkpoint).checkpoint) > 0
+    # int8 activations are quantised per batch, so a query is close to, not equal to, its row
+    query = searcher.embed_query(image, "images")
+    assert float(query @ stored[sha]["vector"]) > 0.98
+    top = searcher.search(image, "images", k=1)[0]
+    assert top.id == sha and top.score > 0.98
+    with pytest.raises(InputDataError, match="--quantize: unknown mode 'int4'"):
+        index_images([shapes_dir], db, num_workers=0, quantize="int4")
