@@ -102,6 +102,11 @@ class ImproveConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.feedback_fraction <= 1:
             raise ConfigError(f"feedback_fraction must be in (0, 1], got {self.feedback_fraction}")
+        if self.train is not None and Path(self.train).resolve() == Path(self.held_out).resolve():
+            raise ConfigError(
+                f"train and held_out are the same file ({self.held_out}); the gate needs pairs "
+                "the model is not trained on"
+            )
         if not math.isfinite(self.max_drop):
             raise ConfigError(f"max_drop must be a number of points, got {self.max_drop}")
 
@@ -279,6 +284,18 @@ class _Run:
                 "in the app (thumbs up) or with indexer.feedback.FeedbackStore.add"
             )
         rows = [json.loads(x) for x in summary.path.read_text().splitlines()]
+        held = {p.image for p in read_pairs(config.held_out)}
+        leaked = sum(
+            r["image"] in held or any(n in held for n in r.get("negatives", ())) for r in rows
+        )
+        if leaked:
+            logger.warning(
+                "%d of %d feedback rows name images of the held-out pairs %s: the gate then "
+                "measures them as trained; keep held-out images out of the feedback",
+                leaked,
+                len(rows),
+                config.held_out,
+            )
         original = []
         if config.train:
             original = [

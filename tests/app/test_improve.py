@@ -126,6 +126,8 @@ def test_no_feedback_and_changed_settings_are_one_line_errors(loop_db):
         improve(_config(loop_db))
     with pytest.raises(ConfigError, match="feedback_fraction must be in"):
         _config(loop_db, feedback_fraction=0.0)
+    with pytest.raises(ConfigError, match="train and held_out are the same file"):
+        _config(loop_db, train=str(loop_db["held_out"]))
 
 
 def test_feedback_commands_list_export_clear(loop_db, tmp_path):
