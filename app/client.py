@@ -47,7 +47,8 @@ class Table:
     model_id: str
     dim: int
     index_type: str | None = None
-    version: Any = None
+    version: str | None = None
+    encoder: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields newer than this client
 
 
@@ -86,6 +87,7 @@ class SearchResult:
     model_id: str
     took_ms: float
     hits: list[Hit]
+    version: str | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -125,7 +127,7 @@ class SearchClient:
         return response
 
     def health(self) -> Health:
-        return Health(**self._call("GET", "/healthz").json())
+        return Health(**_known(Health, self._call("GET", "/healthz").json()))
 
     def tables(self) -> list[Table]:
         known = set(Table.__dataclass_fields__) - {"extra"}
@@ -165,7 +167,7 @@ class SearchClient:
     def item(self, table: str, item_id: str) -> Item:
         data = self._call("GET", f"/items/{table}/{item_id}").json()
         data["paths"] = tuple(data.get("paths") or ())
-        return Item(**data)
+        return Item(**_known(Item, data))
 
     def image_bytes(self, table: str, item_id: str) -> bytes:
         return self._call("GET", f"/items/{table}/{item_id}/image").content
@@ -174,6 +176,11 @@ class SearchClient:
         return self._call("GET", "/metrics").text
 
 
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cls`` in ``data`` (a newer server may send more)."""
+    return {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+
+
 def _result(data: dict[str, Any]) -> SearchResult:
-    hits = [Hit(**{**h, "paths": tuple(h.get("paths") or ())}) for h in data.pop("hits")]
-    return SearchResult(**data, hits=hits)
+    hits = [Hit(**_known(Hit, {**h, "paths": tuple(h.get("paths") or ())})) for h in data["hits"]]
+    return SearchResult(**_known(SearchResult, {**data, "hits": hits}))

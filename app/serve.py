@@ -3,7 +3,7 @@
 Endpoints (OpenAPI at ``/docs``)::
 
     GET  /healthz                       {"status": "ok", "model_id": ..., "tables": N}
-    GET  /tables                        [{name, modality, count, backend, model_id, dim, ...}]
+    GET  /tables                        [{name, modality, count, model_id, version, ...}]
     POST /search                        JSON: query words (or the query syntax) | item id
     POST /search/image                  multipart: file (the image) + params (JSON options)
     GET  /items/{table}/{id}            an item's metadata
@@ -202,22 +202,23 @@ class SearchService:
 
     def check_table(self, table: str | None, field: str = "table") -> str:
         """A table of the index (default: images, or the first), or a 400/404 naming ``field``."""
-        names = list(self.searcher.manifest.tables)
+        names = list(self.searcher.manifest.searchable())  # re-read when another process commits
         if table is None:
             if not names:
-                names = list(self.searcher.tables)  # re-reads the manifest
-            if not names:
-                raise _BadRequest(404, "the index has no tables yet; run beit3 index first")
+                raise _BadRequest(404, "the index has no finished tables yet; run beit3 index")
             return "images" if "images" in names else names[0]
         if not _TABLE.fullmatch(table):
             raise _BadRequest(
                 400, f"{field}: {table!r} is not a table name (letters, digits, '_', '-')"
             )
         if table not in names:
-            names = list(self.searcher.tables)  # another process may have added it
-        if table not in names:
+            building = table in self.searcher.manifest.tables
             raise _BadRequest(
-                404, f"{field}: no table {table!r}; tables: {', '.join(sorted(names)) or 'none'}"
+                404,
+                f"{field}: table {table!r} is still being built (its first indexing run has not "
+                "finished)"
+                if building
+                else f"{field}: no table {table!r}; tables: {', '.join(sorted(names)) or 'none'}",
             )
         return table
 
@@ -624,12 +625,15 @@ def create_app(
             raise
 
     def search_response(request: SearchOptions, hits: list[Any], start: float) -> dict[str, Any]:
+        table = hits[0].table if hits else service.check_table(request.table)
+        version = service.searcher.version_of(table)
         return {
-            "table": hits[0].table if hits else service.check_table(request.table),
+            "table": table,
             "mode": request.mode,
             "k": request.k,
             "offset": request.offset,
-            "model_id": service.searcher.model_id,
+            "model_id": version.model_id,
+            "version": version.id,
             "took_ms": round(1000 * (time.perf_counter() - start), 2),
             "hits": [_hit_json(h) for h in hits],
         }
@@ -639,7 +643,7 @@ def create_app(
         return {
             "status": "ok",
             "model_id": service.searcher.model_id,
-            "tables": len(service.searcher.manifest.tables),
+            "tables": len(service.searcher.manifest.searchable()),
         }
 
     @app.get("/tables", summary="The tables with their counts and model ids")

@@ -76,7 +76,8 @@ class Server:
         raise AssertionError(f"server not ready after {timeout} s: {self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
