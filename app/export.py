@@ -15,8 +15,20 @@ if TYPE_CHECKING:
 
 __all__ = ["CSV_COLUMNS", "format_hits", "write_hits"]
 
-# One CSV row per hit; ``paths`` joins every path with this content by " | ".
-CSV_COLUMNS = ("rank", "score", "match", "table", "modality", "id", "path", "text", "paths")
+# One CSV row per hit; ``paths`` joins every path with this content by " | "; ``similar``: the
+# near-duplicates folded into the hit by --collapse (0 without it).
+CSV_COLUMNS = (
+    "rank",
+    "score",
+    "match",
+    "table",
+    "modality",
+    "id",
+    "path",
+    "text",
+    "paths",
+    "similar",
+)
 
 
 def format_hits(hits: Sequence[Hit], fmt: str) -> str:

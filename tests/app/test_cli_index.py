@@ -210,7 +210,9 @@ def test_search_exports_every_hit_up_to_limit_as_csv_and_json(cli_db, tmp_path):
         "path",
         "text",
         "paths",
+        "similar",
     ]
+    assert {r["similar"] for r in rows} == {"0"}  # no --collapse
     assert [r["id"] for r in rows] == [h.id for h in expected]  # 25 hits: more than one page
     assert [int(r["rank"]) for r in rows] == list(range(1, 26))
     assert [float(r["score"]) for r in rows] == pytest.approx([h.score for h in expected])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -265,3 +267,20 @@ def test_cli_search_parses_a_compositional_query(searcher, db):
     )
     assert collapsed.exit_code == 0, collapsed.output
     assert "(+3 similar)" in collapsed.stdout.splitlines()[0]
+    as_csv = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            str(db[1] / "red_circle_0.png"),
+            "--image",
+            "--db",
+            str(db[0]),
+            "--collapse",
+            "0.999",
+            "--format",
+            "csv",
+        ],
+    )
+    assert as_csv.exit_code == 0, as_csv.output
+    first = next(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert first["similar"] == "3"  # the folded copies travel with the export
