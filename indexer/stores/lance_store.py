@@ -44,6 +44,9 @@ _HEX = re.compile(r"[0-9a-f]{1,64}")
 # them exactly when they are at most this many (see LanceStore._few_matching and the filtered
 # rows of bench/search_speed.py); with more, IVF with the prefilter.
 EXACT_FILTER_ROWS = 20_000
+# A table without an ANN index is searched exactly over a cached copy of its vectors up to this
+# size (170k rows of 768-d); a larger one (index_type "exact") is left to Lance's brute force.
+EXACT_CACHE_BYTES = 512 * 2**20
 _FTS_COLUMN = "search_text"
 
 
@@ -262,9 +265,13 @@ class LanceStore(Store):
     ) -> list[list[Match]]:
         results = []
         matching = self._few_matching(where) if where is not None else None
+        cached = self._cached_rows() if where is None else None
         for vector in np.asarray(vectors, dtype=np.float32):
             if matching is not None:
                 results.append(self._exact_over(matching, vector, k, offset))
+                continue
+            if cached is not None:
+                results.append(self._exact_cached(cached, vector, k, offset))
                 continue
             query = self._table.search(vector, vector_column_name="vector").distance_type("dot")
             query = self._tune(query, where).limit(k).offset(offset)
@@ -274,6 +281,50 @@ class LanceStore(Store):
             # Lance's "dot" distance is 1 - <q, v>; on unit vectors <q, v> is the cosine.
             results.append([Match(1.0 - d, row) for d, row in zip(distances, rows, strict=True)])
         return results
+
+    # Exact search without an ANN index: the rows of the table version, cached in RAM.
+    _exact_cache: tuple[int, np.ndarray, pa.Table] | None = None
+
+    def _cached_rows(self) -> tuple[int, np.ndarray, pa.Table] | None:
+        """(version, (N, dim) float32 vectors, (N,) metadata rows) of the table as read now, when
+        it has no ANN index and its vectors fit in EXACT_CACHE_BYTES; else None (Lance searches).
+
+        Why: Lance's brute force cost 304 ms at 100k x 768 here (bench/search_speed.py), and any
+        Lance query, a take of 10 rows included, ~10-15 ms even at 5k rows; a matrix-vector
+        product over a cached copy costs what reading the vectors from memory costs. The cache
+        is re-read only when the table version changes (one small manifest read per query, as
+        before), so a reader still sees every commit."""
+        if self.has_vector_index():
+            return None
+        version = int(self._table.version)
+        cache = self._exact_cache
+        if cache is not None and cache[0] == version:
+            return cache
+        self._exact_cache = None
+        if self.count() * self.dim * 4 > EXACT_CACHE_BYTES:
+            return None
+        scan = self._table.search().select([*self.columns, "vector"]).limit(None).to_arrow()
+        flat = scan.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+        vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, self.dim)
+        cache = (version, vectors, scan.select(self.columns).combine_chunks())
+        self._exact_cache = cache
+        return cache
+
+    def _exact_cached(
+        self, cache: tuple[int, np.ndarray, pa.Table], vector: np.ndarray, k: int, offset: int
+    ) -> list[Match]:
+        _, vectors, meta = cache
+        scores = vectors @ vector  # (N,): cosines of unit vectors
+        want = min(k + offset, len(scores))
+        if want <= 0:
+            return []
+        if want < len(scores):
+            top = np.argpartition(-scores, want - 1)[:want]
+        else:
+            top = np.arange(len(scores))
+        top = top[np.lexsort((top, -scores[top]))][offset:]  # best first, ties by row order
+        rows = meta.take(pa.array(top, pa.int64())).to_pylist()
+        return [Match(float(scores[i]), row) for i, row in zip(top, rows, strict=True)]
 
     def _few_matching(self, where: str) -> tuple[list[str], np.ndarray] | None:
         """(keys, (M, dim) vectors) of the rows matching ``where`` when the table has an ANN
