@@ -388,33 +388,12 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
-def bench_lance(
-    kind: str,
-    data: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    args: argparse.Namespace,
-    workdir: Path,
-) -> list[Result]:
+def fill_lance(store, data: np.ndarray, block: int = 100_000) -> None:
+    """Append ``data`` to an empty LanceStore as rows with bench metadata, one commit per
+    ``block`` rows (sha256 = the row number in hex; width = row % 100, for filters)."""
     import pyarrow as pa
 
-    from indexer.stores.lance_store import LanceStore, lance_index_config
-
-    db = workdir / f"lance-{kind}-{len(data)}"
-    shutil.rmtree(db, ignore_errors=True)
     dim = data.shape[1]
-    gc.collect()
-    rss = reset_peak()
-    start = time.perf_counter()
-    store = LanceStore(
-        db,
-        "t",
-        dim=dim,
-        create=True,
-        index_type="ivf_flat" if kind == "ivf" else None,
-        nprobes=_ints(args.lance_nprobes)[0],
-    )
-    block = 100_000
     schema = store._table.schema  # noqa: SLF001 - a benchmark fills the table directly
     for first in range(0, len(data), block):
         n = min(block, len(data) - first)
@@ -441,6 +420,34 @@ def bench_lance(
             "camera": pa.nulls(n, pa.string()),
         }
         store.append(pa.table([columns[f.name] for f in schema], schema=schema))
+
+
+def bench_lance(
+    kind: str,
+    data: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> list[Result]:
+
+    from indexer.stores.lance_store import LanceStore, lance_index_config
+
+    db = workdir / f"lance-{kind}-{len(data)}"
+    shutil.rmtree(db, ignore_errors=True)
+    dim = data.shape[1]
+    gc.collect()
+    rss = reset_peak()
+    start = time.perf_counter()
+    store = LanceStore(
+        db,
+        "t",
+        dim=dim,
+        create=True,
+        index_type="ivf_flat" if kind == "ivf" else None,
+        nprobes=_ints(args.lance_nprobes)[0],
+    )
+    fill_lance(store, data)
     note = "exact"
     if kind == "ivf":
         partitions = args.lance_partitions or None
