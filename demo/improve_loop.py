@@ -9,7 +9,8 @@
    indexed images), taken from the val split's names (never the test split: that is the gate),
    in a seeded order;
 3. 3 labels each, as the app stores them (indexer.feedback): the right image relevant, the two
-   best wrong hits not relevant;
+   best wrong hits not relevant (hits that are test-split images are passed over: the gate's
+   images stay out of training);
 4. one ``app.improve`` run: fine-tune on those labels with the train split's pairs mixed in,
    held-out = the test split, index the new version from the bundled captions, activate;
 5. printed: the mean rank of the marked relevant images before and after, held-out test mean
@@ -66,6 +67,13 @@ def _ranks(searcher: Searcher, queries: list[tuple[str, str]]) -> list[int]:
     return ranks
 
 
+def _pairs(chosen: list[tuple[str, str]], negatives: list[list[str]]) -> list[tuple[str, str]]:
+    """(query, image) for each image marked not relevant for a query."""
+    return [
+        (text, path) for (text, _), paths in zip(chosen, negatives, strict=True) for path in paths
+    ]
+
+
 def run(cache: Path, name: str, steps: int, seed: int) -> dict:
     started = time.monotonic()
     base, work = cache / "base" / "db", cache / name
@@ -84,18 +92,21 @@ def run(cache: Path, name: str, steps: int, seed: int) -> dict:
     searcher = Searcher(db, device="cpu")
     table = searcher.tables["images"]
     candidates = [(r["text"], str(DATA / r["image"])) for r in rows if r["split"] == "val"]
+    held_out = {str(DATA / r["image"]) for r in rows if r["split"] == "test"}
     random.Random(seed).shuffle(candidates)
     chosen: list[tuple[str, str]] = []
-    labels = []
+    labels: list[dict] = []
+    negatives: list[list[str]] = []
     store = FeedbackStore(db)
     for text, image in candidates:
         hits = searcher.search(text, table="images", k=WRONG_RANK)
         if any(image in h.paths for h in hits):
             continue  # the model gets it right
-        right = next(
-            h for h in searcher.search(text, table="images", k=table.count) if image in h.paths
-        )
-        for hit, label in [(right, 1), (hits[0], -1), (hits[1], -1)]:
+        ranking = searcher.search(text, table="images", k=table.count)
+        right = next(h for h in ranking if image in h.paths)
+        wrong = [h for h in ranking if not held_out & set(h.paths)][:2]
+        negatives.append([w.paths[0] for w in wrong])
+        for hit, label in [(right, 1), *((w, -1) for w in wrong)]:
             store.add(
                 query_text=text,
                 hit_table="images",
@@ -105,11 +116,20 @@ def run(cache: Path, name: str, steps: int, seed: int) -> dict:
                 model_id=table.model_id,
                 version=table.version,
             )
-        labels.append({"query": text, "relevant": right.path, "rank": right.rank})
+        labels.append(
+            {
+                "query": text,
+                "relevant": right.path,
+                "rank": right.rank,
+                "not_relevant": [w.path for w in wrong],
+                "not_relevant_ranks": [w.rank for w in wrong],
+            }
+        )
         chosen.append((text, image))
         if len(chosen) == QUERIES:
             break
     before_ranks = _ranks(searcher, chosen)
+    before_neg = _ranks(searcher, _pairs(chosen, negatives))
     prepared = time.monotonic() - started
 
     report = improve(
@@ -126,6 +146,7 @@ def run(cache: Path, name: str, steps: int, seed: int) -> dict:
     )
     after = Searcher(db, device="cpu")
     after_ranks = _ranks(after, chosen)
+    after_neg = _ranks(after, _pairs(chosen, negatives))
     return {
         "queries": [
             {**label, "rank_after": rank} for label, rank in zip(labels, after_ranks, strict=True)
@@ -133,6 +154,8 @@ def run(cache: Path, name: str, steps: int, seed: int) -> dict:
         "labels": store.count(),
         "mean_rank_before": sum(before_ranks) / len(before_ranks),
         "mean_rank_after": sum(after_ranks) / len(after_ranks),
+        "mean_rank_not_relevant_before": sum(before_neg) / len(before_neg),
+        "mean_rank_not_relevant_after": sum(after_neg) / len(after_neg),
         "test_mean_recall_before": report.before,
         "test_mean_recall_after": report.after,
         "test_recall_before": report.before_metrics,
@@ -166,7 +189,9 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(
         f"mean rank of the marked images {result['mean_rank_before']:.1f} -> "
-        f"{result['mean_rank_after']:.1f}; test mean recall {result['test_mean_recall_before']:.1f}"
+        f"{result['mean_rank_after']:.1f} (not relevant: "
+        f"{result['mean_rank_not_relevant_before']:.1f} -> "
+        f"{result['mean_rank_not_relevant_after']:.1f}); test mean recall {result['test_mean_recall_before']:.1f}"
         f" -> {result['test_mean_recall_after']:.1f}; stages (s): "
         + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()),
         file=sys.stderr,
