@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -298,3 +299,14 @@ def test_versions_list_activate_remove(tmp_path, tiny_checkpoint, other_checkpoi
     assert result.exit_code == 0 and "table 'images' now searches version v2" in result.stdout
     result = runner.invoke(cli, ["versions", "remove", "v1", "--db", str(db)])
     assert result.exit_code == 0, result.output
+
+
+def test_versions_list_shows_the_held_out_figure_a_checkpoint_records():
+    from app.cli_versions import _metric_summary
+
+    demo = json.loads((Path(__file__).parents[2] / "demo" / "model" / "metrics.json").read_text())
+    assert (
+        _metric_summary(demo) == f"test mean recall {demo['splits']['test']['average']:.1f}"
+    )  # percent
+    assert _metric_summary({"mean_recall": 12.34}) == "held-out mean recall 12.3"
+    assert _metric_summary(None) == _metric_summary({"other": 1}) == ""
