@@ -1,7 +1,7 @@
 """Serving while indexing: a real server answers a loop of queries while a `beit3 index`
 process adds 2,000 images to the same database, is killed with SIGKILL once in the middle of its
-run, and is then run again to completion. No query may fail, the served count never goes back,
-and the final index equals a clean build of the same folder."""
+run, and is then run again to completion, while a second writer is refused. No query may fail,
+the served count never goes back, and the final index equals a clean build of the same folder."""
 
 from __future__ import annotations
 
@@ -139,8 +139,27 @@ def test_queries_never_fail_while_an_indexer_adds_2000_images_and_is_killed(
         time.sleep(1.0)  # serving on after the kill
         killed_counts = list(loop.counts)
         # Run 2: repairs and finishes.
-        second = run_index(folder, db)
-        assert second.returncode == 0, second.stderr
+        writer = subprocess.Popen(
+            index_command(folder, db),
+            cwd=REPO,
+            env=server_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        holder = f"pid {writer.pid} "
+        while writer.poll() is None and not any(
+            holder in p.read_text(errors="replace") for p in db.iterdir() if p.is_file()
+        ):
+            time.sleep(0.05)
+        other = run_index(folder, db)  # a second writer while run 2 holds the database
+        assert writer.wait(240) == 0, writer.stderr.read() if writer.stderr else ""
+        assert other.returncode == 2
+        assert (
+            other.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"error: {db} is being written by pid {writer.pid} ")
+        ), other.stderr
         phase("second run done")
         deadline = time.monotonic() + 30
         while not loop.counts or loop.counts[-1] != SEED_IMAGES + NEW_IMAGES:
