@@ -27,6 +27,7 @@ uses ``warnings.catch_warnings``, which is process-global). Store reads run in p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -38,7 +39,7 @@ import mimetypes
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -192,8 +193,23 @@ class SearchService:
         from indexer import Searcher
 
         self.searcher = Searcher(db, model=model, device=device)
-        self.model_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self.forwards = 0  # model calls, and seconds spent waiting for / holding the lock
+        self.lock_wait_s = self.lock_held_s = 0.0
         self.started = time.time()
+
+    @contextlib.contextmanager
+    def model_lock(self) -> Iterator[None]:
+        """One model forward at a time (see the module docstring), with its wait measured."""
+        asked = time.perf_counter()
+        with self._model_lock:
+            got = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.forwards += 1
+                self.lock_wait_s += got - asked
+                self.lock_held_s += time.perf_counter() - got
 
     # -- tables and items ------------------------------------------------------------------------
 
@@ -287,7 +303,7 @@ class SearchService:
                     "rerank: takes a plain text or image query, without collapse, relevant, "
                     "non_relevant, item or + / - terms",
                 )
-            with self.model_lock:
+            with self.model_lock():
                 return searcher.search(
                     image if image is not None else query,
                     table,
@@ -321,7 +337,7 @@ class SearchService:
         hits = None
         for _ in range(3):
             version = searcher.version_of(table).id
-            with self.model_lock:
+            with self.model_lock():
                 vector = composite.embed(searcher, table)
             try:
                 hits = run_query(
@@ -356,7 +372,7 @@ class SearchService:
             self.search(SearchRequest(query="warm up", table=table, k=1))
             self.search(SearchOptions(table=table, k=1), image=probe.getvalue())
         if not self.searcher.tables:
-            with self.model_lock:
+            with self.model_lock():
                 self.searcher.embed_query("warm up")
         return time.perf_counter() - start
 
@@ -467,6 +483,17 @@ class Metrics:
                 f'beit3_table_items{{table="{_label(info.name)}",modality="{info.modality}",'
                 f'model_id="{_label(info.model_id)}"{extra}}} {info.count}'
             )
+        out += [
+            "# HELP beit3_model_forwards_total Model calls (query embedding, reranking).",
+            "# TYPE beit3_model_forwards_total counter",
+            f"beit3_model_forwards_total {service.forwards}",
+            "# HELP beit3_model_lock_wait_seconds_total Time requests waited for the model lock.",
+            "# TYPE beit3_model_lock_wait_seconds_total counter",
+            f"beit3_model_lock_wait_seconds_total {service.lock_wait_s:.6f}",
+            "# HELP beit3_model_lock_held_seconds_total Time the model lock was held.",
+            "# TYPE beit3_model_lock_held_seconds_total counter",
+            f"beit3_model_lock_held_seconds_total {service.lock_held_s:.6f}",
+        ]
         out += [
             "# HELP beit3_uptime_seconds Seconds since the service opened the index.",
             "# TYPE beit3_uptime_seconds gauge",

@@ -4,8 +4,9 @@ Starts a real server process (``python -m app.cli serve``) on an index, then for
 count runs that many threads, each with its own httpx client, for ``--seconds``: 3 of 4 requests
 are text searches (``POST /search``, the bench's fixed query list, images or texts table), 1 of 4
 an image upload (``POST /search/image``, one of 64 indexed images, against the other table).
-Prints requests/s, p50/p99 latency, errors (anything but 200, or a transport failure) and the
-server's resident memory (VmRSS from /proc/<pid>/status) at the start, after 10,000 requests and
+Prints requests/s, p50/p99 latency, errors (anything but 200, or a transport failure), the mean
+wait for the server's model lock per forward and the share of the time it was held (from
+/metrics), and the server's resident memory (VmRSS from /proc/<pid>/status) at the start, after 10,000 requests and
 at the end.
 
 Index: the bundled demo (``demo/model`` over ``demo/data/emoji``: 3,788 images and their names,
@@ -183,6 +184,22 @@ def run_clients(
     return [x for lat in latencies for x in lat], sum(errors), time.perf_counter() - start, kinds
 
 
+def lock_figures(url: str) -> tuple[float, float, float]:
+    """(model forwards, lock wait s, lock held s) so far, from the server's /metrics."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("beit3_model_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return (
+        values.get("beit3_model_forwards_total", 0.0),
+        values.get("beit3_model_lock_wait_seconds_total", 0.0),
+        values.get("beit3_model_lock_held_seconds_total", 0.0),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, help="an existing index (images and texts tables)")
@@ -219,7 +236,11 @@ def main() -> None:
             load = Load(process.pid)
             rows = []
             for clients in (int(c) for c in args.clients.split(",")):
+                locks = lock_figures(url)
                 lat, errors, elapsed, kinds = run_clients(url, clients, args.seconds, images, load)
+                forwards, wait, held = (
+                    a - b for a, b in zip(lock_figures(url), locks, strict=True)
+                )
                 lat.sort()
                 n = len(lat) + errors
                 rows.append(
@@ -231,6 +252,8 @@ def main() -> None:
                         1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else 0.0,
                         errors,
                         f"{kinds['text']}/{kinds['image']}",
+                        1000 * wait / max(forwards, 1),
+                        100 * held / elapsed,
                     )
                 )
                 print(f"{clients} clients done: {n} requests", flush=True)
@@ -244,10 +267,13 @@ def main() -> None:
         )
         print(
             f"{'clients':>7s} {'requests':>8s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} "
-            f"{'errors':>6s} {'text/image':>11s}"
+            f"{'errors':>6s} {'text/image':>11s} {'lock wait ms':>12s} {'lock held':>10s}"
         )
-        for clients, n, rate, p50, p99, errors, mix in rows:
-            print(f"{clients:7d} {n:8d} {rate:7.1f} {p50:7.1f} {p99:7.1f} {errors:6d} {mix:>11s}")
+        for clients, n, rate, p50, p99, errors, mix, wait_ms, held_pct in rows:
+            print(
+                f"{clients:7d} {n:8d} {rate:7.1f} {p50:7.1f} {p99:7.1f} {errors:6d} {mix:>11s} "
+                f"{wait_ms:12.1f} {held_pct:9.0f}%"
+            )
         at = f"{load.rss_at:.0f}" if load.rss_at is not None else f"n/a (< {RSS_AT} requests)"
         print(
             f"server RSS: start {rss_start:.0f} MiB, after {RSS_AT} requests {at} MiB, "
