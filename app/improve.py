@@ -220,8 +220,8 @@ class _Run:
             self.report.skipped.append(name)
             self.report.stages[name] = done["seconds"]
             self._take(name, done["result"])
-            if name == "evaluate":
-                self._gate()
+            if name == "evaluate" and "index" not in self.state["stages"]:
+                self._gate()  # once the new version is built, the decision has been taken
             return
         logger.info("stage %s %s ...", number, name)
         started = time.monotonic()

@@ -96,6 +96,8 @@ def test_loop_trains_on_feedback_and_serves_a_new_version(loop_db):
 
     again = improve(_config(loop_db))  # every stage is done: nothing runs again
     assert again.skipped == list(STAGES)
+    # A stricter margin later does not un-decide a run whose version is built.
+    assert improve(_config(loop_db, max_drop=-100.0)).activated
     assert (again.version, again.before, again.after) == (
         report.version,
         report.before,
