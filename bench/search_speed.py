@@ -310,6 +310,26 @@ def bench_streamed(
     import faiss
 
     dim = args.dim
+    path = workdir / f"vectors-{size}.f16"
+    saved = workdir / f"index-{size}.faiss", workdir / f"truth-{size}.npy"
+    if args.reuse and path.is_file() and all(p.is_file() for p in saved):
+        # Time other search settings on the index and ground truth a previous run saved here.
+        index = faiss.read_index(str(saved[0]))
+        vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(size, dim))
+        print(f"# {size:,}: reusing {saved[0]} (build figures: see the run that made it)")
+        return _time_reranked(
+            index,
+            vectors,
+            queries,
+            np.load(saved[1]),
+            args,
+            size,
+            float("nan"),
+            float("nan"),
+            path,
+            "ivfpq-disk",
+            extra="; streamed, reused",
+        )
     nq = min(len(queries), args.truth_queries)
     probe = np.ascontiguousarray(queries[:nq], dtype=np.float32)
     nlist = _ivf_lists(size, args.nlist or None)
@@ -318,7 +338,6 @@ def bench_streamed(
     gc.collect()
     rss = reset_peak()
     start = time.perf_counter()
-    path = workdir / f"vectors-{size}.f16"
     best_s = np.full((10, nq), -np.inf, dtype=np.float32)
     best_i = np.full((10, nq), -1, dtype=np.int64)
     sample = []
@@ -575,6 +594,11 @@ def main() -> None:
         type=int,
         default=0,
         help="streamed: faiss threads for training and adding (0: --threads)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="streamed: time the index a previous run left in --workdir instead of building",
     )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
