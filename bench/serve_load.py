@@ -6,11 +6,12 @@ are text searches (``POST /search``, the bench's fixed query list, images or tex
 an image upload (``POST /search/image``, one of 64 indexed images, against the other table).
 Prints requests/s, p50/p99 latency, errors (anything but 200, or a transport failure), the mean
 wait for the server's model lock per forward and the share of the time it was held (from
-/metrics), and the server's resident memory (VmRSS from /proc/<pid>/status) at the start, after 10,000 requests and
-at the end.
+/metrics), and the server's resident memory (VmRSS from /proc/<pid>/status) at the start, after
+10,000 requests and at the end (when the rows make fewer than ``--soak`` requests, 8 more clients
+run until they do).
 
 Index: the bundled demo (``demo/model`` over ``demo/data/emoji``: 3,788 images and their names,
-~2 min to build on 2 cores), or ``--tiny`` (a random beit3-tiny over 512 drawn shapes, seconds),
+35 s to build on 2 cores), or ``--tiny`` (a random beit3-tiny over 512 drawn shapes, seconds),
 or ``--db DIR`` (an existing index with ``images`` and ``texts`` tables).
 
     python bench/serve_load.py                          # demo index, 8 and 32 clients, 60 s each
@@ -133,7 +134,12 @@ class Load:
 
 
 def run_clients(
-    url: str, clients: int, seconds: float, images: list[bytes], load: Load
+    url: str,
+    clients: int,
+    seconds: float,
+    images: list[bytes],
+    load: Load,
+    until_total: int | None = None,
 ) -> tuple[list[float], int, float, dict[str, int]]:
     """Latencies (s) of the successful requests, error count, elapsed time, requests by kind."""
     import httpx
@@ -148,7 +154,11 @@ def run_clients(
         rng = random.Random(i)
         with httpx.Client(base_url=url, timeout=60) as http:
             for n in itertools.count():
-                if time.monotonic() >= deadline:
+                if (
+                    (time.monotonic() >= deadline)
+                    if until_total is None
+                    else (load.total >= until_total)
+                ):
                     return
                 start = time.perf_counter()
                 table = rng.choice(("images", "texts"))
@@ -206,6 +216,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny-model index, not the demo")
     parser.add_argument("--seconds", type=float, default=60.0, help="per client count")
     parser.add_argument("--clients", default="8,32", help="comma-separated client counts")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=RSS_AT,
+        help="then keep 8 clients going until this many requests in all (0: no soak)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +273,14 @@ def main() -> None:
                     )
                 )
                 print(f"{clients} clients done: {n} requests", flush=True)
+            soak = ""
+            if load.total < args.soak:
+                start_soak, before = time.perf_counter(), load.total
+                _, soak_errors, _, _ = run_clients(url, 8, 0, images, load, until_total=args.soak)
+                soak = (
+                    f"soak: {load.total - before} more requests by 8 clients in "
+                    f"{time.perf_counter() - start_soak:.0f} s, {soak_errors} errors"
+                )
             rss_end = rss_mib(process.pid)
         finally:
             process.terminate()
@@ -279,6 +303,8 @@ def main() -> None:
             f"server RSS: start {rss_start:.0f} MiB, after {RSS_AT} requests {at} MiB, "
             f"end ({load.total} requests) {rss_end:.0f} MiB"
         )
+        if soak:
+            print(soak)
         if "Traceback" in log.read_text():
             print("server log has a traceback:\n" + log.read_text()[-3000:])
 
