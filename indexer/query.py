@@ -186,6 +186,15 @@ def _unit(vector: np.ndarray, what: str) -> np.ndarray:
     return (vector / norm).astype(np.float32)
 
 
+def _item_vectors(searcher: Searcher, item_ids: Sequence[str], table: str) -> np.ndarray:
+    """(N, D) stored vectors of feedback ids: one read when all are in ``table`` (the usual
+    case: hits of the page marked), else id by id across the tables."""
+    try:
+        return searcher.get_vectors(table, list(item_ids))
+    except InputDataError:
+        return np.stack([_item_vector(searcher, i, table) for i in item_ids])
+
+
 def _item_vector(searcher: Searcher, item_id: str, table: str | None) -> np.ndarray:
     names = list(searcher.manifest.searchable())
     order = ([table] if table in names else []) + [n for n in names if n != table]
@@ -452,11 +461,9 @@ def run_query(
     else:
         vector = _unit(np.asarray(query, dtype=np.float32).reshape(-1), "query vector")
     if relevant or non_relevant:
+        marked = _item_vectors(searcher, [*relevant, *non_relevant], table)
         vector = rocchio(
-            vector,
-            [_item_vector(searcher, i, table) for i in relevant],
-            [_item_vector(searcher, i, table) for i in non_relevant],
-            *feedback_weights,
+            vector, marked[: len(relevant)], marked[len(relevant) :], *feedback_weights
         )
     options: dict[str, Any] = {
         "mode": mode,

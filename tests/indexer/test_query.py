@@ -189,6 +189,22 @@ def test_more_like_this_moves_a_relevant_item_up(searcher):
     assert new_rank <= 3
 
 
+def test_feedback_uses_the_stored_vectors_in_order_from_any_table(searcher):
+    query = CompositeQuery.of("a red circle")
+    images = run_query(searcher, query, "images", k=4)
+    text = searcher.search("a red circle", "texts", k=1)[0]  # an id of the other table
+    up, down = [images[3].id, text.id], [images[0].id, images[1].id]
+    vectors = {
+        i: searcher.get_vector(t, i)
+        for t, i in [("images", h.id) for h in images] + [("texts", text.id)]
+    }
+    want = rocchio(
+        query.embed(searcher, "images"), [vectors[i] for i in up], [vectors[i] for i in down]
+    )
+    got = run_query(searcher, query, "images", k=10, relevant=up, non_relevant=down)
+    assert [h.id for h in got] == [h.id for h in searcher.search_vector(want, "images", k=10)]
+
+
 def test_unknown_feedback_id_is_one_line(searcher):
     with pytest.raises(InputDataError, match="no item with this id"):
         run_query(searcher, CompositeQuery.of("x"), "images", relevant=["0" * 64])
