@@ -381,6 +381,7 @@ class _Run:
                 self.version.checkpoint = os.path.relpath(
                     Path(self.ckpt.path).absolute(), self.db.absolute()
                 )  # the recorded copy moved
+                self.version.checkpoint_absolute = str(Path(self.ckpt.path).absolute())
                 manifest.put_version(self.version)
             if self.ctx.is_main:
                 manifest.write(self.db)
@@ -427,18 +428,24 @@ class _Run:
     ) -> IndexReport:
         scan = scan_images(sources)
         stored = self._stored()
+        known = self._stored(self.known) if self.known is not None else []
         by_path = {
             p: (r["sha256"], r["size"], mt)
-            for r in (self._stored(self.known) if self.known is not None else []) + stored
+            for r in known + stored
             for p, mt in zip(r["paths"], r["mtimes"], strict=True)
         }
+        # a new version keeps the active version's captions (from the manifest that labelled
+        # them) for files this run's sources do not label
+        for row in known:
+            for path in row["paths"] if row["text"] else ():
+                scan.labels.setdefault(path, row["text"])
         found: list[_Found] = []
         to_hash = []
         for item in scan.items:
-            known = by_path.get(item.path)
-            if known is not None and known[1] == item.size and known[2] == item.mtime:
+            seen = by_path.get(item.path)
+            if seen is not None and seen[1] == item.size and seen[2] == item.mtime:
                 found.append(
-                    _Found(item.path, known[0], item.size, item.mtime, scan.labels.get(item.path))
+                    _Found(item.path, seen[0], item.size, item.mtime, scan.labels.get(item.path))
                 )
             else:
                 to_hash.append(item)

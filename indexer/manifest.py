@@ -74,6 +74,7 @@ class Version:
     model_id: str
     checkpoint: str  # relative to the database directory (or absolute)
     dim: int
+    checkpoint_absolute: str = ""  # the same, absolute: found when the database moved alone
     encoder: str = "fp32"
     created: str = ""
     snapshot: int | None = None  # the store version of the last finished commit
@@ -185,6 +186,7 @@ class DbManifest:
             created=now_utc(),
         )
         version.checkpoint = _relative(db, checkpoint)
+        version.checkpoint_absolute = str(Path(checkpoint).absolute())
         self.put_version(version)
         return version
 
@@ -216,10 +218,14 @@ class DbManifest:
         return next(iter(models.values()))
 
     def checkpoint_path(self, db: str | Path, version: Version) -> Path:
-        """The version's checkpoint directory (stored relative to ``db``, so that a folder holding
-        both can move)."""
+        """The version's checkpoint directory: stored relative to ``db`` (a folder holding both
+        can move) and absolute (the database alone can move); the relative one first."""
         path = Path(version.checkpoint)
-        return path if path.is_absolute() else Path(os.path.normpath(Path(db).absolute() / path))
+        path = path if path.is_absolute() else Path(os.path.normpath(Path(db).absolute() / path))
+        absolute = Path(version.checkpoint_absolute) if version.checkpoint_absolute else None
+        if not path.is_dir() and absolute is not None and absolute.is_dir():
+            return absolute
+        return path
 
     def check_model(self, db: str | Path, version: Version, model_id: str, *, action: str) -> None:
         """Raise IndexMismatchError unless ``model_id`` built ``version``."""

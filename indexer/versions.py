@@ -8,6 +8,7 @@ running beside it answers each query from one version, the old one before, the n
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,16 @@ def remove_version(db: str | Path, version_id: str) -> None:
             del manifest.versions[version_id]
             manifest.write(db)
         drop_store(Path(db), version.store, manifest.tables[version.table]["backend"])
+        # a checkpoint kept inside the database (beit3 improve copies its models there) goes
+        # with its last version
+        checkpoint = manifest.checkpoint_path(db, version).resolve()
+        inside = Path(db).resolve() in checkpoint.parents
+        used = any(
+            manifest.checkpoint_path(db, other).resolve() == checkpoint
+            for other in map(manifest.version, manifest.versions)
+        )
+        if inside and not used:
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def version_paths(db: str | Path, version_id: str) -> list[str]:

@@ -253,3 +253,32 @@ def test_an_int8_version_is_queried_with_the_int8_encoder(tmp_path, shapes_dir, 
     assert top.id == sha and top.score > 0.98
     with pytest.raises(InputDataError, match="--quantize: unknown mode 'int4'"):
         index_images([shapes_dir], db, num_workers=0, quantize="int4")
+
+
+def test_a_new_version_keeps_captions_and_moves_and_removal_tidy_up(
+    tmp_path, shapes_dir, tiny_checkpoint, other_checkpoint
+):
+    import shutil
+
+    manifest = tmp_path / "captions.jsonl"
+    images = sorted(shapes_dir.iterdir())
+    manifest.write_text(
+        "".join(json.dumps({"image": str(p), "text": f"caption {p.stem}"}) + "\n" for p in images)
+    )
+    db = tmp_path / "a" / "db"
+    index_images([manifest], db, tiny_checkpoint, num_workers=0)
+    # the new model's version is built from the bare folder (as beit3 improve re-indexes)
+    kept = tmp_path / "a" / "db" / "models" / "other"
+    shutil.copytree(other_checkpoint, kept)
+    assert index_images([shapes_dir], db, kept, num_workers=0, activate=True).version == "v2"
+    texts = {r["path"]: r["text"] for r in rows(db, "images").values()}
+    assert texts == {str(p): f"caption {p.stem}" for p in images}
+
+    moved = tmp_path / "b" / "c" / "d" / "db"  # another depth: the relative path breaks
+    moved.parent.mkdir(parents=True)
+    shutil.move(db, moved)
+    activate_version(moved, "v1")  # v1's checkpoint is found by its absolute path
+    assert Searcher(moved).tables["images"].version == "v1"
+    remove_version(moved, "v2")
+    assert not (moved / "models" / "other").exists()  # its checkpoint lived in the database
+    assert tiny_checkpoint.is_dir()
