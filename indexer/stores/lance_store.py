@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 # Lance ANN index types we expose; None (no index) is exact search.
 # "auto" (the default): exact search below AUTO_INDEX_ROWS rows, an IVF_FLAT index above (exact
-# search in Lance costs ~0.3 s per query at 100k rows and 2.5 s at 1M on 2 cores; IVF_FLAT with
-# sqrt(N) partitions and 32 probes: 6-10 ms at recall@10 1.0, see bench/search_speed.py).
+# search over the cached vectors, LanceStore._cached_rows: 20 ms p50 at 100k x 768 on 2 cores,
+# where Lance's own brute force took 0.3-0.56 s, and 2.5 s at 1M; IVF_FLAT with sqrt(N)
+# partitions and 32 probes: 6-20 ms at recall@10 1.0, see bench/search_speed.py).
 LANCE_INDEX_TYPES = ("auto", "exact", "ivf_flat", "ivf_pq", "ivf_hnsw_sq")
 AUTO_INDEX_ROWS = 20_000
 _MIN_ROWS_FOR_INDEX = 5_000  # below this, brute force is fast and an IVF index cannot train well
@@ -289,9 +290,10 @@ class LanceStore(Store):
         """(version, (N, dim) float32 vectors, (N,) metadata rows) of the table as read now, when
         it has no ANN index and its vectors fit in EXACT_CACHE_BYTES; else None (Lance searches).
 
-        Why: Lance's brute force cost 304 ms at 100k x 768 here (bench/search_speed.py), and any
-        Lance query, a take of 10 rows included, ~10-15 ms even at 5k rows; a matrix-vector
-        product over a cached copy costs what reading the vectors from memory costs. The cache
+        Why: Lance's brute force cost 304-559 ms at 100k x 768 here whichever columns it
+        returned (one fragment), and any Lance query, a take of 10 rows included, ~10-15 ms even
+        at 5k rows; over the cached copy, 20 ms p50 at 100k (bench/search_speed.py --sizes 100k
+        --methods faiss-flat,lance-flat, 2026-12-02; memory: 295 MiB for that table). The cache
         is re-read only when the table version changes (one small manifest read per query, as
         before), so a reader still sees every commit."""
         if self.has_vector_index():
