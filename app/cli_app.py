@@ -117,10 +117,10 @@ def register(cli: typer.Typer) -> None:
         serve: Annotated[bool, typer.Option(help="Start the app when the index is ready.")] = True,
     ) -> None:
         """Index the bundled emoji images and names with the bundled model, then serve the app."""
-        from app.cli_index import _progress_bars
+        from app.cli_index import progress_bars
         from app.demo import build_demo_index
 
-        progress, close = _progress_bars()
+        progress, close = progress_bars()
         try:
             path, images, texts = build_demo_index(db, progress=progress)
         finally:

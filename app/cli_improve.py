@@ -113,7 +113,7 @@ def register(cli: typer.Typer) -> None:
     ) -> None:
         """Fine-tune the active model on the feedback, check it on held-out pairs, index and
         activate it (every stage resumable: run it again to continue)."""
-        from app.cli_index import _progress_bars
+        from app.cli_index import progress_bars
         from app.improve import ImproveConfig
         from app.improve import improve as run_improve
 
@@ -133,7 +133,7 @@ def register(cli: typer.Typer) -> None:
             device=device,
             seed=seed,
         )
-        progress, close = _progress_bars()
+        progress, close = progress_bars()
         try:
             report = run_improve(config, progress=progress)
         finally:

@@ -37,7 +37,7 @@ _ACTIVATE = typer.Option(
 EXPORT_LIMIT = 100  # hits exported by search --format without --limit
 
 
-def _progress_bars() -> tuple[Any, Any]:
+def progress_bars() -> tuple[Any, Any]:
     """A progress(stage, done, total) callback drawing one tqdm bar per stage, and a closer."""
     from tqdm import tqdm
 
@@ -106,7 +106,7 @@ def register(cli: typer.Typer) -> None:
         """Embed images into the index (incremental: only new or changed files are embedded)."""
         from indexer import index_images
 
-        progress, close = _progress_bars()
+        progress, close = progress_bars()
         try:
             report = index_images(
                 paths,
@@ -148,7 +148,7 @@ def register(cli: typer.Typer) -> None:
         """Embed texts into the index (incremental: only new texts are embedded)."""
         from indexer import index_texts
 
-        progress, close = _progress_bars()
+        progress, close = progress_bars()
         try:
             report = index_texts(
                 file,
