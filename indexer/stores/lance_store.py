@@ -266,13 +266,16 @@ class LanceStore(Store):
     ) -> list[list[Match]]:
         results = []
         matching = self._few_matching(where) if where is not None else None
-        cached = self._cached_rows() if where is None else None
+        cached = self._cached_rows() if matching is None else None
+        rows = None
+        if cached is not None and where is not None:  # the filter picks rows of the copy
+            rows = self._cached_matching(cached, where)
         for vector in np.asarray(vectors, dtype=np.float32):
             if matching is not None:
                 results.append(self._exact_over(matching, vector, k, offset))
                 continue
             if cached is not None:
-                results.append(self._exact_cached(cached, vector, k, offset))
+                results.append(self._exact_cached(cached, vector, k, offset, rows))
                 continue
             query = self._table.search(vector, vector_column_name="vector").distance_type("dot")
             query = self._tune(query, where).limit(k).offset(offset)
@@ -312,18 +315,30 @@ class LanceStore(Store):
         self._exact_cache = cache
         return cache
 
+    def _cached_matching(self, cache: tuple[int, np.ndarray, pa.Table], where: str) -> np.ndarray:
+        """Positions in the cached copy of the rows matching ``where`` (Lance evaluates the
+        predicate over the metadata; no vector is read)."""
+        keys = self._table.search().where(where).select(["sha256"]).limit(None).to_arrow()
+        wanted = set(keys.column("sha256").to_pylist())
+        shas = cache[2].column("sha256").to_pylist()
+        return np.asarray([i for i, sha in enumerate(shas) if sha in wanted], dtype=np.int64)
+
     def _exact_cached(
-        self, cache: tuple[int, np.ndarray, pa.Table], vector: np.ndarray, k: int, offset: int
+        self,
+        cache: tuple[int, np.ndarray, pa.Table],
+        vector: np.ndarray,
+        k: int,
+        offset: int,
+        subset: np.ndarray | None = None,
     ) -> list[Match]:
         _, vectors, meta = cache
         scores = vectors @ vector  # (N,): cosines of unit vectors
-        want = min(k + offset, len(scores))
+        pool = np.arange(len(scores)) if subset is None else subset
+        want = min(k + offset, len(pool))
         if want <= 0:
             return []
-        if want < len(scores):
-            top = np.argpartition(-scores, want - 1)[:want]
-        else:
-            top = np.arange(len(scores))
+        partial = want < len(pool)
+        top = pool[np.argpartition(-scores[pool], want - 1)[:want]] if partial else pool
         top = top[np.lexsort((top, -scores[top]))][offset:]  # best first, ties by row order
         rows = meta.take(pa.array(top, pa.int64())).to_pylist()
         return [Match(float(scores[i]), row) for i, row in zip(top, rows, strict=True)]

@@ -47,3 +47,31 @@ def test_cached_exact_search_equals_lance_and_sees_new_commits(tmp_path, monkeyp
     assert hits[0].row["sha256"] == f"{550:064x}" and abs(hits[0].score - 1) < 1e-5
     assert hits[0].row["path"] == "/x/550.png"
     assert store.search(queries, 10, offset=600) == [[] for _ in queries]
+
+
+def test_a_filter_on_a_table_without_an_index_ranks_the_matching_rows_of_the_copy(
+    tmp_path, monkeypatch
+):
+    data = _unit(400, 32, seed=2)
+    queries = _unit(3, 32, seed=3)
+    store = open_store(tmp_path, "t", "lancedb", dim=32, create=True, index_type="exact")
+    store.append(_rows(0, data))
+    where = "path LIKE '/x/1%'"  # 1, 10-19, 100-199: 111 rows
+    got = [
+        [(m.row["sha256"], round(m.score, 5)) for m in h]
+        for h in store.search(queries, 7, 2, where)
+    ]
+    assert store._exact_cache is not None  # the cached path ran
+    picked = np.asarray([i for i in range(400) if str(i).startswith("1")])
+    order = picked[np.argsort(-(queries @ data[picked].T), axis=1, kind="stable")][:, 2:9]
+    assert [[int(s, 16) for s, _ in r] for r in got] == order.tolist()
+    monkeypatch.setattr(lance_store, "EXACT_CACHE_BYTES", 0)  # Lance's prefiltered brute force
+    store._exact_cache = None
+    lance = [
+        [(m.row["sha256"], round(m.score, 5)) for m in h]
+        for h in store.search(queries, 7, 2, where)
+    ]
+    assert [[s for s, _ in r] for r in lance] == [[s for s, _ in r] for r in got]
+    assert np.allclose(
+        [[x for _, x in r] for r in lance], [[x for _, x in r] for r in got], atol=1e-4
+    )
