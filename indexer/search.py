@@ -486,6 +486,25 @@ def _retrieve(
     where: str | None,
 ) -> list[Match]:
     """One page of ``mode``'s ranking of ``store``'s rows that match ``where``."""
+    try:
+        return _ranking(store, vector, text, mode, k, offset, where)
+    except ValueError as exc:
+        # LanceDB reports a predicate it cannot parse or bind as "Invalid input, ..."
+        if where is None or not str(exc).startswith("Invalid input"):
+            raise
+        reason = str(exc).removeprefix("Invalid input, ").split(". Valid fields")[0]
+        raise InputDataError(f"--where: {where!r} is not a valid filter: {reason}") from None
+
+
+def _ranking(
+    store: Store,
+    vector: np.ndarray | None,
+    text: str | None,
+    mode: str,
+    k: int,
+    offset: int,
+    where: str | None,
+) -> list[Match]:
     if mode != "vector" and (text is None or not text.strip()):
         raise InputDataError(
             f"{mode} search needs words: give a text query, or keyword_text with an image or "

@@ -220,6 +220,15 @@ def test_image_facts_read_exif_date_and_camera_from_a_jpeg(tmp_path, tiny_checkp
     assert names(under=[folder]) == ["canon.jpg", "plain.jpg"]
     assert names(under=[tmp_path / "elsewhere"]) == []
     assert names(modified_after="2000-01-01", where="size > 0") == ["canon.jpg", "plain.jpg"]
+    for bad, reason in [
+        ("width >", "Error parsing statement"),
+        ("nosuchcol = 1", "No field named nosuchcol"),
+    ]:
+        for mode in ("vector", "keyword", "hybrid"):
+            with pytest.raises(
+                InputDataError, match=rf"^--where: .* is not a valid filter: .*{reason}"
+            ):
+                searcher.search("x", "images", mode=mode, where=bad)
     with pytest.raises(InputDataError, match=r"^--taken-after: cannot read 'May 1st' as a date"):
         names(taken_after="May 1st")
     with pytest.raises(InputDataError, match=r"^--type: '\*\.jpg' is not a file extension"):
