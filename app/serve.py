@@ -652,20 +652,6 @@ def create_app(
         )
         return _error_response(500, "internal error; the server log has the details")
 
-    def sql_errors(request: SearchOptions, call: Callable[[], Any]) -> Any:
-        """Run ``call``; LanceDB's error for a bad SQL predicate becomes a 400 naming where."""
-        try:
-            return call()
-        except Beit3Error:
-            raise
-        except ValueError as exc:
-            uses_sql = request.where is not None or (
-                request.filters is not None and request.filters.where is not None
-            )
-            if uses_sql and str(exc).startswith("Invalid input"):
-                raise _BadRequest(400, f"where: invalid SQL predicate: {exc}") from None
-            raise
-
     def search_response(request: SearchOptions, hits: list[Any], start: float) -> dict[str, Any]:
         table = hits[0].table if hits else service.check_table(request.table)
         version = service.searcher.version_of(table)
@@ -695,7 +681,7 @@ def create_app(
     @app.post("/search", summary="Search by text (or the query syntax) or by an indexed item")
     def search(request: SearchRequest) -> dict[str, Any]:
         start = time.perf_counter()
-        hits = sql_errors(request, lambda: service.search(request))
+        hits = service.search(request)
         return search_response(request, hits, start)
 
     @app.post("/search/image", summary="Search with an uploaded image")
@@ -718,7 +704,7 @@ def create_app(
             raise _BadRequest(422, _validation_line(exc.errors()[0], prefix="params")) from None
         data = file.file.read()
         _check_image(data)
-        hits = sql_errors(options, lambda: service.search(options, image=data))
+        hits = service.search(options, image=data)
         return search_response(options, hits, start)
 
     @app.get("/items/{table}/{item_id}", summary="An item's metadata")

@@ -464,7 +464,7 @@ HOSTILE = {
     "where: SQL syntax error": (
         _search({"query": "cat", "where": "width >"}),
         400,
-        "where: invalid SQL predicate",
+        "where: '(width >)' is not a valid filter: Error parsing statement",
     ),
     "where: unknown column": (
         _search({"query": "cat", "where": "secret = 1"}),
@@ -474,7 +474,7 @@ HOSTILE = {
     "where: statement injection": (
         _search({"query": "cat", "where": "1=1; DROP TABLE images"}),
         400,
-        "where: invalid SQL predicate",
+        "is not a valid filter",
     ),
     "empty keywords": (
         _search({"query": "cat", "mode": "hybrid", "keywords": "  "}),
