@@ -97,7 +97,7 @@ def register(cli: typer.Typer) -> None:
                 "version's files. Give the original manifest to keep its captions.",
             ),
         ] = None,
-        steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 60,
+        steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 30,
         batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 32,
         lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
         feedback_fraction: Annotated[

@@ -81,7 +81,7 @@ class ImproveConfig:
     table: str = "images"
     train: str | None = None
     sources: tuple[str, ...] = ()
-    steps: int = 60
+    steps: int = 30  # demo/improve_loop.py: 60 steps cost R@1 1.6 points, 30 kept it within 1
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int | None = None

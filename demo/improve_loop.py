@@ -1,6 +1,6 @@
 """The feedback loop, scripted on the demo data: 10 wrong queries, 3 labels each, one improve run.
 
-    python demo/improve_loop.py [--cache DIR] [--run NAME] [--steps 60]    # JSON on stdout
+    python demo/improve_loop.py [--cache DIR] [--run NAME] [--steps 30]    # JSON on stdout
 
 1. the demo images indexed with the bundled model (demo/model) once into ``CACHE/base/db``
    (reused); each run works on a copy of that database in ``CACHE/NAME/db`` (the same depth:
@@ -178,7 +178,7 @@ def main() -> None:
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     parser.add_argument("--cache", type=Path, default=cache_home / "beit3-search" / "improve-loop")
     parser.add_argument("--run", default="run", help="the run's folder under CACHE")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
