@@ -521,7 +521,7 @@ def bench_lance(
             store.exact_filter_rows = limit  # 0: force IVF with the prefilter, for comparison
             latencies, ids = time_queries(filtered, queries[:n])
             if kind != "ivf":
-                path = "Lance exact + prefilter"
+                path = "exact over the matches of the cached copy"
             elif len(matching) <= limit:
                 path = "exact over the matches"
             else:
