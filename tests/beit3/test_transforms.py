@@ -122,3 +122,22 @@ def test_load_image_tensor_drafts_jpegs_to_twice_the_input_size(tmp_path):
     assert torch.equal(load_image_tensor(png, cfg), ImageTransform(cfg)(load_image(png)))
     decoded = Image.fromarray(pixels)  # a PIL image is taken as decoded
     assert torch.equal(load_image_tensor(decoded, cfg), ImageTransform(cfg)(decoded))
+
+
+def test_the_pixel_limit_holds_in_every_thread(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = _save(Image.new("RGB", (90, 90)), tmp_path / "big.png")  # 8,100 px: 1.6x the limit
+    small = _save(Image.new("RGB", (20, 20)), tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+
+    def outcome(path):
+        try:
+            load_image(path)
+            return "decoded"
+        except InputDataError as exc:
+            return "refused" if "decompression bomb" in str(exc) else str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(outcome, [big, small] * 100))
+    assert got == ["refused", "decoded"] * 100
