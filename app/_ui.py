@@ -320,8 +320,9 @@ EXPORT_LIMIT = 200  # hits the download buttons export (every page up to this ma
 
 @dataclass(frozen=True)
 class Chip:
-    """One term added to the query in the page (shown as a chip): ``kind`` is "text" (``text``)
-    or "item" (an indexed hit: ``table``, ``item_id``); ``negative`` subtracts it."""
+    """One term added to the query in the page (shown as a chip): ``kind`` is "text" (``text``),
+    "item" (an indexed hit: ``table``, ``item_id``) or "image" (an upload: ``image``, the decoded
+    picture, and ``item_id``, its content key); ``negative`` subtracts it."""
 
     kind: str
     label: str
@@ -329,6 +330,7 @@ class Chip:
     table: str = ""
     item_id: Any = None
     negative: bool = False
+    image: Any = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -340,6 +342,8 @@ class Chip:
         weight = -1.0 if self.negative else 1.0
         if self.kind == "item":
             return Term.item(str(self.item_id), weight, table=self.table or None)
+        if self.kind == "image":
+            return Term.image(self.image, weight)
         return Term.text(self.text, weight)
 
 

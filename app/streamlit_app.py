@@ -696,6 +696,14 @@ def draw_query_banner(searcher: Any, query: Query, steer: Steering) -> None:
         elif query.kind == "upload":
             st.image(query.image, width=56)  # at most 1024 px: kept small by _on_upload
             st.markdown(f"Images and texts like **{md_escape(query.label)}** (your upload)")
+            st.button(
+                ":material/add:",
+                key="add-upload",
+                type="tertiary",
+                help="Add this image to the query as a term (it stays when you type new words)",
+                on_click=_on_add_chip,
+                args=(Chip("image", query.label, item_id=query.key, image=query.image),),
+            )
         else:
             hit = searcher.get(query.table, query.item_id)
             thumb = indexed_thumbnail(hit.path) if hit is not None else None

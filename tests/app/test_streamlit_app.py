@@ -558,6 +558,22 @@ def test_typed_words_join_the_query_as_a_chip(page, app_searcher):
     assert cards(page) == steered_cards(want)
 
 
+def test_an_upload_joins_the_query_as_a_chip_and_stays_for_new_words(page, app_searcher, app_db):
+    from indexer import CompositeQuery, Term, run_query
+
+    path = app_db.parent / "images" / "blue_square_0.png"
+    page.file_uploader[0].set_value(("mine.png", path.read_bytes(), "image/png")).run()
+    page.button(key="add-upload").click().run()
+    assert page.button(key="chip-0").label == "+ mine.png"
+    search(page, QUERY)  # new words: the upload stays as a term
+    image = decode_upload(path.read_bytes(), "mine.png", max_mb=1)
+    both = CompositeQuery((Term.text(QUERY), Term.image(image)))
+    assert cards(page) == steered_cards(run_query(app_searcher, both, "images", k=PAGE))
+    page.button(key="chip-0").click().run()  # minus the upload
+    minus = CompositeQuery((Term.text(QUERY), Term.image(image, -1.0)))
+    assert cards(page) == steered_cards(run_query(app_searcher, minus, "images", k=PAGE))
+
+
 def test_less_like_this_drops_the_hit_and_requeries(page, app_searcher):
     from indexer import CompositeQuery, run_query
 
