@@ -332,35 +332,25 @@ class SearchService:
         else:  # the query syntax; never a file path on the server
             composite = parse_query(query, allow_paths=False)
         keywords = request.keywords if request.keywords is not None else composite.keyword_text
-        # The vector is embedded (under the lock) apart from the store search (in parallel): if
-        # the table's active version changed in between, its model may not be the vector's.
-        hits = None
-        for _ in range(3):
-            version = searcher.version_of(table).id
-            with self.model_lock():
-                vector = composite.embed(searcher, table)
-            try:
-                hits = run_query(
-                    searcher,
-                    vector,
-                    table,
-                    request.k,
-                    request.offset,
-                    keyword_text=keywords,
-                    relevant=request.relevant,
-                    non_relevant=request.non_relevant,
-                    collapse=request.collapse,
-                    **options,
-                )
-            except IndexMismatchError:  # another model's dimension: retry if it was a switch
-                if searcher.version_of(table).id == version:
-                    raise
-                continue
-            if searcher.version_of(table).id == version:
-                break
-        if hits is None:
-            raise _BadRequest(503, f"table: {table!r} switched versions 3 times meanwhile; retry")
-        return hits
+        # The vector is embedded (under the lock) apart from the store search (in parallel),
+        # both for one table version read first: an activation in between cannot pair the
+        # vector with another model's rows.
+        version = searcher.version_of(table)
+        with self.model_lock():
+            vector = composite.embed(searcher, table, version)
+        return run_query(
+            searcher,
+            vector,
+            table,
+            request.k,
+            request.offset,
+            keyword_text=keywords,
+            relevant=request.relevant,
+            non_relevant=request.non_relevant,
+            collapse=request.collapse,
+            version=version,
+            **options,
+        )
 
     def warm_up(self) -> float:
         """One text and one image query through every table (seconds taken): no cold first

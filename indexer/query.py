@@ -43,6 +43,7 @@ from beit3.errors import InputDataError
 
 if TYPE_CHECKING:
     from indexer.filters import Filters
+    from indexer.manifest import Version
     from indexer.search import Hit, Searcher
 
 __all__ = [
@@ -154,25 +155,31 @@ class CompositeQuery:
         words = [t.value for t in self.terms if t.kind == "text" and t.weight > 0]
         return " ".join(words) if words else None
 
-    def term_vectors(self, searcher: Searcher, table: str | None = None) -> np.ndarray:
-        """(T, D) float32: each term's unit embedding (items: their stored vector, normalised)."""
+    def term_vectors(
+        self, searcher: Searcher, table: str | None = None, version: Version | None = None
+    ) -> np.ndarray:
+        """(T, D) float32: each term's unit embedding (items: their stored vector, normalised),
+        by the model of ``version`` (default: ``table``'s active version)."""
         rows = []
         for term in self.terms:
             if term.kind == "item":
                 vector = _item_vector(searcher, term.value, term.table or table)
             else:
-                vector = searcher.embed_query(term.value, table)
+                vector = searcher.embed_query(term.value, table, version)
             rows.append(_unit(np.asarray(vector, dtype=np.float32), str(term.label())))
         return np.stack(rows)
 
-    def embed(self, searcher: Searcher, table: str | None = None) -> np.ndarray:
-        """(D,) float32 unit vector: the normalised weighted sum of the unit term embeddings.
+    def embed(
+        self, searcher: Searcher, table: str | None = None, version: Version | None = None
+    ) -> np.ndarray:
+        """(D,) float32 unit vector: the normalised weighted sum of the unit term embeddings
+        (``version``: as for :meth:`term_vectors`).
 
         Raises:
             InputDataError: a term cannot be embedded, or the terms cancel out.
         """
         weights = np.asarray([t.weight for t in self.terms], dtype=np.float32)
-        total = weights @ self.term_vectors(searcher, table)  # (T,) @ (T, D) -> (D,)
+        total = weights @ self.term_vectors(searcher, table, version)  # (T,) @ (T, D) -> (D,)
         return _unit(total, str(self))
 
 
@@ -436,6 +443,7 @@ def run_query(
     non_relevant: Sequence[str] = (),
     feedback_weights: tuple[float, float, float] = ROCCHIO_DEFAULTS,
     collapse: float | None = None,
+    version: Version | None = None,
 ) -> list[Hit]:
     """Search ``table`` with a compositional query (or a (D,) vector), feedback and collapse.
 
@@ -450,13 +458,15 @@ def run_query(
             until the page is full or the table ends, at most 10,000 rows), so a ``+N`` count
             covers the near-duplicates within that window.
 
-        ``mode``, ``filters`` and ``where`` are those of :meth:`Searcher.search`.
+        ``mode``, ``filters`` and ``where`` are those of :meth:`Searcher.search`; ``version``
+        that of :meth:`Searcher.search_vector` (a vector query embedded for that version).
 
     Raises:
         InputDataError: an unknown feedback id, bad terms or paging.
     """
+    version = version or searcher.version_of(table)  # one version for the whole query
     if isinstance(query, CompositeQuery):
-        vector = query.embed(searcher, table)
+        vector = query.embed(searcher, table, version)
         keyword_text = keyword_text if keyword_text is not None else query.keyword_text
     else:
         vector = _unit(np.asarray(query, dtype=np.float32).reshape(-1), "query vector")
@@ -470,6 +480,7 @@ def run_query(
         "filters": filters,
         "where": where,
         "keyword_text": keyword_text,
+        "version": version,
     }
     if collapse is None:
         return searcher.search_vector(vector, table, k, offset, **options)

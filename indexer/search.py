@@ -212,10 +212,15 @@ class Searcher:
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def embed_query(self, query: Query, table: str | None = None) -> np.ndarray:
+    def embed_query(
+        self, query: Query, table: str | None = None, version: Version | None = None
+    ) -> np.ndarray:
         """A text (``str``) or an image (path, bytes, file object, PIL image) -> (D,) unit vector,
-        by the model of ``table``'s active version (default: the index's model)."""
-        ckpt = self.checkpoint if table is None else self.checkpoint_of(table)
+        by the model of ``version`` or of ``table``'s active version (default: the index's)."""
+        if version is not None:
+            ckpt = self._checkpoint(version)
+        else:
+            ckpt = self.checkpoint if table is None else self.checkpoint_of(table)
         if isinstance(query, str):
             return self._embed_text(query, ckpt)
         return encode_images(
@@ -388,14 +393,17 @@ class Searcher:
         filters: Filters | None = None,
         where: str | None = None,
         keyword_text: str | None = None,
+        version: Version | None = None,
     ) -> list[Hit]:
         """Search with a (D,) unit vector of this model (a combined or feedback query).
 
         ``mode``, ``filters`` and ``where`` are as for :meth:`search`; ``keyword_text`` gives
         the words that ``keyword`` / ``hybrid`` mode match (the text terms of a compositional
-        query), required in those modes.
+        query), required in those modes. ``version``: the table version the vector was made
+        for (:meth:`version_of` read before embedding, see :meth:`embed_query`), so that an
+        activation in between cannot pair it with another model's rows; default: the active.
         """
-        store = self._store(table)
+        store = self._open(version) if version is not None else self._store(table)
         _check_page(k, offset)
         sql = _where_sql(store, mode, filters, where)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)

@@ -12,11 +12,13 @@ import pytest
 import indexer.build
 from beit3 import IndexMismatchError, InputDataError, load_checkpoint
 from indexer import (
+    CompositeQuery,
     Searcher,
     activate_version,
     index_images,
     list_versions,
     remove_version,
+    run_query,
     version_paths,
 )
 from indexer.manifest import DbManifest, write_lock
@@ -198,6 +200,10 @@ def test_queries_during_activation_come_from_one_version(
         while not stop.is_set():
             try:
                 got = [(h.id, round(h.score, 4)) for h in searcher.search("red", "images")]
+                seen.append(next(v for v, a in answers.items() if a == got))
+                # the compositional path embeds, then searches: one version for both
+                hits = run_query(searcher, CompositeQuery.of("red"), "images", k=10)
+                got = [(h.id, round(h.score, 4)) for h in hits]
                 seen.append(next(v for v, a in answers.items() if a == got))
             except BaseException as exc:  # noqa: BLE001 - any failure fails the test
                 errors.append(exc)
