@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -288,3 +289,52 @@ def test_a_new_version_keeps_captions_and_moves_and_removal_tidy_up(
     remove_version(moved, "v2")
     assert not (moved / "models" / "other").exists()  # its checkpoint lived in the database
     assert tiny_checkpoint.is_dir()
+
+
+def test_queries_while_a_new_version_is_built_and_activated(
+    tmp_path, shapes_dir, tiny_checkpoint, other_checkpoint
+):
+    db, clean = tmp_path / "db", tmp_path / "clean"
+    index_images([shapes_dir], db, tiny_checkpoint, num_workers=0)
+    index_images([shapes_dir], clean, other_checkpoint, num_workers=0)
+    answers = {
+        name: [(h.id, round(h.score, 4)) for h in Searcher(where).search("red", "images")]
+        for name, where in (("old", db), ("new", clean))
+    }
+    searcher = Searcher(db)
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def query_loop() -> None:
+        while not stop.is_set():
+            try:
+                got = [(h.id, round(h.score, 4)) for h in searcher.search("red", "images")]
+                seen.append(next(v for v, a in answers.items() if a == got))
+            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=query_loop)
+    thread.start()
+    try:
+        report = index_images(
+            [shapes_dir],
+            db,
+            other_checkpoint,
+            num_workers=0,
+            batch_size=4,
+            chunk_size=4,
+            activate=True,
+        )
+        deadline = time.monotonic() + 30
+        while seen[-1:] != ["new"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert report.activated and not errors, errors[:1]
+    # every answer is one version's (a mix raises in the loop); old while building, then new
+    assert (
+        seen[0] == "old" and seen[-1] == "new" and seen == sorted(seen, key=("old", "new").index)
+    )  # one switch
