@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_MAX_UPLOAD_MB = 20  # app.serve's default (not imported: it pulls FastAPI in)
+from app._ui import DEFAULT_MAX_UPLOAD_MB  # one upload limit for the app and the service
 
 
 def register(cli: typer.Typer) -> None:

@@ -50,13 +50,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app._ui import DEFAULT_MAX_UPLOAD_MB
 from beit3.errors import Beit3Error, CheckpointError, IndexMismatchError, InputDataError
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "SearchService", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD_MB = 20
 MAX_JSON_BYTES = 256 * 1024  # any body but an upload
 MULTIPART_SLACK = 64 * 1024  # form boundaries and the params part, beyond the image itself
 MAX_QUERY_CHARS = 1000

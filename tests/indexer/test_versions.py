@@ -180,6 +180,43 @@ def test_a_database_from_before_versions_opens_serves_and_upgrades(
     assert index_images([shapes_dir], db, other_checkpoint, num_workers=0).version == "v2"
 
 
+class QueryLoop:
+    """Queries "red" in a thread until the block ends; ``seen`` names the version (a key of
+    ``answers``) each answer came from; an answer that is no version's (a mix) or any error
+    ends the loop and lands in ``errors``. ``compositional``: also run_query's path (embed,
+    then search)."""
+
+    def __init__(self, searcher, answers, compositional: bool = False) -> None:
+        self.searcher, self.answers, self.compositional = searcher, answers, compositional
+        self.seen: list[str] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _which(self, hits) -> str:
+        got = [(h.id, round(h.score, 4)) for h in hits]
+        return next(v for v, a in self.answers.items() if a == got)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen.append(self._which(self.searcher.search("red", "images")))
+                if self.compositional:  # embeds, then searches: one version for both
+                    hits = run_query(self.searcher, CompositeQuery.of("red"), "images", k=10)
+                    self.seen.append(self._which(hits))
+            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+                self.errors.append(exc)
+                return
+
+    def __enter__(self) -> QueryLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_queries_during_activation_come_from_one_version(
     tmp_path, shapes_dir, tiny_checkpoint, other_checkpoint
 ):
@@ -192,32 +229,11 @@ def test_queries_during_activation_come_from_one_version(
         answers[vid] = [(h.id, round(h.score, 4)) for h in Searcher(db).search("red", "images")]
     assert answers["v1"] != answers["v2"]
 
-    searcher = Searcher(db)
-    seen: list[str] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def query_loop() -> None:
-        while not stop.is_set():
-            try:
-                got = [(h.id, round(h.score, 4)) for h in searcher.search("red", "images")]
-                seen.append(next(v for v, a in answers.items() if a == got))
-                # the compositional path embeds, then searches: one version for both
-                hits = run_query(searcher, CompositeQuery.of("red"), "images", k=10)
-                got = [(h.id, round(h.score, 4)) for h in hits]
-                seen.append(next(v for v, a in answers.items() if a == got))
-            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
-                errors.append(exc)
-                return
-
-    thread = threading.Thread(target=query_loop)
-    thread.start()
-    for i in range(10):
-        activate_version(db, ("v1", "v2")[i % 2])
-    stop.set()
-    thread.join()
-    assert not errors, errors[:1]
-    assert seen and set(seen) <= {"v1", "v2"}
+    with QueryLoop(Searcher(db), answers, compositional=True) as loop:
+        for i in range(10):
+            activate_version(db, ("v1", "v2")[i % 2])
+    assert not loop.errors, loop.errors[:1]
+    assert loop.seen and set(loop.seen) <= {"v1", "v2"}
 
 
 def test_a_model_mismatch_names_the_table_version(
@@ -301,23 +317,7 @@ def test_queries_while_a_new_version_is_built_and_activated(
         name: [(h.id, round(h.score, 4)) for h in Searcher(where).search("red", "images")]
         for name, where in (("old", db), ("new", clean))
     }
-    searcher = Searcher(db)
-    seen: list[str] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def query_loop() -> None:
-        while not stop.is_set():
-            try:
-                got = [(h.id, round(h.score, 4)) for h in searcher.search("red", "images")]
-                seen.append(next(v for v, a in answers.items() if a == got))
-            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
-                errors.append(exc)
-                return
-
-    thread = threading.Thread(target=query_loop)
-    thread.start()
-    try:
+    with QueryLoop(Searcher(db), answers) as loop:
         report = index_images(
             [shapes_dir],
             db,
@@ -328,13 +328,10 @@ def test_queries_while_a_new_version_is_built_and_activated(
             activate=True,
         )
         deadline = time.monotonic() + 30
-        while seen[-1:] != ["new"] and time.monotonic() < deadline:
+        while loop.seen[-1:] != ["new"] and not loop.errors and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join()
-    assert report.activated and not errors, errors[:1]
+    seen = loop.seen
+    assert report.activated and not loop.errors, loop.errors[:1]
     # every answer is one version's (a mix raises in the loop); old while building, then new
-    assert (
-        seen[0] == "old" and seen[-1] == "new" and seen == sorted(seen, key=("old", "new").index)
-    )  # one switch
+    assert seen[0] == "old" and seen[-1] == "new"
+    assert seen == sorted(seen, key=("old", "new").index)  # one switch
