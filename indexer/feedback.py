@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beit3.errors import InputDataError
+from indexer.manifest import file_lock
 
 __all__ = ["FEEDBACK_NAME", "ExportSummary", "FeedbackLabel", "FeedbackStore"]
 
@@ -115,8 +116,12 @@ class FeedbackStore:
         if not self.db.is_dir():
             raise InputDataError(f"{db}: no such database directory (index something first)")
         self.path = self.db / FEEDBACK_NAME
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL needs an exclusive lock and SQLite answers "database is locked" at once,
+        # without its busy timeout, when another connection holds one: stores opened together
+        # (threads, processes) take turns here, and one already in WAL mode is left alone.
+        with file_lock(self.db / f"{FEEDBACK_NAME}.lock"), self._connect() as conn:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
 
     @contextmanager

@@ -301,15 +301,26 @@ def check_table_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def manifest_lock(db: str | Path) -> Iterator[None]:
-    """Hold the short lock under which a process reads, changes and writes the manifest."""
-    Path(db).mkdir(parents=True, exist_ok=True)
-    with open(Path(db) / _MANIFEST_LOCK, "a") as handle:
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing), waiting for other holders.
+
+    An flock belongs to one open file, so it excludes threads of one process as well as other
+    processes, and a killed holder releases it.
+    """
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def manifest_lock(db: str | Path) -> Iterator[None]:
+    """Hold the short lock under which a process reads, changes and writes the manifest."""
+    Path(db).mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(db) / _MANIFEST_LOCK):
+        yield
 
 
 @contextlib.contextmanager
