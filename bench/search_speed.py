@@ -28,7 +28,8 @@ Default parameters and why (2-core AVX2 CPU, see shared/reference/environment.md
   build on 100k came from that; with one thread it builds in ~15 s.
 - HNSW: M=32, efConstruction=40 (the store's defaults); efSearch 64/128/256.
 - IVF-PQ (the store's builder): nlist ~ 4 sqrt(N) (4000 at 1M) with an HNSW coarse quantizer
-  above 1k lists, 10 k-means iterations on 40 points per list, PQ 48x8 (16-d sub-vectors),
+  above 1k lists (searched at efSearch max(--coarse-ef, nprobe), 64 by default: FAISS's 16
+  misses near lists), 10 k-means iterations on 40 points per list, PQ 48x8 (16-d sub-vectors),
   polysemous training off (it multiplied training time by ~20 for nothing here), exact
   re-ranking of k_factor x k candidates with the full vectors (RFlat: fp32, in RAM).
 - faiss-ivfpq-disk (issue 17, what FaissStore builds now): the same IVF-PQ with codes only; the
@@ -60,10 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._memory import peak_since_reset, reset_peak, status_mib  # noqa: E402
 from indexer.stores.faiss_store import (  # noqa: E402
+    COARSE_EF_SEARCH,
     _ivf_lists,
     build_faiss_index,
     build_ivfpq,
     search_reranked,
+    set_ivf_search,
 )
 
 METHODS = ("faiss-flat", "faiss-hnsw", "faiss-ivfpq", "faiss-ivfpq-disk", "lance-flat", "lance-ivf")
@@ -218,15 +221,16 @@ def bench_faiss(
         ivf = faiss.extract_index_ivf(index.base_index)
         pq = faiss.downcast_index(ivf).pq
 
-        def set_ivf(nprobe: int, k_factor: int) -> None:
-            ivf.nprobe = nprobe
+        def set_ivf(nprobe: int, k_factor: int, coarse_ef: int) -> None:
+            set_ivf_search(index.base_index, nprobe, coarse_ef)
             index.k_factor = k_factor
 
         settings = [
             (
-                f"nlist={ivf.nlist} nprobe={p} PQ{pq.M}x{pq.nbits} refine x{f}",
-                lambda p=p, f=f: set_ivf(p, f),
+                f"nlist={ivf.nlist} nprobe={p} coarse efS={e} PQ{pq.M}x{pq.nbits} refine x{f}",
+                lambda p=p, f=f, e=e: set_ivf(p, f, e),
             )
+            for e in _ints(args.coarse_ef)
             for p in _ints(args.nprobe)
             for f in _ints(args.k_factor)
         ]
@@ -278,21 +282,24 @@ def _time_reranked(
     pq = faiss.downcast_index(ivf).pq
     disk = path.stat().st_size / 2**30
     results = []
-    for nprobe in _ints(args.nprobe):
-        for factor in _ints(args.k_factor):
-            ivf.nprobe = nprobe
-            latencies, ids = time_queries(
-                lambda q, f=factor: search_reranked(index, vectors, q[None], 10, f)[1][0],
-                queries[: len(truth)],
-            )
-            note = (
-                f"nlist={ivf.nlist} nprobe={nprobe} PQ{pq.M}x{pq.nbits} re-rank x{factor} "
-                f"from fp16 memmap ({disk:.1f} GiB); RSS {status_mib():,.0f} MiB"
-                f"{extra}"
-            )
-            results.append(
-                Result(f"faiss-{kind}", size, build_s, mem, latencies, recall_at(ids, truth), note)
-            )
+    for coarse_ef in _ints(args.coarse_ef):
+        for nprobe in _ints(args.nprobe):
+            for factor in _ints(args.k_factor):
+                set_ivf_search(index, nprobe, coarse_ef)
+                latencies, ids = time_queries(
+                    lambda q, f=factor: search_reranked(index, vectors, q[None], 10, f)[1][0],
+                    queries[: len(truth)],
+                )
+                note = (
+                    f"nlist={ivf.nlist} nprobe={nprobe} coarse efS={coarse_ef} "
+                    f"PQ{pq.M}x{pq.nbits} re-rank x{factor} from fp16 memmap ({disk:.1f} GiB); "
+                    f"RSS {status_mib():,.0f} MiB{extra}"
+                )
+                results.append(
+                    Result(
+                        f"faiss-{kind}", size, build_s, mem, latencies, recall_at(ids, truth), note
+                    )
+                )
     return results
 
 
@@ -561,6 +568,12 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(N))")
     parser.add_argument("--nprobe", default="16,32,64", help="IVF-PQ nprobe values to time")
     parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (dim/16)")
+    parser.add_argument(
+        "--coarse-ef",
+        default=str(COARSE_EF_SEARCH),
+        help="IVF-PQ: efSearch of the HNSW graph over the lists (at least nprobe); FAISS's own "
+        "default is 16",
+    )
     parser.add_argument("--k-factor", default="16,32", help="IVF-PQ re-ranking factors to time")
     parser.add_argument("--lance-partitions", type=int, default=0)
     parser.add_argument("--lance-nprobes", default="16,32", help="LanceDB IVF nprobes to time")

@@ -7,7 +7,13 @@ import json
 import numpy as np
 
 from indexer.stores import open_store, rows_from_vectors
-from indexer.stores.faiss_store import build_faiss_index, build_ivfpq, search_reranked
+from indexer.stores.faiss_store import (
+    COARSE_EF_SEARCH,
+    build_faiss_index,
+    build_ivfpq,
+    search_reranked,
+    set_ivf_search,
+)
 
 
 def clustered(count: int, dim: int, clusters: int = 50, seed: int = 0) -> np.ndarray:
@@ -69,3 +75,29 @@ def test_faiss_store_ivfpq_keeps_vectors_out_of_the_index(tmp_path):
 def test_build_faiss_index_memory_refine_is_still_available():
     index, built = build_faiss_index(clustered(3000, 64), "ivfpq", use_memory_refine=True)
     assert built == "ivfpq" and hasattr(index, "base_index")
+
+
+def test_the_coarse_graph_finds_the_nearest_lists():
+    # From 1,024 lists the IVF finds the lists to probe with an HNSW graph over the centroids;
+    # at FAISS's default efSearch (16) it misses some of the nearest ones.
+    import faiss
+
+    data = clustered(42_000, 32, clusters=2000)
+    index = build_ivfpq(data, [data], count=len(data), nlist=1024)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSW)
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+    queries = clustered(300, 32, clusters=50, seed=3)
+    nearest = np.argsort(-(queries @ centroids.T), axis=1)[:, :16]
+
+    def list_recall(coarse_ef: int) -> float:
+        set_ivf_search(index, 16, coarse_ef)
+        assert faiss.extract_index_ivf(index).nprobe == 16
+        assert quantizer.hnsw.efSearch == max(coarse_ef, 16)
+        _, lists = quantizer.search(queries, 16)
+        return float(
+            np.mean([len(set(a) & set(b)) / 16 for a, b in zip(lists, nearest, strict=True)])
+        )
+
+    default, ours = list_recall(16), list_recall(COARSE_EF_SEARCH)
+    assert ours >= 0.995 and ours > default, (ours, default)
