@@ -52,6 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+LARGE_TABLE_ROWS, LARGE_K_FACTOR = 2_000_000, 96  # see FaissStore
 _MIN_ROWS_FOR_IVF = 2_000  # below this an IVF-PQ cannot train; a flat index is exact and fast
 _ADD_BLOCK = 65_536
 
@@ -63,9 +64,12 @@ def _faiss() -> Any:
 class FaissStore(Store):
     """One FAISS table; see the module docstring.
 
-    Search defaults come from bench/search_speed.py on 1M clustered 768-d vectors (2 cores):
-    IVF-PQ nprobe 32 with re-ranking of 32 x k candidates gave recall@10 0.988 at 0.38 ms p50
-    (x16: 0.976); HNSW efSearch 128 (M=32, efConstruction 40) gave 0.97 at 100k, 0.82 at 1M.
+    Search defaults come from bench/search_speed.py on clustered 768-d vectors (2 cores, one
+    FAISS thread): IVF-PQ nprobe 32 with re-ranking of 32 x k candidates gave recall@10 0.988 at
+    0.38 ms p50 at 1M (x16: 0.976); at 10M x32 reached 0.916 at any nprobe from 16 and x96 0.956
+    (nprobe 24: 4.2 ms p50), so tables above 2M rows re-rank at least 96 x k
+    (``LARGE_K_FACTOR``). HNSW efSearch 128 (M=32, efConstruction 40) gave 0.97 at 100k, 0.82
+    at 1M.
     """
 
     backend = "faiss"
@@ -186,11 +190,14 @@ class FaissStore(Store):
         if index is None or index.ntotal == 0 or offset >= index.ntotal:
             return [[] for _ in queries]
         want = min(k + offset, index.ntotal)
+        k_factor = self.k_factor
+        if index.ntotal > LARGE_TABLE_ROWS:
+            k_factor = max(k_factor, LARGE_K_FACTOR)
         _set_search_params(
-            index, nprobe=self.nprobe, ef_search=max(self.ef_search, want), k_factor=self.k_factor
+            index, nprobe=self.nprobe, ef_search=max(self.ef_search, want), k_factor=k_factor
         )
         if _reranks_from_disk(index):
-            scores, ids = search_reranked(index, stored, queries, want, self.k_factor)
+            scores, ids = search_reranked(index, stored, queries, want, k_factor)
         else:  # flat, HNSW, or an IVF-PQ of an older version with its fp32 copy in RAM (RFlat)
             scores, ids = index.search(queries, want)
         results = []

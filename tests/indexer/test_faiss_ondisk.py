@@ -101,3 +101,29 @@ def test_the_coarse_graph_finds_the_nearest_lists():
 
     default, ours = list_recall(16), list_recall(COARSE_EF_SEARCH)
     assert ours >= 0.995 and ours > default, (ours, default)
+
+
+def test_large_tables_rerank_more_candidates(tmp_path, monkeypatch):
+    # Above LARGE_TABLE_ROWS the store re-ranks at least LARGE_K_FACTOR x k candidates, whatever
+    # its own k_factor (at 10M, x32 left recall@10 at 0.916): shrink the threshold to see it.
+    from indexer.stores import faiss_store
+
+    data = clustered(3000, 64)
+    meta = [
+        {"sha256": f"{i:064x}", "modality": "image", "path": f"/x/{i}.png"} for i in range(3000)
+    ]
+    store = open_store(tmp_path, "t", "faiss", dim=64, create=True, index_type="ivfpq")
+    store.append(rows_from_vectors(meta, data, 64))
+    store.commit()
+    store.k_factor = 1  # PQ order alone
+    queries = clustered(40, 64, seed=1)
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+
+    def recall() -> float:
+        hits = store.search(queries, 10)
+        return _recall(np.array([[int(m.row["sha256"], 16) for m in h] for h in hits]), exact)
+
+    small = recall()
+    monkeypatch.setattr(faiss_store, "LARGE_TABLE_ROWS", 2_000)
+    large = recall()
+    assert large >= 0.9 and large > small + 0.1, (small, large)
