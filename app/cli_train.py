@@ -89,6 +89,13 @@ def register(cli: typer.Typer) -> None:
         weight_decay: float = 0.05,
         warmup_steps: Annotated[int | None, typer.Option(help="Default: 20% of steps.")] = None,
         drop_path: float = 0.2,
+        grad_clip: Annotated[
+            float,
+            typer.Option(min=0.0, help="Clip the gradient norm to this (0: no clipping)."),
+        ] = 0.0,
+        beta2: Annotated[
+            float, typer.Option(min=0.0, max=0.9999, help="AdamW's second-moment decay.")
+        ] = 0.999,
         crop_scale: Annotated[
             tuple[float, float],
             typer.Option(help="Random-resized-crop area range (e.g. 0.9 1.0 for mild crops)."),
@@ -159,6 +166,8 @@ def register(cli: typer.Typer) -> None:
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             drop_path_rate=drop_path,
+            grad_clip=grad_clip,
+            betas=(0.9, beta2),
             crop_scale=crop_scale,
             hflip=hflip,
             temperature=temperature,

@@ -44,6 +44,7 @@ from beit3.run import (
     barrier,
     build_adamw,
     choose_strategy,
+    clipped_step,
     grad_sync,
     init_distributed,
     load_step_weights,
@@ -278,6 +279,7 @@ class _Loop:
         self.batches = self._batches()
         self.losses: list[Tensor] = []
         self.metrics: dict[str, Tensor] = {}
+        self.grad_norm = torch.zeros(())
         self.window_samples = 0
         self.began = self.window_start = time.monotonic()
         self.wrapped.train()
@@ -298,8 +300,7 @@ class _Loop:
             self.metrics = out.metrics
             self.window_samples += batch.images.shape[0]
         sync_unsharded_grads(self.wrapped, self.strategy)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = clipped_step(self.wrapped, self.optimizer, self.config.grad_clip)
 
     def log(self, step: int, lr: float) -> None:
         device = self.info.device
@@ -311,6 +312,7 @@ class _Loop:
             loss=all_mean(torch.stack(self.losses).mean()),
             **{k: all_mean(v) for k, v in self.metrics.items()},
             lr=lr,
+            grad_norm=self.grad_norm,  # before clipping
             **self.task.log_values(self.model),
             epoch=self._epoch(),
             samples_per_s=samples * self.info.world_size / max(now - self.window_start, 1e-9),

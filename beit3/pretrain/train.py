@@ -46,6 +46,7 @@ from beit3.run import (
     barrier,
     build_adamw,
     choose_strategy,
+    clipped_step,
     full_model_state,
     init_distributed,
     load_step_weights,
@@ -283,12 +284,7 @@ def train_step(
     counts = all_reduce_sum(torch.stack([s.count for s in stats.values()]))
     loss = loss_fn(stats, dict(zip(stats, counts, strict=True)), world_size)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip > 0 else math.inf
-    )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutput(stats, codes, grad_norm)
+    return StepOutput(stats, codes, clipped_step(model, optimizer, grad_clip))
 
 
 class _Window:

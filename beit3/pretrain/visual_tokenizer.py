@@ -37,6 +37,7 @@ from beit3.run import (
     autocast,
     build_adamw,
     choose_strategy,
+    clipped_step,
     init_distributed,
     is_distributed,
     load_step_weights,
@@ -271,10 +272,7 @@ def train_visual_tokenizer(
             targets = teacher(images)
             out = forward(images, targets)
         out.loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(model, optimizer, config.grad_clip)
         counts, code_sums = model.quantize.batch_stats(out.z, out.codes)
         stats = all_reduce_sum(torch.cat([counts.unsqueeze(1), code_sums], dim=1))
         model.quantize.ema_update(stats[:, 0], stats[:, 1:])

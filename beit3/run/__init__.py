@@ -14,7 +14,14 @@ Model code (``model.py``, ``heads.py``) never imports this package.
 
 from beit3.run.logs import RunLogger, read_metrics, truncate_metrics, write_run_config
 from beit3.run.loop import LrSchedule, run_steps
-from beit3.run.optim import NO_WEIGHT_DECAY, build_adamw, cosine_lr, param_groups, set_lr
+from beit3.run.optim import (
+    NO_WEIGHT_DECAY,
+    build_adamw,
+    clipped_step,
+    cosine_lr,
+    param_groups,
+    set_lr,
+)
 from beit3.run.precision import PRECISIONS, autocast, resolve_bf16
 from beit3.run.process import (
     DistInfo,
@@ -65,6 +72,7 @@ __all__ = [
     "barrier",
     "build_adamw",
     "choose_strategy",
+    "clipped_step",
     "cosine_lr",
     "destroy_process_group",
     "find_latest",

@@ -1,7 +1,7 @@
 """AdamW with the official weight-decay and layer-decay groups, and the warmup + cosine schedule.
 
 The one builder of AdamW parameter groups in the tree (fine-tuning, pretraining and the VQ-KD
-tokenizer all call :func:`build_adamw`).
+tokenizer all call :func:`build_adamw`), and their one optimizer step (:func:`clipped_step`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NO_WEIGHT_DECAY", "build_adamw", "cosine_lr", "layer_id", "param_groups", "set_lr"]
+__all__ = [
+    "NO_WEIGHT_DECAY",
+    "build_adamw",
+    "clipped_step",
+    "cosine_lr",
+    "layer_id",
+    "param_groups",
+    "set_lr",
+]
 
 # Official BEiT3Wrapper.no_weight_decay() (the text table, B positions and mask token ARE decayed).
 NO_WEIGHT_DECAY = frozenset(
@@ -115,3 +123,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times its ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def clipped_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
+) -> torch.Tensor:
+    """Clip the gradients' global L2 norm to ``grad_clip`` (0: no clipping), step, zero them.
+
+    Returns:
+        The norm before clipping (0-dim; measured also when not clipping, for the run log).
+    """
+    norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf
+    )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

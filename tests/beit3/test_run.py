@@ -168,3 +168,28 @@ def test_gathered_features_give_single_process_gradients():
         torch.testing.assert_close(gathered, full.detach())
         # Both ranks computed the whole loss, and the backward sums over ranks: 2x the slice.
         torch.testing.assert_close(grad, 2 * full.grad[rank * 2 : rank * 2 + 2])
+
+
+def test_clipped_step_scales_the_gradient_to_the_norm_and_reports_the_norm_before():
+    from beit3.run import clipped_step
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    (100.0 * model(torch.ones(2, 4)).sum()).backward()
+    full = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    norm = clipped_step(model, opt, 0.5)
+    assert norm.item() == pytest.approx(full.item()) and full > 10
+    moved = torch.sqrt(
+        sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    )
+    assert moved.item() == pytest.approx(0.5, rel=1e-4)  # SGD lr 1: the step is the clipped grad
+    assert all(p.grad is None for p in model.parameters())
+    (model(torch.ones(2, 4)).sum()).backward()
+    small = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    kept = [p.detach().clone() for p in model.parameters()]
+    assert clipped_step(model, opt, 0.0).item() == pytest.approx(small.item())  # 0: no clipping
+    moved = torch.sqrt(
+        sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), kept, strict=True))
+    )
+    assert moved.item() == pytest.approx(small.item(), rel=1e-4)

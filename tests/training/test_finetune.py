@@ -134,7 +134,10 @@ def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing
 
 
 def test_from_scratch_trains_its_own_tokenizer_and_smoke_mode_is_fast(shapes):
-    final = finetune(_scratch(shapes, "smoke", max_steps=2, temperature=0.02))
+    final = finetune(_scratch(shapes, "smoke", max_steps=2, temperature=0.02, grad_clip=1e-3))
+    # The gradient norm is logged before clipping (a tiny clip leaves it as it was).
+    norms = [r["grad_norm"] for r in _records(shapes["root"] / "smoke") if "grad_norm" in r]
+    assert len(norms) == 2 and all(n > 1e-2 for n in norms), norms
     # The contrastive scale starts at 1 / 0.02 (not the default 1 / 0.07) and Adam moves its log
     # by at most about lr (1e-4) a step.
     scales = [r["logit_scale"] for r in _records(shapes["root"] / "smoke") if "logit_scale" in r]
@@ -154,6 +157,10 @@ def test_bad_settings_are_named(shapes, tmp_path):
         finetune(_scratch(shapes, "shards", train=str(tmp_path / "s-{0..1}.tar")))
     with pytest.raises(InputDataError, match="no such file or folder"):
         finetune(_scratch(shapes, "missing", train=str(tmp_path / "nope.jsonl"), max_steps=1))
+    with pytest.raises(ConfigError, match="grad_clip must be >= 0"):
+        _scratch(shapes, "clip", grad_clip=-1.0)
+    with pytest.raises(ConfigError, match=r"betas must be in \[0, 1\)"):
+        _scratch(shapes, "betas", betas=(0.9, 1.0))
     with pytest.raises(ConfigError, match=r"temperature must be in \(0, 1\], got 0"):
         _scratch(shapes, "cold", temperature=0.0)
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
