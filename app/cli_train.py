@@ -93,9 +93,6 @@ def register(cli: typer.Typer) -> None:
             float,
             typer.Option(min=0.0, help="Clip the gradient norm to this (0: no clipping)."),
         ] = 0.0,
-        beta2: Annotated[
-            float, typer.Option(min=0.0, max=0.9999, help="AdamW's second-moment decay.")
-        ] = 0.999,
         crop_scale: Annotated[
             tuple[float, float],
             typer.Option(help="Random-resized-crop area range (e.g. 0.9 1.0 for mild crops)."),
@@ -167,7 +164,6 @@ def register(cli: typer.Typer) -> None:
             warmup_steps=warmup_steps,
             drop_path_rate=drop_path,
             grad_clip=grad_clip,
-            betas=(0.9, beta2),
             crop_scale=crop_scale,
             hflip=hflip,
             temperature=temperature,
