@@ -90,9 +90,13 @@ def register(cli: typer.Typer) -> None:
         warmup_steps: Annotated[int | None, typer.Option(help="Default: 20% of steps.")] = None,
         drop_path: float = 0.2,
         grad_clip: Annotated[
-            float,
-            typer.Option(min=0.0, help="Clip the gradient norm to this (0: no clipping)."),
-        ] = 0.0,
+            float | None,
+            typer.Option(
+                min=0.0,
+                help="Clip the gradient norm to this (0: no clipping); default 0.3 from "
+                "scratch, 0 from a checkpoint.",
+            ),
+        ] = None,
         crop_scale: Annotated[
             tuple[float, float],
             typer.Option(help="Random-resized-crop area range (e.g. 0.9 1.0 for mild crops)."),

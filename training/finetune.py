@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 WARMUP_FRACTION = 0.2  # official: 3 of 15 epochs (COCO), 5 of 20 (Flickr30K: 0.25)
 LAYER_DECAY_FROM_CHECKPOINT = 0.65  # official base recipe
+GRAD_CLIP_FROM_SCRATCH = 0.3  # see FinetuneConfig.grad_clip
 
 
 def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path:
@@ -138,11 +139,17 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         if config.layer_decay is not None
         else (LAYER_DECAY_FROM_CHECKPOINT if config.init else 1.0)
     )
+    grad_clip = (
+        config.grad_clip
+        if config.grad_clip is not None
+        else (0.0 if config.init else GRAD_CLIP_FROM_SCRATCH)
+    )
     strategy = choose_strategy(config.strategy, info, model.config.embed_dim)
     resolved = config.replace(
         max_steps=total_steps,
         warmup_steps=warmup,
         layer_decay=layer_decay,
+        grad_clip=grad_clip,
         strategy=strategy,
         precision="bf16" if use_bf16 else "fp32",
         spm=config.spm if config.init is None else None,
@@ -206,7 +213,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
             "bf16" if use_bf16 else "fp32",
         )
     loop = _Loop(
-        config,
+        config.replace(grad_clip=grad_clip),
         info,
         task,
         start,
@@ -300,7 +307,7 @@ class _Loop:
             self.metrics = out.metrics
             self.window_samples += batch.images.shape[0]
         sync_unsharded_grads(self.wrapped, self.strategy)
-        self.grad_norm = clipped_step(self.wrapped, self.optimizer, self.config.grad_clip)
+        self.grad_norm = clipped_step(self.wrapped, self.optimizer, self.config.grad_clip or 0.0)
 
     def log(self, step: int, lr: float) -> None:
         device = self.info.device

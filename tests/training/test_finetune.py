@@ -48,6 +48,8 @@ def test_tiny_model_overfits_64_pairs(shapes):
         seed=0,
     )
     final = finetune(config)
+    resolved = json.loads((shapes["root"] / "overfit" / "run_config.json").read_text())
+    assert resolved["config"]["grad_clip"] == 0.3  # from scratch: clipped by default
     losses = _losses(shapes["root"] / "overfit")
     # The two jitter variants share a caption, so log(2) ~ 0.69 is the floor of the loss.
     assert losses[50] < 1.5 and losses[100] < losses[50]
@@ -123,6 +125,7 @@ def test_finetune_from_checkpoint_with_validation_accumulation_and_checkpointing
     assert not ckpt.config.use_checkpoint and ckpt.config.drop_path_rate == 0.0
     resolved = json.loads((run / "run_config.json").read_text())
     assert resolved["config"]["layer_decay"] == 0.65 and resolved["config"]["warmup_steps"] == 1
+    assert resolved["config"]["grad_clip"] == 0.0  # from a checkpoint: no clipping
     assert resolved["git_sha"] and resolved["config"]["global_batch_size"] == 8
     assert any((run / "tensorboard").iterdir())
     # Layer decay reached the optimizer: 2 layers, so embeddings train at 0.65^3 x lr.
