@@ -44,7 +44,9 @@ def wordnet_texts(root: Path = WORDNET) -> Iterator[str]:
                 head, _, gloss = line.partition(" | ")
                 fields = head.split()
                 count = int(fields[3], 16)
-                lemmas = [_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(count)]
+                lemmas = [
+                    _MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(count)
+                ]
                 yield ", ".join(dict.fromkeys(lemmas)) + ": " + " ".join(gloss.split())
 
 
