@@ -173,10 +173,7 @@ def train(args: argparse.Namespace, data: Path, out: Path) -> tuple[dict, Path, 
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     save_every = max(1, steps // 10)
-    extra = args.extra
-    if args.warmup_fraction is not None:
-        extra += ("--warmup-steps", str(round(args.warmup_fraction * steps)))
-    command = finetune_command(data, run_dir, init, args.variant, steps, save_every, 10, extra)
+    command = finetune_command(data, run_dir, init, args.variant, steps, save_every, 10, args.extra)
     print(f"beit3 {args.variant}: {steps} steps, budget {budget_s:.0f} s")
     sys.stdout.flush()
     result = run_with_deadline(command, budget_s, out / "train.log", cwd=ROOT)
@@ -205,9 +202,6 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="skip calibration: train this many steps")
     parser.add_argument(
         "--spm", type=Path, help="scratch: this sentencepiece model instead of one of the captions"
-    )
-    parser.add_argument(
-        "--warmup-fraction", type=float, help="warmup as a fraction of the planned steps (0.2)"
     )
     parser.add_argument(
         "finetune_options",
