@@ -59,6 +59,7 @@ from beit3.pretrain.visual_tokenizer import train_visual_tokenizer  # noqa: E402
 from beit3.transforms import PreprocessConfig  # noqa: E402
 from demo.measure_model import measure  # noqa: E402
 from training import EvalConfig, FinetuneConfig, evaluate, finetune  # noqa: E402
+from training.finetune import GRAD_CLIP_FROM_SCRATCH  # noqa: E402
 
 logger = logging.getLogger("demo.train_model")
 
@@ -462,6 +463,9 @@ def _compare(
             "max_steps": steps,
             "lr": recipe["scratch_lr"],
             "layer_decay": 1.0,
+            # random weights saved as a checkpoint: clip as from scratch (finetune's default
+            # for an --init is 0, which left the peer-domain runs at the loss of chance)
+            "grad_clip": GRAD_CLIP_FROM_SCRATCH,
             "eval_every": max(1, steps // 6),
         }
         finetune(FinetuneConfig(**settings, output_dir=str(work / "scratch"), init=init))

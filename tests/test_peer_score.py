@@ -68,3 +68,31 @@ def test_score_file_reads_npz_and_run_metadata(tmp_path):
     # every true caption is second of two: R@1 misses, R@5 and R@10 hit, both ways
     assert (row["system"], row["steps"], row["rsum"]) == ("toy", 3, 400.0)
     assert "toy" in score.format_table([row])
+
+
+def test_bootstrap_rsum_matches_the_binomial_standard_error():
+    # 400 image queries, a quarter at rank 0 (hit at every k), the rest missing everything;
+    # captions all hit: rsum = 3 * 25 + 300, SE = 3 * 100 * sqrt(p (1 - p) / n) for images only.
+    i2t = np.array([0] * 100 + [50] * 300)
+    t2i = np.zeros(200, dtype=np.int64)
+    boot = score.bootstrap_rsum(i2t, t2i, samples=4000)
+    assert boot.mean() == pytest.approx(375.0, abs=0.5)
+    assert boot.std(ddof=1) == pytest.approx(300 * np.sqrt(0.25 * 0.75 / 400), rel=0.05)
+    assert np.array_equal(boot, score.bootstrap_rsum(i2t, t2i, samples=4000))  # seeded
+
+
+def test_paired_difference_of_one_run_with_itself_is_exactly_zero(tmp_path):
+    rng = np.random.default_rng(0)
+    images, texts = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    for name in ("a", "b"):
+        np.savez(
+            tmp_path / f"{name}.npz",
+            image_embeds=images,
+            text_embeds=texts,
+            pairs=np.stack([np.arange(30), np.arange(30)], axis=1),
+        )
+    rows = [score.score_file(tmp_path / "a.npz"), score.score_file(tmp_path / "b.npz")]
+    score.compare_to_first(rows)
+    assert rows[0]["rsum_se"] > 0
+    assert (rows[1]["vs_first"], rows[1]["vs_first_se"]) == (0.0, 0.0)
+    assert "+0.0 +- 0.0" in score.format_table(rows)

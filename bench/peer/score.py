@@ -14,6 +14,12 @@ into the table. Scores are dot products (both encoders write L2-normalised vecto
 rank is the number of candidates scoring strictly higher than its best true candidate, so ties
 favour the query; R@k is the fraction of queries with rank < k, in percent; rsum is the sum of
 the six recalls (at most 600). numpy only: it runs in the project's venv or the peer's.
+
+Each rsum comes with its bootstrap standard error over the test queries (``BOOTSTRAP`` resamples
+of the images and of the captions, each with replacement, seeded); rows after the first also get
+the difference to the first row with the standard error of that difference, from the same
+resamples (a paired bootstrap: runs on one test set share its hard and easy queries, so their
+difference is known better than either rsum).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 KS = (1, 5, 10)
+BOOTSTRAP = 2000
 
 
 def ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -87,20 +94,65 @@ def recall(
     return result
 
 
+def query_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, pairs: np.ndarray):
+    """(image->text ranks (N_img,), text->image ranks (M,)), as :func:`recall` counts them."""
+    scores = np.asarray(image_embeds, np.float64) @ np.asarray(text_embeds, np.float64).T
+    truth = np.zeros(scores.shape, dtype=bool)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    truth[pairs[:, 0], pairs[:, 1]] = True
+    return ranks(scores, truth), ranks(scores.T, truth.T)
+
+
+def bootstrap_rsum(
+    i2t: np.ndarray, t2i: np.ndarray, samples: int = BOOTSTRAP, seed: int = 0, ks=KS
+) -> np.ndarray:
+    """rsum of ``samples`` resamples of the queries (images and captions each drawn with
+    replacement); one seed gives the same resamples to every run of a test set, so differences
+    of the returned arrays are paired."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(samples)
+    for r in (np.asarray(i2t), np.asarray(t2i)):
+        idx = rng.integers(0, len(r), size=(samples, len(r)))
+        drawn = r[idx]  # (samples, Q)
+        out += sum(100.0 * (drawn < k).mean(axis=1) for k in ks)
+    return out
+
+
 def score_file(path: Path) -> dict:
-    """recall() of one encoder output, with its run's metadata (``RUN.json``) when present."""
+    """recall() of one encoder output, with its run's metadata (``RUN.json``) when present, and
+    ``rsum_se`` (:func:`bootstrap_rsum`); the resampled rsums are in ``_boot`` (not JSON)."""
     with np.load(path, allow_pickle=False) as data:
-        metrics = recall(data["image_embeds"], data["text_embeds"], data["pairs"])
+        embeds = data["image_embeds"], data["text_embeds"], data["pairs"]
+        metrics = recall(*embeds)
+        boot = bootstrap_rsum(*query_ranks(*embeds))
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return {"system": meta.get("system", path.stem), **meta, **metrics, "npz": str(path)}
+    return {
+        "system": meta.get("system", path.stem),
+        **meta,
+        **metrics,
+        "rsum_se": float(boot.std(ddof=1)),
+        "npz": str(path),
+        "_boot": boot,
+    }
+
+
+def compare_to_first(rows: list[dict]) -> None:
+    """Give each row after the first ``vs_first`` (rsum minus the first row's) and
+    ``vs_first_se`` (paired bootstrap), when both were scored on the same test set."""
+    first = rows[0]
+    for row in rows[1:]:
+        same = (row["num_images"], row["num_texts"]) == (first["num_images"], first["num_texts"])
+        if same:
+            row["vs_first"] = row["rsum"] - first["rsum"]
+            row["vs_first_se"] = float((row["_boot"] - first["_boot"]).std(ddof=1))
 
 
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'system':38s} {'min':>5s} {'steps':>6s} "
         + " ".join(f"{p}@{k:<2d}" for p in ("i2t", "t2i") for k in KS)
-        + f" {'rsum':>6s}"
+        + f" {'rsum':>6s} {'+-SE':>5s}  vs first +- SE"
     )
     lines = [header]
     for row in rows:
@@ -112,6 +164,12 @@ def format_table(rows: list[dict]) -> str:
             + (f"{steps:6d} " if isinstance(steps, int) else f"{'-':>6s} ")
             + " ".join(f"{row[f'{p}_r{k}']:6.1f}" for p in ("i2t", "t2i") for k in KS)
             + f" {row['rsum']:6.1f}"
+            + (f" {row['rsum_se']:5.1f}" if "rsum_se" in row else f" {'-':>5s}")
+            + (
+                f"  {row['vs_first']:+6.1f} +- {row['vs_first_se']:.1f}"
+                if "vs_first" in row
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -127,10 +185,12 @@ def main() -> None:
             print(f"error: {path} not found (did its run fail?)", file=sys.stderr)
             sys.exit(2)
         rows.append(score_file(path))
+    compare_to_first(rows)
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+        args.json.write_text(json.dumps(public, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
