@@ -262,13 +262,15 @@ def no_confident_match(query: str, candidates: int, min_match: float) -> str:
     )
 
 
-_MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$"
+_MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$:"
 
 
 def md_escape(text: str) -> str:
     """Escape Markdown so indexed texts, file names and queries render as plain text.
 
-    Also stops a query like ``![](http://elsewhere)`` from making the browser fetch anything.
+    Also stops a query like ``![](http://elsewhere)`` from making the browser fetch anything,
+    and ``:`` from starting one of Streamlit's directives (``2:red heart`` lost ``:red`` to its
+    colour syntax; ``:heart:`` in a caption became an emoji).
     """
     return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text)
 

@@ -110,7 +110,8 @@ def test_steered_query_in_chromium(chromium, app_db, app_searcher, tmp_path):
 
     shots = Path(os.environ.get("BEIT3_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    text = "2:a red circle - blue"
+    # "2:red": a colon before a colour name starts Streamlit's colour syntax unless escaped
+    text = "2:red circle - blue"
     options = {"mode": "hybrid", "filters": Filters(min_width=1)}
     before = run_query(app_searcher, parse_query(text), "images", k=10, **options)
     log = tmp_path / "server.log"
