@@ -289,7 +289,7 @@ def test_sidebar_shows_model_and_index_size(page, app_searcher):
 def test_query_is_shown_as_text_not_markdown(page):
     search(page, "![x](http://example.com/a.png)")
     banner = page.markdown[1].value
-    assert banner == "Results for **\u201c\\!\\[x\\]\\(http://example\\.com/a\\.png\\)\u201d**"
+    assert banner == "Results for **\u201c\\!\\[x\\]\\(http\\://example\\.com/a\\.png\\)\u201d**"
 
 
 # --- reranking with the fusion encoder ------------------------------------------------------
