@@ -18,8 +18,7 @@ the six recalls (at most 600). numpy only: it runs in the project's venv or the 
 Each rsum comes with its bootstrap standard error over the test queries (``BOOTSTRAP`` resamples
 of the images and of the captions, each with replacement, seeded); rows after the first also get
 the difference to the first row with the standard error of that difference, from the same
-resamples (a paired bootstrap: runs on one test set share its hard and easy queries, so their
-difference is known better than either rsum).
+resamples (a paired bootstrap over the queries both runs answered).
 """
 
 from __future__ import annotations
@@ -81,12 +80,8 @@ def recall(
     n_img, n_txt = len(image_embeds), len(text_embeds)
     if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= n_img or pairs[:, 1].max() >= n_txt):
         raise ValueError(f"pairs index outside {n_img} images x {n_txt} texts")
-    truth = np.zeros((n_img, n_txt), dtype=bool)
-    truth[pairs[:, 0], pairs[:, 1]] = True
-    scores = image_embeds @ text_embeds.T  # (N_img, M)
     result: dict[str, float] = {}
-    for name, s, t in (("i2t", scores, truth), ("t2i", scores.T, truth.T)):
-        r = ranks(s, t)
+    for name, r in zip(("i2t", "t2i"), query_ranks(image_embeds, text_embeds, pairs), strict=True):
         for k in ks:
             result[f"{name}_r{k}"] = 100.0 * float((r < k).mean())
     result["rsum"] = sum(v for key, v in result.items() if key[:3] in ("i2t", "t2i"))
