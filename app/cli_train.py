@@ -139,6 +139,23 @@ def register(cli: typer.Typer) -> None:
             ),
         ] = False,
         itm_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the --itm loss.")] = 1.0,
+        itm_temperature: Annotated[
+            tuple[float, float] | None,
+            typer.Option(
+                min=0.01,
+                help="The matcher's negatives are drawn from softmax(similarity / T), T moving "
+                "from the first value (easy negatives) to the second (the hardest) over the run. "
+                "Default: 10 1.",
+            ),
+        ] = None,
+        itm_only: Annotated[
+            bool,
+            typer.Option(
+                "--itm-only",
+                help="With --itm: train the matcher alone; the dual encoder stays as it is "
+                "(its search results do not change).",
+            ),
+        ] = False,
     ) -> None:
         """Fine-tune on image-text pairs: the dual encoder (contrastive loss), with --itm the
         matcher too. With neither --init nor --preset it starts from the bundled demo model."""
@@ -153,7 +170,7 @@ def register(cli: typer.Typer) -> None:
             train=train,
             output_dir=str(output_dir),
             task="contrastive-itm" if itm else "contrastive",
-            task_options={"itm_weight": itm_weight} if itm else {},
+            task_options=_itm_options(itm, itm_weight, itm_temperature, itm_only),
             init=_str(init),
             preset=preset,
             spm=_str(spm),
@@ -241,6 +258,20 @@ def register(cli: typer.Typer) -> None:
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def _itm_options(
+    itm: bool, weight: float, temperature: tuple[float, float] | None, only: bool
+) -> dict[str, float]:
+    """The matching task's options from the --itm flags (the task's defaults where not given)."""
+    if not itm:
+        if only or temperature is not None:
+            raise typer.BadParameter("--itm-only and --itm-temperature need --itm")
+        return {}
+    options = {"itm_weight": weight, "contrastive_weight": 0.0 if only else 1.0}
+    if temperature is not None:
+        options["itm_temperature"], options["itm_temperature_end"] = temperature
+    return options
 
 
 def _str(path: Path | None) -> str | None:

@@ -322,7 +322,9 @@ def load_checkpoint(
     same = architecture == saved_arch
     # Constructor arguments beyond the config (e.g. the MIM head's codebook size) belong to the
     # saved architecture; another architecture gets its defaults.
-    arch_args = meta.get("architecture_args", {}) if same else {}
+    # A checkpoint saved before an argument existed gets the value it was built with.
+    legacy = dict(getattr(factory, "legacy_architecture_args", {}))
+    arch_args = {**legacy, **meta.get("architecture_args", {})} if same else {}
     with torch.device("meta") if same else contextlib.nullcontext():
         model = factory(config, **arch_args)
     if same:
@@ -368,6 +370,9 @@ def transfer_state(
         preset=preset,
         allow_missing=lambda k: not k.startswith(BACKBONE_PREFIX),
     )
+    hook = getattr(model, "after_transfer_", None)
+    if hook is not None:
+        hook(set(keep))
     dropped = sorted(set(state) - set(keep))
     if dropped:
         logger.info("%s: %d tensors not carried over (%s)", source, len(dropped), _first(dropped))

@@ -13,7 +13,7 @@ from beit3.config import Beit3Config
 from beit3.embeddings import PositionTable
 from beit3.multiway import Multiway, Parts
 
-__all__ = ["Encoder", "EncoderLayer", "FeedForward"]
+__all__ = ["Encoder", "EncoderLayer", "FeedForward", "run_layers"]
 
 
 class FeedForward(nn.Module):
@@ -156,8 +156,10 @@ class Encoder(nn.Module):
         text: Tensor | None,
         attn_mask: Tensor | None,
         first_token_only: bool = False,
+        num_layers: int | None = None,
     ) -> Parts:
-        """Run every layer, then the final LayerNorm.
+        """Run every layer, then the final LayerNorm (or, with ``num_layers``, only the first
+        ``num_layers`` layers and no LayerNorm: the states a later stage continues from).
 
         Activation checkpointing (``use_checkpoint``) applies in training mode only.
 
@@ -171,14 +173,35 @@ class Encoder(nn.Module):
         Returns:
             (vision, text): (B, Nv or 1, D), (B, Nt or 1, D); None where the input was None.
         """
-        parts: Parts = (vision, text)
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            first_only = first_token_only and index == last
-            if self.use_checkpoint and self.training:
-                parts = checkpoint(layer, *parts, attn_mask, first_only, use_reentrant=False)
-            else:
-                parts = layer(*parts, attn_mask, first_only)
-        if self.layer_norm is not None:
+        parts = run_layers(
+            self.layers,
+            (vision, text),
+            attn_mask,
+            first_token_only and num_layers is None,
+            checkpointed=self.use_checkpoint and self.training,
+            num_layers=num_layers,
+        )
+        if self.layer_norm is not None and num_layers is None:
             parts = self.layer_norm.route(parts)
         return parts
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    parts: Parts,
+    attn_mask: Tensor | None,
+    first_token_only: bool = False,
+    *,
+    checkpointed: bool = False,
+    num_layers: int | None = None,
+) -> Parts:
+    """Run ``layers`` (the first ``num_layers`` of them, default all) over ``parts``; with
+    ``first_token_only`` the last one run computes only each part's first token."""
+    run = list(layers)[:num_layers]
+    for index, layer in enumerate(run):
+        first_only = first_token_only and index == len(run) - 1
+        if checkpointed:
+            parts = checkpoint(layer, *parts, attn_mask, first_only, use_reentrant=False)
+        else:
+            parts = layer(*parts, attn_mask, first_only)
+    return parts

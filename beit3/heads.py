@@ -7,7 +7,9 @@ text tokens in one sequence, joint self-attention: a precise image-text matching
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -15,9 +17,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from beit3.config import Beit3Config
-from beit3.model import Beit3Model, trunc_normal_
+from beit3.encoder import run_layers
+from beit3.errors import ConfigError
+from beit3.model import Beit3Model, attention_mask, joint_padding_mask, trunc_normal_
 
-__all__ = ["Beit3ForRetrieval", "Beit3WithMatcher", "MatchHead", "RetrievalOutput"]
+__all__ = [
+    "FUSION_LAYERS",
+    "Beit3ForRetrieval",
+    "Beit3WithMatcher",
+    "FusionLayers",
+    "MatchHead",
+    "RetrievalOutput",
+]
+
+# The matcher's own top layers (see Beit3WithMatcher); 0 = the whole backbone, jointly.
+FUSION_LAYERS = 2
 
 
 class RetrievalOutput(NamedTuple):
@@ -104,46 +118,120 @@ class MatchHead(nn.Module):
         return self.score(torch.tanh(self.dense(self.norm(pooled)))).squeeze(-1).float()
 
 
+class FusionLayers(nn.Module):
+    """The matcher's fusion stage: Multiway layers over the joint image+text sequence and a
+    final Multiway LayerNorm, copies of the backbone's top layers when the matcher is made.
+
+    Keys (below the model's ``itm_fusion.``): ``layers.{i}.*`` and ``layer_norm.{A,B}.*``, named
+    as in the backbone's ``beit3.encoder``.
+    """
+
+    def __init__(self, backbone: Beit3Model, num_layers: int) -> None:
+        super().__init__()
+        encoder = backbone.encoder
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[-num_layers:])
+        self.layer_norm = copy.deepcopy(encoder.layer_norm)
+
+    @torch.no_grad()
+    def copy_from_(self, backbone: Beit3Model) -> None:
+        """Set every weight to the backbone's top layers and final LayerNorm."""
+        top = backbone.encoder.layers[-len(self.layers) :]
+        for own, source in zip(self.layers, top, strict=True):
+            own.load_state_dict(source.state_dict())
+        if self.layer_norm is not None and backbone.encoder.layer_norm is not None:
+            self.layer_norm.load_state_dict(backbone.encoder.layer_norm.state_dict())
+
+
 class Beit3WithMatcher(Beit3ForRetrieval):
     """The dual encoder plus a fusion-encoder matcher on the same backbone.
 
-    Keys: those of :class:`Beit3ForRetrieval`, ``itm_head.*`` (:class:`MatchHead`), and the
-    buffer ``itm_calibration`` (2,) = (scale, bias) of the Platt scaling that turns a raw logit
-    into a calibrated probability, ``sigmoid(scale * logit + bias)``; (1, 0) until
-    :meth:`calibrate_` sets it from held-out pairs.
+    With ``fusion_layers`` = k > 0 (default :data:`FUSION_LAYERS`) the matcher is a late-fusion
+    encoder: the image and the text go through the backbone's lower ``depth - k`` layers in
+    their own passes (the dual encoder's states, computed without gradient), then through k
+    Multiway layers of the matcher's own (``itm_fusion``, copies of the backbone's top k layers
+    when the matcher is made) over the joint sequence, where patches and tokens attend to each
+    other; the text ``<s>`` is pooled. The matching loss trains only those layers and the head,
+    so it cannot undo the dual encoder: measured on the demo model, training matching through
+    the shared backbone either stayed at the class prior beside the contrastive loss or, alone,
+    destroyed the dual encoder's recall (README, "The matcher"). The BEiT-3 paper's fusion
+    encoder likewise has weights of its own in its top layers (vision-language experts).
+    With k = 0 every layer is the backbone's, jointly (checkpoints saved before k existed).
+
+    Keys: those of :class:`Beit3ForRetrieval`, ``itm_fusion.*`` (:class:`FusionLayers`, when
+    k > 0), ``itm_head.*`` (:class:`MatchHead`), and the buffer ``itm_calibration`` (2,) =
+    (scale, bias) of the Platt scaling that turns a raw logit into a calibrated probability,
+    ``sigmoid(scale * logit + bias)``; (1, 0) until :meth:`calibrate_` sets it from held-out
+    pairs. ``architecture_args`` = ``{"fusion_layers": k}`` (saved in config.json).
     """
 
     has_matcher = True
     itm_calibration: Tensor
+    # What a checkpoint saved before an argument existed was built with (load_checkpoint).
+    legacy_architecture_args = {"fusion_layers": 0}
 
-    def __init__(self, config: Beit3Config) -> None:
+    def __init__(self, config: Beit3Config, fusion_layers: int = FUSION_LAYERS) -> None:
         super().__init__(config)
+        if not 0 <= fusion_layers <= config.depth:
+            raise ConfigError(
+                f"fusion_layers must be in 0..{config.depth} (the depth), got {fusion_layers}"
+            )
+        self.fusion_layers = fusion_layers
+        self.architecture_args = {"fusion_layers": fusion_layers}
+        self.itm_fusion = FusionLayers(self.beit3, fusion_layers) if fusion_layers else None
         self.itm_head = MatchHead(config.embed_dim, config.layernorm_eps)
         self.register_buffer("itm_calibration", torch.tensor([1.0, 0.0]))
         self.init_matcher()
 
     @torch.no_grad()
     def init_matcher(self) -> None:
+        """A fresh matcher: the fusion layers copied from the backbone, a random head, no
+        calibration."""
         for linear in (self.itm_head.dense, self.itm_head.score):
             trunc_normal_(linear.weight, std=0.02)
             linear.bias.zero_()
         self.itm_head.norm.reset_parameters()
         self.itm_calibration.copy_(torch.tensor([1.0, 0.0]))
+        if self.itm_fusion is not None and not self.itm_head.score.weight.is_meta:
+            self.itm_fusion.copy_from_(self.beit3)
+
+    def after_transfer_(self, loaded: Collection[str]) -> None:
+        """Called when another architecture's weights were loaded (e.g. a dual encoder): a
+        matcher that came without them is made from the loaded backbone."""
+        if not any(key.startswith(("itm_head.", "itm_fusion.")) for key in loaded):
+            self.init_matcher()
 
     def match_logits(
         self, images: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None
     ) -> Tensor:
         """Raw matcher logits of (image, text) pairs: (B, 3, H, W), (B, L), (B, L) -> (B,).
 
-        One joint forward: patches and tokens attend to each other in every layer. The pooled
-        token is the text ``<s>`` of the joint sequence, as in VLMo's matching head (the
-        official BEiT-3 VQA / NLVR2 heads pool the vision CLS instead; on the shapes pairs the
-        text token learned matching faster: BCE 0.35-0.52 against 0.62 after 300 steps).
+        The pooled token is the text ``<s>`` of the joint sequence, as in VLMo's matching head
+        (the official BEiT-3 VQA / NLVR2 heads pool the vision CLS instead; on the shapes pairs
+        the text token learned matching faster: BCE 0.35-0.52 against 0.62 after 300 steps).
         """
-        hidden = self.beit3(
-            images=images, text_ids=text_ids, padding_mask=padding_mask, first_token_only=True
-        ).hidden_states  # (B, 2, D): vision CLS, text <s>
-        return self.itm_head(hidden[:, 1])
+        if self.itm_fusion is None:  # every layer jointly, the backbone's own
+            hidden = self.beit3(
+                images=images, text_ids=text_ids, padding_mask=padding_mask, first_token_only=True
+            ).hidden_states  # (B, 2, D): vision CLS, text <s>
+            return self.itm_head(hidden[:, 1])
+        lower = self.config.depth - self.fusion_layers
+        with torch.no_grad():  # the dual encoder's states; matching does not train them
+            vision = self.beit3(images=images, num_layers=lower).hidden_states
+            text = self.beit3(
+                text_ids=text_ids, padding_mask=padding_mask, num_layers=lower
+            ).hidden_states
+        mask = None if padding_mask is None else joint_padding_mask(vision.shape[1], padding_mask)
+        parts = run_layers(
+            self.itm_fusion.layers,
+            (vision, text),
+            attention_mask(mask),
+            first_token_only=True,
+            checkpointed=self.config.use_checkpoint and self.training,
+        )
+        if self.itm_fusion.layer_norm is not None:
+            parts = self.itm_fusion.layer_norm.route(parts)
+        assert parts[1] is not None
+        return self.itm_head(parts[1][:, 0])
 
     def match_probability(
         self, images: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None

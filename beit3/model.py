@@ -19,7 +19,13 @@ from beit3.encoder import Encoder, EncoderLayer
 from beit3.errors import InputDataError
 from beit3.multiway import join_parts
 
-__all__ = ["Beit3Model", "Beit3Output", "trunc_normal_"]
+__all__ = [
+    "Beit3Model",
+    "Beit3Output",
+    "attention_mask",
+    "joint_padding_mask",
+    "trunc_normal_",
+]
 
 
 class Beit3Output(NamedTuple):
@@ -59,6 +65,7 @@ class Beit3Model(nn.Module):
         padding_mask: Tensor | None = None,
         image_mask: Tensor | None = None,
         first_token_only: bool = False,
+        num_layers: int | None = None,
     ) -> Beit3Output:
         """Encode images, texts, or image-text pairs jointly.
 
@@ -69,6 +76,8 @@ class Beit3Model(nn.Module):
             image_mask: (B, N) bool, True = patch replaced by the mask token (pretraining).
             first_token_only: return only each modality's first token (vision CLS, text <s>);
                 the last layer then computes just those, which is exact and saves most of it.
+            num_layers: run only the first ``num_layers`` layers and skip the final LayerNorm
+                (the intermediate states; ``first_token_only`` is then ignored).
 
         Returns:
             :class:`Beit3Output` with hidden states (B, Nv + L, D), or (B, 1 or 2, D) with
@@ -96,16 +105,16 @@ class Beit3Model(nn.Module):
 
         num_vision = vision.shape[1] if vision is not None else 0
         full_mask = None
-        attn_mask = None
         if text is not None and padding_mask is not None:
-            full_mask = padding_mask.bool()
-            if vision is not None:
-                full_mask = torch.cat(
-                    [full_mask.new_zeros(full_mask.shape[0], num_vision), full_mask], dim=1
-                )
-            attn_mask = ~full_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
+            full_mask = joint_padding_mask(num_vision, padding_mask)
+        attn_mask = attention_mask(full_mask)
 
-        parts = self.encoder(vision, text, attn_mask, first_token_only)
+        if num_layers is not None and not 0 <= num_layers <= len(self.encoder.layers):
+            raise InputDataError(
+                f"num_layers {num_layers} is outside 0..{len(self.encoder.layers)} layers"
+            )
+        first_token_only = first_token_only and num_layers is None
+        parts = self.encoder(vision, text, attn_mask, first_token_only, num_layers)
         if first_token_only:
             num_vision = 1 if vision is not None else 0
             full_mask = None
@@ -127,6 +136,20 @@ class Beit3Model(nn.Module):
             attn, ffn = layer.self_attn, layer.ffn
             for out in (attn.out_proj.A, attn.out_proj.B, ffn.A.fc2, ffn.B.fc2):
                 out.weight.mul_(1.0 / math.sqrt(2.0 * index))
+
+
+def joint_padding_mask(num_vision: int, padding_mask: Tensor) -> Tensor:
+    """(B, L) text padding mask -> (B, num_vision + L) bool for the joint sequence, vision tokens
+    (first) never padded; True = padding."""
+    mask = padding_mask.bool()
+    if not num_vision:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], num_vision), mask], dim=1)
+
+
+def attention_mask(padding_mask: Tensor | None) -> Tensor | None:
+    """(B, T) bool padding mask (True = padding) -> (B, 1, 1, T) bool, True = may attend."""
+    return None if padding_mask is None else ~padding_mask[:, None, None, :]
 
 
 @torch.no_grad()

@@ -106,6 +106,7 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
     # Only masked image modeling uses the mask token; DDP insists every trained parameter
     # gets a gradient.
     model.beit3.vision_embed.mask_token.requires_grad_(False)
+    task.prepare(model)
     data = TrainData(
         config.train,
         tokenizer=start.tokenizer,
@@ -295,6 +296,7 @@ class _Loop:
         """One optimizer step: ``accum_steps`` micro-batches, each its own task batch."""
         accum = self.config.accum_steps
         self.losses = []
+        self.task.set_progress((step - 1) / max(self.total_steps, 1))
         for micro in range(accum):
             batch = next(self.batches)
             with grad_sync(self.wrapped, self.strategy, enabled=micro == accum - 1):
@@ -365,7 +367,9 @@ class _Loop:
         )
         recalls = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_", "average"))}
         self.run_log.log(step, force=True, **{f"val/{k}": v for k, v in recalls.items()})
-        if recalls["average"] > self.best["average"]:
+        # An equal later score replaces the best (a run whose dual encoder is frozen, e.g. a
+        # matcher-only one, keeps its latest matcher).
+        if recalls["average"] >= self.best["average"]:
             self.best = {"average": recalls["average"], "step": step}
             export_model(self.start, self.out / "best", self.info)
             if self.info.is_main:

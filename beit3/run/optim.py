@@ -36,7 +36,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """Official layer-decay id: embeddings 0, layer k -> k + 1, everything else L + 1."""
+    """Official layer-decay id: embeddings 0, layer k -> k + 1, everything else L + 1.
+
+    The matcher's own parts (``itm_*``: its fusion layers and head, new weights on top of the
+    backbone) count as head, L + 1, whatever their own layer numbering.
+    """
+    if name.startswith("itm_"):
+        return num_layers + 1
     if "embed" in name:
         return 0
     match = re.search(r"\.layers\.(\d+)\.", name)

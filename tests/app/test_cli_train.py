@@ -132,3 +132,25 @@ def test_finetune_without_init_or_preset_starts_from_the_bundled_model(tmp_path)
     resolved = json.loads((run / "run_config.json").read_text())["config"]
     assert resolved["init"] == str(DEMO_MODEL)
     assert resolved["init_model_id"] == load_checkpoint(DEMO_MODEL).model_id
+
+
+def test_finetune_itm_flags_reach_the_matching_task(tmp_path):
+    data = _caption_folder(tmp_path / "pairs")
+    base = ["finetune", str(data), "--preset", "beit3-tiny", "--max-steps", "2"]
+    base += ["--batch-size", "4", "--num-workers", "0", "--no-tensorboard", "--log-every", "1"]
+    result = runner.invoke(cli, [*base, "--output-dir", str(tmp_path / "x"), "--itm-only"])
+    assert result.exit_code != 0 and "--itm-only and --itm-temperature need --itm" in result.output
+    run = tmp_path / "run"
+    args = ["--output-dir", str(run), "--itm", "--itm-only", "--itm-temperature", "6", "2"]
+    result = runner.invoke(cli, [*base, *args])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "run_config.json").read_text())["config"]
+    assert config["task"] == "contrastive-itm"
+    assert config["task_options"] == {
+        "itm_weight": 1.0,
+        "contrastive_weight": 0.0,
+        "itm_temperature": 6.0,
+        "itm_temperature_end": 2.0,
+    }
+    temperatures = [json.loads(line)["itm_temperature"] for line in (run / "metrics.jsonl").open()]
+    assert temperatures == pytest.approx([6.0, 4.0])

@@ -180,3 +180,117 @@ def test_itm_fine_tuning_trains_and_calibrates_the_matcher(shapes):
     assert probs.shape == labels.shape and int(labels.sum()) == 32
     # The dual encoder still works: it is the same checkpoint, with the matcher beside it.
     assert metrics["i2t_r5"] > 0.5 and metrics["t2i_r5"] > 0.5, metrics
+
+
+def _pairs(tokenizer, n=4, size=32):
+    transform = ImageTransform(PreprocessConfig(img_size=size))
+    shapes = [(c, s) for c in ("red", "blue") for s in SHAPES][:n]
+    images = torch.stack([transform(shape_image(c, s, size)) for c, s in shapes])
+    batch = tokenizer([caption(c, s) for c, s in shapes])
+    return images, batch.text_ids, batch.padding_mask
+
+
+def test_late_fusion_over_every_layer_is_the_joint_forward(tokenizer):
+    # fusion_layers = depth: no layer runs apart, the matcher's copies of all layers run over
+    # the joint sequence: the same computation as the backbone's own joint forward
+    # (fusion_layers = 0, checkpoints from before the fusion layers existed).
+    torch.manual_seed(0)
+    kw = {"vocab_size": tokenizer.vocab_size, "depth": 3}
+    joint = create_model("beit3-tiny", "retrieval-itm", fusion_layers=0, **kw).eval()
+    late = create_model("beit3-tiny", "retrieval-itm", fusion_layers=3, **kw).eval()
+    state = {k: v for k, v in joint.state_dict().items()}
+    missing, unexpected = late.load_state_dict(state, strict=False)
+    assert all(k.startswith("itm_fusion.") for k in missing) and not unexpected
+    late.init_matcher()  # fusion layers copied from the backbone ...
+    late.itm_head.load_state_dict(joint.itm_head.state_dict())  # ... and the same head
+    images, ids, mask = _pairs(tokenizer)
+    with torch.no_grad():
+        expected = joint.match_logits(images, ids, mask)
+        got = late.match_logits(images, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # With 2 of 3 layers fused, the first runs apart: another (still finite) function.
+    two = create_model("beit3-tiny", "retrieval-itm", fusion_layers=2, **kw).eval()
+    two.load_state_dict({**state, **{k: v for k, v in two.state_dict().items() if "fusion" in k}})
+    with torch.no_grad():
+        other = two.match_logits(images, ids, mask)
+    assert torch.isfinite(other).all() and not torch.allclose(other, expected, atol=1e-4)
+
+
+def test_a_dual_encoder_gains_a_matcher_made_from_its_top_layers(tiny_checkpoint, tmp_path):
+    ckpt = load_checkpoint(tiny_checkpoint, architecture="retrieval-itm")
+    model = ckpt.model
+    assert model.fusion_layers == 2 and ckpt.architecture == "retrieval-itm"
+    top = model.beit3.encoder.layers[-2:]
+    for own, source in zip(model.itm_fusion.layers, top, strict=True):
+        for (name, a), (_, b) in zip(
+            own.state_dict().items(), source.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    # Saved and loaded again: its fusion layers are its own (config.json names how many).
+    from beit3 import save_checkpoint
+
+    save_checkpoint(model, tmp_path / "m", preset=ckpt.preset, tokenizer=ckpt.tokenizer)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architecture_args"] == {"fusion_layers": 2}
+    again = load_checkpoint(tmp_path / "m")
+    assert again.model.fusion_layers == 2
+
+
+def test_a_matcher_saved_before_fusion_layers_existed_still_loads(tokenizer, tmp_path):
+    from beit3 import save_checkpoint
+
+    torch.manual_seed(0)
+    old = create_model("beit3-tiny", "retrieval-itm", fusion_layers=0)
+    save_checkpoint(old, tmp_path / "old", preset="beit3-tiny", tokenizer=tokenizer)
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architecture_args"] = {}  # as the code before fusion layers wrote it
+    config_path.write_text(json.dumps(config))
+    ckpt = load_checkpoint(tmp_path / "old")
+    assert ckpt.model.fusion_layers == 0 and ckpt.model.itm_fusion is None
+    images, ids, mask = _pairs(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ckpt.matcher.match_logits(images, ids, mask), old.eval().match_logits(images, ids, mask)
+        )
+
+
+def test_the_matcher_parts_take_the_head_learning_rate():
+    from beit3.run.optim import layer_id
+
+    assert layer_id("itm_fusion.layers.0.self_attn.q_proj.A.weight", 6) == 7
+    assert layer_id("itm_head.dense.weight", 6) == 7
+    assert layer_id("beit3.encoder.layers.0.self_attn.q_proj.A.weight", 6) == 1
+
+
+def test_matcher_only_training_leaves_the_dual_encoder_untouched(shapes, tiny_checkpoint):
+    # contrastive_weight 0: only itm_* weights change; negatives follow the temperature
+    # schedule from 8 to 2.
+    before = load_checkpoint(tiny_checkpoint).model.state_dict()
+    config = FinetuneConfig(
+        train=str(shapes["train"]),
+        output_dir=str(shapes["root"] / "matcher-only"),
+        init=str(tiny_checkpoint),
+        task="contrastive-itm",
+        task_options={"itm_temperature": 8.0, "itm_temperature_end": 2.0, "contrastive_weight": 0},
+        batch_size=16,
+        max_steps=5,
+        lr=1e-3,
+        warmup_steps=1,
+        num_workers=0,
+        tensorboard=False,
+        log_every=1,
+        save_every=1000,
+        seed=0,
+    )
+    after = load_checkpoint(finetune(config)).model.state_dict()
+    changed = {k for k in after if k in before and not torch.equal(after[k], before[k])}
+    new = {k for k in after if k not in before}
+    assert changed == set() and new and all(k.startswith("itm_") for k in new), changed
+    fresh = load_checkpoint(tiny_checkpoint, architecture="retrieval-itm").model.state_dict()
+    assert any(not torch.equal(after[k], fresh[k]) for k in new if k.startswith("itm_head"))
+    records = [
+        json.loads(line) for line in (shapes["root"] / "matcher-only" / "metrics.jsonl").open()
+    ]
+    temperatures = [r["itm_temperature"] for r in records if "itm_temperature" in r]
+    assert temperatures[0] == pytest.approx(8.0) and temperatures[-1] == pytest.approx(2.0 + 6 / 5)
