@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +274,7 @@ def load_checkpoint(
     architecture: str | None = None,
     device: str | torch.device = "cpu",
     verify: bool = True,
+    architecture_args: Mapping[str, Any] | None = None,
     **config_overrides: Any,
 ) -> Checkpoint:
     """Load a checkpoint directory.
@@ -285,6 +286,9 @@ def load_checkpoint(
             and initialises the other heads fresh.
         device: where to put the model.
         verify: check that model.safetensors still hashes to the model id in config.json.
+        architecture_args: constructor arguments of ``architecture`` when it is not the saved
+            one (e.g. ``{"fusion_layers": 6}`` for a matcher made from a dual encoder); the
+            saved architecture is always built with its saved arguments.
         config_overrides: runtime-only config changes (``drop_path_rate``, ``use_checkpoint``,
             ``attention``); the weights must still fit.
 
@@ -324,7 +328,9 @@ def load_checkpoint(
     # saved architecture; another architecture gets its defaults.
     # A checkpoint saved before an argument existed gets the value it was built with.
     legacy = dict(getattr(factory, "legacy_architecture_args", {}))
-    arch_args = {**legacy, **meta.get("architecture_args", {})} if same else {}
+    arch_args = (
+        {**legacy, **meta.get("architecture_args", {})} if same else dict(architecture_args or {})
+    )
     with torch.device("meta") if same else contextlib.nullcontext():
         model = factory(config, **arch_args)
     if same:

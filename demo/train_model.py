@@ -57,6 +57,7 @@ from beit3 import (  # noqa: E402
 from beit3.pretrain import PretrainConfig, VisualTokenizerConfig, pretrain  # noqa: E402
 from beit3.pretrain.visual_tokenizer import train_visual_tokenizer  # noqa: E402
 from beit3.transforms import PreprocessConfig  # noqa: E402
+from demo.corpora import write_wordnet  # noqa: E402
 from demo.measure_model import measure  # noqa: E402
 from training import EvalConfig, FinetuneConfig, evaluate, finetune  # noqa: E402
 from training.finetune import GRAD_CLIP_FROM_SCRATCH  # noqa: E402
@@ -77,6 +78,10 @@ MODEL = {
 }
 MAX_TEXT_LEN = 32
 SPM_VOCAB = 2000
+# --corpus broad: the tokenizer and the text stream of pre-training also read WordNet (117,659
+# synsets: lemmas and glosses, demo/corpora.py), so the model meets everyday English before
+# fine-tuning on emoji names; the tokenizer gets more pieces for it.
+SPM_VOCAB_BROAD = 4000
 # Emoji have a meaningful left and right ("left arrow"): no flips; crops stay mild.
 CROP = (0.7, 1.0)
 REFINE_CROP = (0.9, 1.0)
@@ -245,6 +250,7 @@ def run(
     itm: bool = False,
     from_model: Path | None = None,
     from_stage: str = "refine",
+    corpus: str = "emoji",
 ) -> dict:
     torch.set_num_threads(threads)
     random.seed(0)
@@ -256,11 +262,22 @@ def run(
     manifests = write_manifests(work)
     train = manifests["train"]
 
+    broad = corpus == "broad"
+    wordnet = (
+        Path(_timed(state, "corpora", work, lambda: str(write_wordnet(work / "wordnet.txt"))))
+        if broad
+        else None
+    )
+
     def spm() -> str:
         texts = []
         for line in train.read_text().splitlines():
             texts.extend(json.loads(line)["captions"])
-        return str(train_sentencepiece(texts, work / "spm", vocab_size=SPM_VOCAB, lowercase=True))
+        vocab = SPM_VOCAB
+        if wordnet is not None:
+            texts += wordnet.read_text(encoding="utf-8").splitlines()
+            vocab = SPM_VOCAB_BROAD
+        return str(train_sentencepiece(texts, work / "spm", vocab_size=vocab, lowercase=True))
 
     if from_model is not None:  # stages 1-5 (or 1-6) were run before: their model is the start
         state.setdefault("finetune", {"seconds": 0, "cpu_seconds": 0, "result": str(from_model)})
@@ -312,7 +329,7 @@ def run(
                 tokenizer=spm_path,
                 visual_tokenizer=vqkd_path,
                 pair_data=(str(train),),
-                text_data=(str(train),),
+                text_data=(str(train),) + ((str(wordnet),) if wordnet is not None else ()),
                 image_data=(str(train),),
                 text_batch_size=p["batch"],
                 image_batch_size=p["batch"],
@@ -530,6 +547,13 @@ def main() -> None:
         help="with --from-model: the first stage to run (itm: the model is a refit one, e.g. "
         "the bundled model; only the matcher is trained)",
     )
+    parser.add_argument(
+        "--corpus",
+        choices=("emoji", "broad"),
+        default="emoji",
+        help="text for the tokenizer and pre-training: the emoji train split only, or also "
+        "WordNet (Debian's wordnet-base)",
+    )
     args = parser.parse_args()
     if args.from_stage == "itm" and not (args.itm and args.from_model):
         parser.error("--from-stage itm needs --itm and --from-model")
@@ -543,6 +567,7 @@ def main() -> None:
         args.itm,
         args.from_model,
         args.from_stage,
+        args.corpus,
     )
     print(json.dumps(summary, indent=2))
 

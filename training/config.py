@@ -75,7 +75,7 @@ class FinetuneConfig(ConfigMixin):
     train: str
     output_dir: str
     task: str = "contrastive"
-    task_options: dict[str, float] = field(default_factory=dict)
+    task_options: dict[str, float | str] = field(default_factory=dict)
     init: str | None = None
     preset: str | None = None
     spm: str | None = None

@@ -455,7 +455,12 @@ def _empty_batch(img_size: int) -> PairBatch:
 def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out: Path) -> Start:
     knobs = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint}
     if config.init is not None:
-        ckpt = load_checkpoint(config.init, architecture=task.architecture, **knobs)
+        ckpt = load_checkpoint(
+            config.init,
+            architecture=task.architecture,
+            architecture_args=task.architecture_args,
+            **knobs,
+        )
         if config.img_size is not None and config.img_size != ckpt.config.img_size:
             raise ConfigError(
                 f"{config.init} is a {ckpt.config.img_size}px model; img_size {config.img_size} "
@@ -479,7 +484,9 @@ def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out
     overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
-    model = create_model(config.preset, task.architecture, **overrides, **knobs)
+    model = create_model(
+        config.preset, task.architecture, **overrides, **knobs, **task.architecture_args
+    )
     base = get_preset(config.preset)
     export = model.config.replace(
         drop_path_rate=base.drop_path_rate, use_checkpoint=base.use_checkpoint

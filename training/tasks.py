@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from beit3.checkpoint import load_checkpoint, save_checkpoint
 from beit3.data import PairRecord
 from beit3.datasets import PairBatch
 from beit3.errors import ConfigError
+from beit3.heads import FUSION_LAYERS
 from beit3.run import DistInfo, gather_rows, is_distributed
 from beit3.tokenizer import PAD_ID
 from training.loss import ClipLoss, ContrastiveOutput
@@ -71,10 +72,12 @@ class FinetuneTask:
 
     name: ClassVar[str]
     architecture: ClassVar[str]
+    # Constructor arguments of the architecture beyond the config (a task's options may set them).
+    architecture_args: dict[str, Any] = {}
     # Methods other than forward that evaluation calls on the model (FSDP gathers for them).
     forward_methods: ClassVar[tuple[str, ...]] = ("encode_image", "encode_text")
 
-    def __init__(self, info: DistInfo, **options: float) -> None:
+    def __init__(self, info: DistInfo, **options: float | str) -> None:
         if options:
             raise ConfigError(f"task {self.name!r} takes no options, got {sorted(options)}")
         self.info = info
@@ -108,7 +111,7 @@ class ContrastiveTask(FinetuneTask):
     name = "contrastive"
     architecture = "retrieval"
 
-    def __init__(self, info: DistInfo, **options: float) -> None:
+    def __init__(self, info: DistInfo, **options: float | str) -> None:
         super().__init__(info, **options)
         self.criterion = ClipLoss(dist_info=info)
 
@@ -185,6 +188,10 @@ class MatchingTask(ContrastiveTask):
     its loss fell to 0.57 in 60 steps (README, "The matcher"). ``contrastive_weight`` (default
     1.0): 0 trains the matcher alone and freezes everything else (the dual encoder stays as
     it was: a matcher added to a fine-tuned model without changing its search results).
+    ``fusion_layers`` (default :data:`beit3.heads.FUSION_LAYERS`): how many top layers the
+    matcher has of its own (the architecture argument of a new matcher); ``fusion_init``: a
+    checkpoint (any architecture, e.g. an MDM-pretrained one, whose joint attention was trained
+    on image-text pairs) whose top layers the fusion layers start from, instead of the init's.
     """
 
     name = "contrastive-itm"
@@ -198,8 +205,14 @@ class MatchingTask(ContrastiveTask):
         itm_temperature: float = ITM_TEMPERATURE[0],
         itm_temperature_end: float = ITM_TEMPERATURE[1],
         contrastive_weight: float = 1.0,
+        fusion_layers: float = FUSION_LAYERS,
+        fusion_init: str | None = None,
     ) -> None:
         super().__init__(info)
+        if fusion_layers != int(fusion_layers) or fusion_layers < 0:
+            raise ConfigError(f"fusion_layers must be a whole number >= 0, got {fusion_layers}")
+        self.architecture_args = {"fusion_layers": int(fusion_layers)}
+        self.fusion_init = fusion_init
         if not contrastive_weight >= 0:
             raise ConfigError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
         self.contrastive_weight = contrastive_weight
@@ -214,6 +227,23 @@ class MatchingTask(ContrastiveTask):
         self.itm_temperature = itm_temperature
 
     def prepare(self, model: nn.Module) -> None:
+        if self.fusion_init is not None:
+            source = load_checkpoint(self.fusion_init)
+            fusion = getattr(model, "itm_fusion", None)
+            if fusion is None:
+                raise ConfigError("fusion_init needs fusion layers (fusion_layers > 0)")
+            if source.config.embed_dim != model.config.embed_dim:
+                raise ConfigError(
+                    f"fusion_init {self.fusion_init}: width {source.config.embed_dim}, the "
+                    f"model's is {model.config.embed_dim}"
+                )
+            fusion.copy_from_(source.model.beit3)
+            logger.info(
+                "the matcher's %d fusion layers start from the top layers of %s (%s)",
+                len(fusion.layers),
+                self.fusion_init,
+                source.model_id,
+            )
         if self.contrastive_weight == 0:  # the matcher alone: freeze the rest
             for name, param in model.named_parameters():
                 if not name.startswith("itm_"):

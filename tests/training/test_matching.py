@@ -294,3 +294,34 @@ def test_matcher_only_training_leaves_the_dual_encoder_untouched(shapes, tiny_ch
     ]
     temperatures = [r["itm_temperature"] for r in records if "itm_temperature" in r]
     assert temperatures[0] == pytest.approx(8.0) and temperatures[-1] == pytest.approx(2.0 + 6 / 5)
+
+
+def test_the_matching_task_sets_the_fusion_depth_and_its_starting_layers(
+    tokenizer, tiny_checkpoint, tmp_path
+):
+    from beit3 import ConfigError, save_checkpoint
+    from beit3.run import DistInfo
+    from training.tasks import MatchingTask
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    task = MatchingTask(info, fusion_layers=1, fusion_init=str(tiny_checkpoint))
+    assert task.architecture_args == {"fusion_layers": 1}
+    torch.manual_seed(5)
+    model = create_model("beit3-tiny", "retrieval-itm", fusion_layers=1)
+    task.prepare(model)  # the fusion layer is now the other checkpoint's top layer
+    source = load_checkpoint(tiny_checkpoint).model.beit3.encoder
+    own = model.itm_fusion
+    for key, value in own.layers[0].state_dict().items():
+        assert torch.equal(value, source.layers[-1].state_dict()[key]), key
+    for key, value in own.layer_norm.state_dict().items():
+        assert torch.equal(value, source.layer_norm.state_dict()[key]), key
+    assert not torch.equal(  # and not the model's own top layer
+        own.layers[0].self_attn.q_proj.A.weight,
+        model.beit3.encoder.layers[-1].self_attn.q_proj.A.weight,
+    )
+    with pytest.raises(ConfigError, match="fusion_layers must be a whole number"):
+        MatchingTask(info, fusion_layers=1.5)
+    wide = create_model("beit3-tiny", embed_dim=32, num_heads=4)
+    save_checkpoint(wide, tmp_path / "wide", preset="beit3-tiny", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="width 32, the model's is 64"):
+        MatchingTask(info, fusion_init=str(tmp_path / "wide")).prepare(model)
