@@ -155,7 +155,7 @@ def train(args: argparse.Namespace, data: Path, out: Path) -> tuple[dict, Path, 
     """Calibrate (unless --max-steps), train at the budget; (record, model dir, steps done)."""
     budget_s = 60.0 * args.budget_min
     record: dict = {}
-    init = DEMO_MODEL
+    init = args.model
     if args.variant == "scratch":
         init = out / "scratch-init"
         started = time.monotonic()
@@ -198,6 +198,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="output of build_domain.py")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-min", type=float, default=20.0)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEMO_MODEL,
+        help="init / zeroshot: this model instead of the bundled one (e.g. a recipe variant)",
+    )
     parser.add_argument("--calibrate-steps", type=int, default=10)
     parser.add_argument("--max-steps", type=int, help="skip calibration: train this many steps")
     parser.add_argument(
@@ -213,7 +219,7 @@ def main() -> None:
     data, out = args.data.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.variant == "zeroshot":
-        record, model_dir, steps, minutes = {}, DEMO_MODEL, 0, 0.0
+        record, model_dir, steps, minutes = {}, args.model.resolve(), 0, 0.0
     else:
         record, model_dir, steps = train(args, data, out)
         minutes = args.budget_min
@@ -221,7 +227,9 @@ def main() -> None:
     npz = out / "beit3.npz"
     model_id = encode(model_dir, data / "test.jsonl", npz)
     meta = {
-        "system": VARIANTS[args.variant]["label"],
+        "system": VARIANTS[args.variant]["label"].replace(
+            "demo/model", str(args.model) if args.model != DEMO_MODEL else "demo/model"
+        ),
         "minutes": minutes,
         "steps": steps,
         "model": str(model_dir),
