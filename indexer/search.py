@@ -19,13 +19,14 @@ import torch
 from PIL import Image
 
 from beit3 import Checkpoint
-from beit3.errors import Beit3Error, IndexMismatchError, InputDataError
+from beit3.errors import IndexMismatchError, InputDataError
 from beit3.quantize import quantize_checkpoint
 from indexer.build import load_index_model
 from indexer.embed import encode_images, load_query_image, resolve_device
 from indexer.facts import keyword_query
 from indexer.filters import Filters
 from indexer.manifest import DbManifest, TableInfo, Version
+from indexer.rerank import candidate_image, match_probabilities
 from indexer.stores import Match, Store, open_store
 
 __all__ = ["MODES", "Filters", "Hit", "Query", "Searcher"]
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 Query = str | Path | bytes | BinaryIO | Image.Image
 _SHA = re.compile(r"[0-9a-f]{64}")
-RERANK_BATCH = 32  # (query, candidate) pairs per fusion-encoder forward
 MODES = ("vector", "keyword", "hybrid")
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)
 HYBRID_CANDIDATES = 0  # rows of each ranking fused (at least k + offset)
@@ -339,7 +339,7 @@ class Searcher:
         if isinstance(query, str):
             kept, images = [], []
             for hit in hits:
-                image = self._candidate_image(hit, ckpt)
+                image = candidate_image((hit.path, *hit.paths), ckpt.preprocess, hit.path or hit.id)
                 if image is not None:
                     kept.append(hit)
                     images.append(image)
@@ -350,37 +350,10 @@ class Searcher:
             texts = [h.text or "" for h in hits]
         if not hits:
             return []
-        probs = []
-        with torch.inference_mode():
-            for lo in range(0, len(hits), RERANK_BATCH):
-                batch = tokenizer(texts[lo : lo + RERANK_BATCH])
-                probs.append(
-                    matcher.match_probability(
-                        torch.stack(images[lo : lo + RERANK_BATCH]).to(self.device),
-                        batch.text_ids.to(self.device),
-                        batch.padding_mask.to(self.device),
-                    )
-                    .float()
-                    .cpu()
-                )
-        match = torch.cat(probs).tolist()
+        match = match_probabilities(matcher, tokenizer, images, texts, self.device)
         scored = [dataclasses.replace(h, match=float(m)) for h, m in zip(hits, match, strict=True)]
         # Stable: equal probabilities keep the vector search's order.
         return sorted(scored, key=lambda h: -(h.match or 0.0))
-
-    def _candidate_image(self, hit: Hit, ckpt: Checkpoint) -> torch.Tensor | None:
-        """A candidate's image, decoded as the indexer decoded it; None (with a warning) when
-        none of its files can be read any more."""
-        reason = "no file path"
-        for path in (hit.path, *hit.paths):
-            if not path:
-                continue
-            try:
-                return load_query_image(Path(path), ckpt.preprocess)
-            except Beit3Error as exc:
-                reason = str(exc)
-        logger.warning("rerank: skipped %s: %s", hit.path or hit.id, reason)
-        return None
 
     def search_vector(
         self,

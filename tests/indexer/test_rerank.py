@@ -136,3 +136,35 @@ def test_rerank_reorders_the_candidates_of_keyword_and_hybrid_modes(matcher_inde
     )
     kept = searcher.search("red circle", "images", k=8, rerank=8, mode=mode, min_match=0.5)
     assert all(h.match >= 0.5 for h in kept) and len(kept) == sum(v >= 0.5 for v in truth.values())
+
+
+def test_the_matcher_behind_lancedbs_own_reranker_interface(matcher_index, tiny_checkpoint):
+    # LanceDB's query builder, on the table our indexer wrote, with MatcherReranker: the same
+    # order and probabilities as Searcher.search(rerank=K).
+    import lancedb
+
+    from indexer.lance_reranker import MatcherReranker
+
+    root, ckpt_dir, _ = matcher_index
+    ckpt = load_checkpoint(ckpt_dir)
+    batch = ckpt.tokenizer(["a red circle"])
+    with torch.inference_mode():
+        vector = ckpt.retrieval_model.encode_text(batch.text_ids, batch.padding_mask)[0].numpy()
+    conn = lancedb.connect(str(root / "db" / "lancedb"))
+    names = conn.list_tables().tables
+    name = next(n for n in names if n.startswith("images"))
+    table = conn.open_table(name)
+    reranker = MatcherReranker(ckpt_dir)
+    out = table.search(vector).limit(12).rerank(reranker, query_string="a red circle").to_arrow()
+    ours = Searcher(root / "db", device="cpu").search("a red circle", "images", k=12, rerank=12)
+    assert out["path"].to_pylist() == [h.path for h in ours]
+    assert out["_relevance_score"].to_pylist() == pytest.approx([h.match for h in ours], abs=1e-5)
+    assert "_distance" not in out.column_names
+    full = MatcherReranker(ckpt, return_score="all")
+    kept = table.search(vector).limit(4).rerank(full, query_string="a red circle").to_arrow()
+    assert "_distance" in kept.column_names and len(kept) == 4
+    texts = conn.open_table(next(n for n in names if n.startswith("texts")))
+    with pytest.raises(InputDataError, match="text query against an image table"):
+        texts.search(vector).limit(4).rerank(reranker, query_string="a red circle").to_arrow()
+    with pytest.raises(CheckpointError, match="no matcher: fine-tune it with --itm"):
+        MatcherReranker(tiny_checkpoint)
