@@ -1,6 +1,6 @@
 """Train the bundled demo model from the bundled emoji data, with the project's own recipe.
 
-    python demo/train_model.py                 # the demo model -> demo/model (about 40 min, 2 cores)
+    python demo/train_model.py                 # the demo model -> demo/model (about 75 min, 2 cores)
     python demo/train_model.py --compare       # also: the same compute spent from scratch
 
 Stages (each is skipped when its output already exists in --work, so an interrupted run
@@ -255,7 +255,7 @@ def run(
     itm: bool = False,
     from_model: Path | None = None,
     from_stage: str = "refine",
-    corpus: str = "emoji",
+    corpus: str = "broad",
 ) -> dict:
     torch.set_num_threads(threads)
     random.seed(0)
@@ -555,9 +555,9 @@ def main() -> None:
     parser.add_argument(
         "--corpus",
         choices=("emoji", "broad"),
-        default="emoji",
-        help="text for the tokenizer and pre-training: the emoji train split only, or also "
-        "WordNet (Debian's wordnet-base)",
+        default="broad",
+        help="text for the tokenizer and pre-training: also WordNet (Debian's wordnet-base; "
+        "the bundled model), or the emoji train split only (the recipe before 2026-12-02)",
     )
     args = parser.parse_args()
     if args.from_stage == "itm" and not (args.itm and args.from_model):

@@ -184,7 +184,7 @@ class MatchingTask(ContrastiveTask):
     temperature), so above 1 they are less hard, and the temperature moves linearly from the
     first at the first step to the second at the last: a curriculum from easy negatives to
     the hardest. On the demo model, a matcher trained on the hardest negatives from
-    the first step stayed at the class prior (BCE 0.636) for 100 steps; drawn at temperature 10
+    the first step stayed at the class prior (BCE 0.636) for 80-100 steps; drawn at temperature 10
     its loss fell to 0.57 in 60 steps (README, "The matcher"). ``contrastive_weight`` (default
     1.0): 0 trains the matcher alone and freezes everything else (the dual encoder stays as
     it was: a matcher added to a fine-tuned model without changing its search results).
