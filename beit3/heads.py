@@ -230,8 +230,12 @@ class Beit3WithMatcher(Beit3ForRetrieval):
         )
         if self.itm_fusion.layer_norm is not None:
             parts = self.itm_fusion.layer_norm.route(parts)
-        assert parts[1] is not None
-        return self.itm_head(parts[1][:, 0])
+        vision_cls, text_cls = parts
+        assert vision_cls is not None and text_cls is not None
+        # The vision CLS of the last fusion layer is not pooled; adding it with weight 0 gives
+        # the vision expert of that layer (and of the final LayerNorm) a zero gradient instead
+        # of none, which DDP requires of every trained parameter.
+        return self.itm_head(text_cls[:, 0]) + 0.0 * vision_cls[:, 0].float().sum(-1)
 
     def match_probability(
         self, images: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None
