@@ -99,6 +99,12 @@ class Beit3ForRetrieval(nn.Module):
         return RetrievalOutput(image_embeds, text_embeds, self.logit_scale)
 
 
+def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, ...) -> (the distinct rows (U, ...), each row's index among them (B,))."""
+    rows, index = torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True)
+    return rows.reshape(-1, *x.shape[1:]), index
+
+
 class MatchHead(nn.Module):
     """Image-text matching head: the pooler of the official NLVR2 / VQA heads (LayerNorm,
     Linear, tanh) on a pooled token of the joint sequence, then one logit.
@@ -215,11 +221,20 @@ class Beit3WithMatcher(Beit3ForRetrieval):
             ).hidden_states  # (B, 2, D): vision CLS, text <s>
             return self.itm_head(hidden[:, 1])
         lower = self.config.depth - self.fusion_layers
-        with torch.no_grad():  # the dual encoder's states; matching does not train them
-            vision = self.beit3(images=images, num_layers=lower).hidden_states
+        # The dual encoder's states (matching does not train them), once per distinct image and
+        # text: a reranked query repeats in every pair, a training image in two of three.
+        with torch.no_grad():
+            pixels, image_of = _distinct_rows(images)
+            vision = self.beit3(images=pixels, num_layers=lower).hidden_states[image_of]
+            keys = text_ids if padding_mask is None else torch.cat([text_ids, padding_mask], 1)
+            _, text_of = _distinct_rows(keys)
+            first = torch.zeros(int(text_of.max()) + 1, dtype=torch.long, device=keys.device)
+            first[text_of] = torch.arange(len(text_of), device=keys.device)
             text = self.beit3(
-                text_ids=text_ids, padding_mask=padding_mask, num_layers=lower
-            ).hidden_states
+                text_ids=text_ids[first],
+                padding_mask=None if padding_mask is None else padding_mask[first],
+                num_layers=lower,
+            ).hidden_states[text_of]
         mask = None if padding_mask is None else joint_padding_mask(vision.shape[1], padding_mask)
         parts = run_layers(
             self.itm_fusion.layers,
