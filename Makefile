@@ -27,12 +27,12 @@ install: $(VENV)/.installed
 
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # Debian packages the tests use: Chromium for the end-to-end browser test (no browser download),
-# the Noto emoji font for the demo-data builder test.
+# the Noto emoji font for the demo-data builder test, rsvg-convert for the icon-corpus test.
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1 || [ ! -f $(EMOJI_FONT) ]; then \
+	@if ! command -v chromium >/dev/null 2>&1 || [ ! -f $(EMOJI_FONT) ] || ! command -v rsvg-convert >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; \
-	  else echo "missing: run 'sudo apt-get install -y chromium fonts-noto-color-emoji' (tests that need them skip)"; fi; fi
+	    apt-get install -y -qq chromium fonts-noto-color-emoji librsvg2-bin >/dev/null; \
+	  else echo "missing: run 'sudo apt-get install -y chromium fonts-noto-color-emoji librsvg2-bin' (tests that need them skip)"; fi; fi
 
 # The bundled emoji dataset (committed in demo/data/emoji/), rebuilt from Debian's emoji font.
 demo-data: install

@@ -1,7 +1,8 @@
-"""Broad English text for the demo recipe's tokenizer and text pre-training, built offline.
+"""Broad text and images for the demo recipe's tokenizer and pre-training, built offline.
 
     apt-get install -y --no-install-recommends wordnet-base
     python demo/corpora.py --out .cache/corpora/wordnet.txt     # 117,659 lines, ~1 s
+    python demo/corpora.py --icons .cache/corpora/icons         # icon themes -> 64-px PNGs
 
 WordNet 3.0 (Debian ``wordnet-base``; the WordNet 3.0 licence, Princeton University: use, copy,
 modify and distribute with its copyright notice, see ``/usr/share/doc/wordnet-base/copyright``):
@@ -9,14 +10,30 @@ one line per synset, its lemmas then its gloss, e.g. ``flamingo: large pink to s
 wading bird with down-bent bill; inhabits brackish lakes``. Unlike the emoji names (the only text
 the recipe saw before), it covers everyday English: function words, animals, objects, actions,
 colours, so that a tokenizer trained on it spells the captions of other domains in whole words.
+
+Icons (``--icons``): the Debian packages of six icon themes (:data:`ICON_THEMES`), fetched with
+``apt-get download`` (no root: nothing is installed) and unpacked with ``dpkg-deb -x`` in
+``<out>-debs``; one image per icon name and theme (a PNG of 64 px or more, else the SVG rendered
+by ``rsvg-convert`` from Debian's ``librsvg2-bin``, else a 48-px PNG), on white, 64 x 64, as
+the emoji are; symbolic (one-colour) icons, the dark variants of a theme, near-blank images and
+exact duplicates left out. Their licences (``icons.json`` records each package's version and
+licence): Tango public domain, Oxygen LGPL-3+, Moka CC-BY-SA-4.0 or GPL-3+, Faenza GPL-3+,
+elementary GPL-3+, Papirus GPL-3; the images stay in the recipe's work directory, only a model
+trained on them is bundled. None of them is emoji art or Tux Paint's stamps (the held-out peer
+domain, bench/peer).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 WORDNET = Path("/usr/share/wordnet")
@@ -61,11 +78,183 @@ def write_wordnet(out: Path, root: Path = WORDNET) -> Path:
     return out
 
 
+# package -> the theme folder under usr/share/icons kept (the others are dark or panel variants)
+ICON_THEMES = {
+    "tango-icon-theme": "Tango",
+    "oxygen-icon-theme": "oxygen",
+    "moka-icon-theme": "Moka",
+    "faenza-icon-theme": "Faenza",
+    "elementary-icon-theme": "elementary",
+    "papirus-icon-theme": "Papirus",
+}
+ICON_SIZE = 64
+_SIZE_DIR = re.compile(r"^(\d+)(?:x\d+)?(?:@(\d)x)?$")  # 48, 48x48, 48x48@2x
+
+
+def fetch_debs(packages: list[str], dest: Path) -> dict[str, Path]:
+    """``apt-get download`` each package into ``dest`` (once) and unpack it beside; returns
+    package -> unpacked root.
+
+    Raises:
+        SystemExit: apt-get could not fetch a package (its message, and the package).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    roots = {}
+    for package in packages:
+        root = dest / package
+        if not (root / ".unpacked").exists():
+            debs = sorted(dest.glob(f"{package}_*.deb"))
+            if not debs:
+                done = subprocess.run(
+                    ["apt-get", "download", package], cwd=dest, capture_output=True, text=True
+                )
+                debs = sorted(dest.glob(f"{package}_*.deb"))
+                if done.returncode != 0 or not debs:
+                    raise SystemExit(
+                        f"error: apt-get download {package} failed: "
+                        f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+                    )
+            subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True)
+            (root / ".version").write_text(
+                subprocess.run(
+                    ["dpkg-deb", "-f", str(debs[-1]), "Version"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+            )
+            (root / ".unpacked").touch()
+        roots[package] = root
+    return roots
+
+
+def icon_sources(theme_dir: Path) -> dict[str, Path]:
+    """The best file of each icon name in one theme: a PNG of >= 64 px (the smallest such),
+    else an SVG (any size: rendered at 64), else a PNG of 48 px; symbolic icons and symlinks
+    (another name's file) left out."""
+    best: dict[str, tuple[tuple, Path]] = {}
+    for path in theme_dir.rglob("*"):
+        if path.suffix not in (".png", ".svg") or path.is_symlink() or not path.is_file():
+            continue
+        parts = path.relative_to(theme_dir).parts
+        name = path.stem
+        if "symbolic" in name or any("symbolic" in p for p in parts):
+            continue
+        size = 0
+        for part in parts[:-1]:
+            m = _SIZE_DIR.match(part)
+            if m:
+                size = int(m.group(1)) * int(m.group(2) or 1)
+        if path.suffix == ".png":
+            if size >= ICON_SIZE:
+                rank = (0, size)
+            elif size >= 48:
+                rank = (2, -size)
+            else:
+                continue
+        else:
+            rank = (1, -size)
+        if name not in best or rank < best[name][0]:
+            best[name] = (rank, path)
+    return {name: path for name, (_, path) in sorted(best.items())}
+
+
+def render_icon(path: Path, size: int = ICON_SIZE):
+    """The icon as a ``size`` x ``size`` RGB image on white (an SVG through rsvg-convert)."""
+    from PIL import Image
+
+    if path.suffix == ".svg":
+        png = subprocess.run(
+            ["rsvg-convert", "-w", str(size), "-h", str(size), "-f", "png", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        ).stdout
+        image = Image.open(io.BytesIO(png))
+    else:
+        image = Image.open(path)
+    image = image.convert("RGBA")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+
+
+def _blank(image) -> bool:
+    """Near-blank on white: under 3% of the pixels differ visibly from white."""
+    import numpy as np
+
+    arr = np.asarray(image, dtype=np.int16)
+    return float(((255 - arr).max(axis=2) > 24).mean()) < 0.03
+
+
+def build_icons(
+    out: Path, themes: dict[str, str] = ICON_THEMES, debs: Path | None = None, workers: int = 2
+) -> dict:
+    """Fetch, pick, render and de-duplicate the icon themes into ``out/<theme>/<name>.png``
+    (the packages in ``debs``, default ``<out>-debs`` beside it, so that ``out`` holds only the
+    images); writes and returns ``out/icons.json`` (counts, versions, licences). Done once: an
+    existing icons.json is returned as is."""
+    summary_path = out / "icons.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    roots = fetch_debs(list(themes), debs or out.with_name(out.name + "-debs"))
+    seen: set[str] = set()
+    summary: dict = {"size": ICON_SIZE, "themes": {}, "images": 0}
+    for package, theme in themes.items():
+        root = roots[package]
+        sources = icon_sources(root / "usr" / "share" / "icons" / theme)
+        dest = out / theme
+        dest.mkdir(parents=True, exist_ok=True)
+        counts = {"names": len(sources), "kept": 0, "blank": 0, "duplicate": 0, "unreadable": 0}
+
+        def load(item: tuple[str, Path]):
+            try:
+                return item[0], render_icon(item[1])
+            except Exception:  # noqa: BLE001 - a broken icon file is counted, not fatal
+                return item[0], None
+
+        with ThreadPoolExecutor(workers) as pool:
+            for name, image in pool.map(load, sources.items()):
+                if image is None:
+                    counts["unreadable"] += 1
+                    continue
+                if _blank(image):
+                    counts["blank"] += 1
+                    continue
+                digest = hashlib.sha1(image.tobytes()).hexdigest()
+                if digest in seen:
+                    counts["duplicate"] += 1
+                    continue
+                seen.add(digest)
+                image.save(dest / f"{name}.png", optimize=True)
+                counts["kept"] += 1
+        copyright_file = root / "usr" / "share" / "doc" / package / "copyright"
+        licences = re.findall(r"^License: (.+)$", copyright_file.read_text(errors="replace"), re.M)
+        summary["themes"][theme] = {
+            "package": package,
+            "version": (root / ".version").read_text(),
+            "licences": sorted(set(licences)),
+            **counts,
+        }
+        summary["images"] += counts["kept"]
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(summary_path)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="write WordNet's texts to this file")
+    target.add_argument("--icons", type=Path, help="build the icon images in this folder")
     parser.add_argument("--wordnet", type=Path, default=WORDNET)
     args = parser.parse_args()
+    if args.icons is not None:
+        summary = build_icons(args.icons)
+        print(json.dumps(summary, indent=2))
+        return
     path = write_wordnet(args.out, args.wordnet)
     lines = sum(1 for _ in path.open(encoding="utf-8"))
     print(f"{path}: {lines:,} texts from {args.wordnet}", file=sys.stderr)

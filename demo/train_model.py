@@ -8,11 +8,15 @@ continues where it stopped):
   1. manifests   train / val / test JSONL from demo/data/emoji (train: the CLDR name, its aliases
                  and a few phrasings of it as captions; val / test: the CLDR name only)
      corpora     (only with --corpus broad) WordNet's synsets as text (demo/corpora.py)
+     icons       (only with --images icons) six Debian icon themes as 64-px images
+                 (demo/corpora.py; ~11,000 images, ~10 min)
   2. spm         a sentencepiece model on the train split's names and aliases (case-folded;
                  with --corpus broad also on WordNet, 4,000 pieces)
-  3. vqkd        a VQ-KD visual tokenizer on the train images, reconstructing patch pixels
+  3. vqkd        a VQ-KD visual tokenizer on the train images (and the icons), reconstructing
+                 patch pixels
   4. pretrain    masked data modeling (one loss) on train images, texts and pairs (with
-                 --corpus broad the text stream also reads WordNet)
+                 --corpus broad the text stream also reads WordNet, with --images icons the
+                 image stream also the icons)
   5. finetune    the dual encoder on train pairs, best of the val evaluations kept
   6. refine      more contrastive steps from 5 without drop-path or layer decay, with milder
                  crops (5 underfits its own train split: issue 16's measurement)
@@ -30,7 +34,10 @@ earlier demo/model); with ``--from-stage itm --itm`` it skips stage 6 too (DIR i
 model, e.g. the bundled one).
 With --compare: a randomly initialised model of the same architecture is fine-tuned for as many
 CPU seconds as stages 3-6 took together (the same compute budget), and evaluated the same way;
-``compare.json`` holds both rows.
+``compare.json`` holds both rows. ``--compare-with DIR`` compares an existing model of this
+recipe (e.g. the bundled one) without re-training it: stages 1-4 run to measure their compute,
+stages 5-6 are costed at the CPU time of a fine-tuning step (measured: two short runs, their
+difference), and DIR is evaluated as the pre-trained row.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,7 +70,7 @@ from beit3 import (  # noqa: E402
 from beit3.pretrain import PretrainConfig, VisualTokenizerConfig, pretrain  # noqa: E402
 from beit3.pretrain.visual_tokenizer import train_visual_tokenizer  # noqa: E402
 from beit3.transforms import PreprocessConfig  # noqa: E402
-from demo.corpora import write_wordnet  # noqa: E402
+from demo.corpora import build_icons, write_wordnet  # noqa: E402
 from demo.measure_model import measure  # noqa: E402
 from training import EvalConfig, FinetuneConfig, evaluate, finetune  # noqa: E402
 from training.finetune import GRAD_CLIP_FROM_SCRATCH  # noqa: E402
@@ -211,6 +219,12 @@ def write_manifests(work: Path) -> dict[str, Path]:
     return out
 
 
+def _icons(out: Path) -> Path:
+    summary = build_icons(out)
+    logger.info("icons: %d images from %d themes", summary["images"], len(summary["themes"]))
+    return out
+
+
 def _timed(state: dict, name: str, work: Path, fn):
     """Run a stage once: its result and duration are kept in work/recipe.json."""
     if name in state:
@@ -256,6 +270,8 @@ def run(
     from_model: Path | None = None,
     from_stage: str = "refine",
     corpus: str = "broad",
+    compare_with: Path | None = None,
+    images: str = "emoji",
 ) -> dict:
     torch.set_num_threads(threads)
     random.seed(0)
@@ -273,6 +289,10 @@ def run(
         if broad
         else None
     )
+
+    extra_images: tuple[str, ...] = ()
+    if images == "icons":
+        extra_images = (_timed(state, "icons", work, lambda: str(_icons(work / "icons"))),)
 
     def spm() -> str:
         texts = []
@@ -301,7 +321,7 @@ def run(
         result = train_visual_tokenizer(
             VisualTokenizerConfig(
                 output_dir=str(work / "vqkd"),
-                data=(str(train),),
+                data=(str(train),) + extra_images,
                 preset="vqkd-base",
                 overrides=v["overrides"],
                 teacher="pixels",
@@ -335,7 +355,7 @@ def run(
                 visual_tokenizer=vqkd_path,
                 pair_data=(str(train),),
                 text_data=(str(train),) + ((str(wordnet),) if wordnet is not None else ()),
-                image_data=(str(train),),
+                image_data=(str(train),) + extra_images,
                 text_batch_size=p["batch"],
                 image_batch_size=p["batch"],
                 pair_batch_size=p["batch"],
@@ -380,6 +400,21 @@ def run(
         resume="latest",
         seed=0,
     )
+
+    if compare_with is not None:  # stages 3-4 ran to measure their compute; DIR stands for 5-6
+        test = _timed(
+            state,
+            "evaluate",
+            work,
+            lambda: _evaluate(str(compare_with), manifests["test"], work / "eval-test"),
+        )
+        return {
+            "model": str(compare_with),
+            "test": test,
+            "compare": _compare(
+                state, work, base_ft, tokenizer, model_overrides, manifests, recipe, test
+            ),
+        }
 
     def finetune_stage() -> str:
         finetune(FinetuneConfig(**base_ft, output_dir=str(work / "finetune"), init=pretrained))
@@ -462,13 +497,10 @@ def _compare(
 
     Compute is measured as the process's CPU time (all its threads; data loading runs in the
     same process), which other load on the machine inflates far less than wall-clock time.
+    Where stages 5-6 did not run here (``--compare-with``), they are costed at the CPU time of
+    one fine-tuning step from scratch (``_step_cost``) times their steps.
     """
-    budget = sum(state[k]["cpu_seconds"] for k in TRAINING_STAGES)
     ft_steps = recipe["finetune"]["max_steps"]
-    # CPU time per fine-tuning step, from the pretrained run (same architecture and batch); the
-    # val evaluations are part of it in both runs.
-    per_step = state["finetune"]["cpu_seconds"] / ft_steps
-    steps = max(ft_steps, int(budget / per_step))
 
     def scratch_init() -> str:
         torch.manual_seed(0)
@@ -487,8 +519,8 @@ def _compare(
 
     init = _timed(state, "scratch-init", work, scratch_init)
 
-    def scratch() -> str:
-        settings = {
+    def settings(steps: int) -> dict:
+        return {
             **base_ft,
             "max_steps": steps,
             "lr": recipe["scratch_lr"],
@@ -497,8 +529,25 @@ def _compare(
             # for an --init is 0, which left the peer-domain runs at the loss of chance)
             "grad_clip": GRAD_CLIP_FROM_SCRATCH,
             "eval_every": max(1, steps // 6),
+            "init": init,
         }
-        finetune(FinetuneConfig(**settings, output_dir=str(work / "scratch"), init=init))
+
+    if state.get("finetune", {}).get("cpu_seconds", 0) > 0:  # the whole recipe ran in this work dir
+        budget = sum(state[k]["cpu_seconds"] for k in TRAINING_STAGES)
+        # CPU time per fine-tuning step, from the pretrained run (same architecture and batch);
+        # the val evaluations are part of it in both runs.
+        per_step = state["finetune"]["cpu_seconds"] / ft_steps
+        costed: dict = {k: state[k]["cpu_seconds"] for k in TRAINING_STAGES}
+    else:
+        per_step = _timed(state, "step-cost", work, lambda: _step_cost(settings, work))
+        later = ("finetune", "refine")
+        costed = {k: state[k]["cpu_seconds"] for k in TRAINING_STAGES if k not in later}
+        costed.update({k: per_step * recipe[k]["max_steps"] for k in later})
+        budget = sum(costed.values())
+    steps = max(ft_steps, int(budget / per_step))
+
+    def scratch() -> str:
+        finetune(FinetuneConfig(**settings(steps), output_dir=str(work / "scratch")))
         return str(work / "scratch" / "best")
 
     best = _timed(state, "scratch", work, scratch)
@@ -510,8 +559,10 @@ def _compare(
     )
     result = {
         "budget_cpu_seconds": round(budget, 1),
+        "finetune_step_cpu_seconds": round(per_step, 3),
         "pretrain_then_finetune": {
             "cpu_seconds": round(budget, 1),
+            "cpu_seconds_by_stage": {k: round(v, 1) for k, v in costed.items()},
             "steps": {k: recipe[k]["max_steps"] for k in TRAINING_STAGES},
             "test": test,
         },
@@ -523,6 +574,22 @@ def _compare(
     }
     (work / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _step_cost(settings, work: Path, short: int = 10, long: int = 60) -> float:
+    """CPU seconds of one fine-tuning step: two fresh runs of ``short`` and ``long`` steps without
+    val evaluations; their difference leaves out what each pays once (data, model, checkpoint)."""
+    cpu = {}
+    for n in (short, long):
+        out = work / f"step-cost-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = {**settings(n), "val": None, "resume": None, "save_every": 10 * n}
+        start = time.process_time()
+        finetune(FinetuneConfig(**config, output_dir=str(out)))
+        cpu[n] = time.process_time() - start
+    per_step = (cpu[long] - cpu[short]) / (long - short)
+    logger.info("a fine-tuning step costs %.3f CPU s (%s)", per_step, cpu)
+    return per_step
 
 
 def main() -> None:
@@ -559,7 +626,26 @@ def main() -> None:
         help="text for the tokenizer and pre-training: also WordNet (Debian's wordnet-base; "
         "the bundled model), or the emoji train split only (the recipe before 2026-12-02)",
     )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the ablation against an existing model of this recipe (e.g. demo/model) without "
+        "re-training it: stages 1-4 run to measure their compute, 5-6 are costed per step",
+    )
+    parser.add_argument(
+        "--images",
+        choices=("emoji", "icons"),
+        default="emoji",
+        help="images for the visual tokenizer and pre-training: the emoji train split only, or "
+        "also six Debian icon themes (demo/corpora.py; apt-get download, rsvg-convert)",
+    )
     args = parser.parse_args()
+    if (args.compare or args.compare_with) and args.from_model:
+        parser.error(
+            "--compare / --compare-with need the compute of stages 3-4: not with --from-model"
+        )
     if args.from_stage == "itm" and not (args.itm and args.from_model):
         parser.error("--from-stage itm needs --itm and --from-model")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -573,6 +659,8 @@ def main() -> None:
         args.from_model,
         args.from_stage,
         args.corpus,
+        args.compare_with,
+        args.images,
     )
     print(json.dumps(summary, indent=2))
 
