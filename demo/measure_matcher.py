@@ -1,9 +1,10 @@
 """Does the bundled model's match probability separate answers from nonsense on the demo index?
 
-    python demo/measure_matcher.py [--rerank 32] [--cutoff 0.5]
+    python demo/measure_matcher.py [--rerank 32] [--cutoff 0.5] [--model DIR]
 
-Builds the demo index of all 3,788 bundled emoji with the bundled model (demo/model), as
-``make demo`` does, then, with the top
+Builds the demo index of all 3,788 bundled emoji with the bundled model (demo/model; or
+``--model``, e.g. the itm stage of ``demo/train_model.py --itm``), as ``make demo`` does, then,
+with the top
 ``--rerank`` vector hits re-scored by the fusion encoder:
 - the no-answer queries of tests/fixtures/no_answer_queries.txt: how many return no hit at or
   above the cutoff (the app then says "no confident match");
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.demo import DEMO_CAPTIONS, build_demo_index  # noqa: E402
+from app.screenshot import index_demo_with  # noqa: E402
 from indexer import Searcher  # noqa: E402
 
 NO_ANSWER = ROOT / "tests" / "fixtures" / "no_answer_queries.txt"
@@ -79,12 +81,16 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, default=32)
     parser.add_argument("--cutoff", type=float, default=0.5)
     parser.add_argument("--db", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
     args = parser.parse_args()
     rows = [json.loads(line) for line in DEMO_CAPTIONS.read_text().splitlines() if line]
     names = [(r["text"], r["text"]) for r in rows if r["split"] == "test"]
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or Path(tmp) / "db"
-        build_demo_index(db, device="cpu", num_workers=0)
+        if args.model is None:
+            build_demo_index(db, device="cpu", num_workers=0)
+        else:
+            index_demo_with(args.model, db)
         searcher = Searcher(db, device="cpu")
         result = {
             "model_id": searcher.model_id,
