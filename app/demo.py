@@ -47,6 +47,7 @@ def build_demo_index(
     db: str | Path | None = None,
     *,
     captions: str | Path | None = None,
+    model: str | Path | None = None,
     device: str = "auto",
     num_workers: int = 2,
     progress: ProgressFn | None = None,
@@ -57,6 +58,7 @@ def build_demo_index(
         db: the database directory; default :func:`default_demo_db`.
         captions: a captions file in the bundled format (default: the whole bundled set; tests
             pass a slice).
+        model: the checkpoint directory that embeds both tables (default: the bundled model).
         device, num_workers, progress: as for :func:`indexer.index_images`.
 
     Returns:
@@ -65,17 +67,19 @@ def build_demo_index(
     _check_bundle()
     db = Path(db) if db is not None else default_demo_db()
     captions = Path(captions) if captions is not None else DEMO_CAPTIONS
-    model = load_checkpoint(DEMO_MODEL, device=resolve_device(device))  # once for both tables
+    checkpoint = load_checkpoint(  # once for both tables
+        Path(model) if model is not None else DEMO_MODEL, device=resolve_device(device)
+    )
     images = index_images(
         [captions],
         db,
-        model,
+        checkpoint,
         table="images",
         device=device,
         num_workers=num_workers,
         progress=progress,
     )
     texts = index_texts(
-        captions, db, model, column="text", table="texts", device=device, progress=progress
+        captions, db, checkpoint, column="text", table="texts", device=device, progress=progress
     )
     return db, images, texts

@@ -288,15 +288,9 @@ def take_screenshots(
 def index_demo_with(model: Path, db: Path) -> Path:
     """Index the bundled emoji images (labelled with their names) and the names as a text table
     with ``model``, as ``beit3 demo`` does with the bundled model; returns ``db``."""
-    from app.demo import DEMO_CAPTIONS
-    from beit3 import load_checkpoint
-    from indexer import index_images, index_texts
-    from indexer.embed import resolve_device
+    from app.demo import build_demo_index
 
-    checkpoint = load_checkpoint(model, device=resolve_device("auto"))
-    index_images([DEMO_CAPTIONS], db, checkpoint, table="images")
-    index_texts(DEMO_CAPTIONS, db, checkpoint, column="text", table="texts")
-    return db
+    return build_demo_index(db, model=model)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
