@@ -8,6 +8,12 @@ time the reranking adds.
     python bench/rerank_speed.py                          # demo model + beit3-base (random)
     python bench/rerank_speed.py --models demo --ks 8,16,32,64 --queries 40
     python bench/rerank_speed.py --device cuda            # the GPU rows (bench/gpu_check.sh)
+    python bench/rerank_speed.py --models demo --encoders fp32,int8   # the int8 encoder beside
+
+``--encoders``: each model is indexed once per encoder (``int8``: ``index_images(quantize=
+"int8")``, so the query, its vectors and the matcher all run through the dynamically quantised
+model, as ``beit3 search`` does on such an index); every row's ratio is to the dual-encoder
+query of the same encoder, measured just before it.
 
 Models: ``demo`` is the bundled model (demo/model; without a trained matcher it gets a fresh
 matcher head on its weights: the same computation) on 600 of the bundled emoji; ``base`` is ``beit3-base`` at 224 px with random weights
@@ -42,7 +48,9 @@ QUERIES = [
 ]  # fmt: skip
 
 
-def _demo_index(work: Path, device: str, count: int, backend: str) -> tuple[Path, str]:
+def _demo_index(
+    work: Path, device: str, count: int, backend: str, quantize: str | None
+) -> tuple[Path, str]:
     import json
 
     model = ROOT / "demo" / "model"
@@ -64,11 +72,15 @@ def _demo_index(work: Path, device: str, count: int, backend: str) -> tuple[Path
     for row in rows[:count]:
         (folder / Path(row["image"]).name).symlink_to(ROOT / "demo/data/emoji" / row["image"])
     db = work / "demo-db"
-    index_images([folder], db, model, num_workers=0, device=device, backend=backend)
+    index_images(
+        [folder], db, model, num_workers=0, device=device, backend=backend, quantize=quantize
+    )
     return db, load_checkpoint(model).model_id
 
 
-def _base_index(work: Path, device: str, count: int, backend: str) -> tuple[Path, str]:
+def _base_index(
+    work: Path, device: str, count: int, backend: str, quantize: str | None
+) -> tuple[Path, str]:
     from PIL import Image
 
     spm = ROOT / "demo" / "model" / "tokenizer"
@@ -84,7 +96,9 @@ def _base_index(work: Path, device: str, count: int, backend: str) -> tuple[Path
         pixels = (torch.rand(224, 224, 3, generator=gen) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     db = work / "base-db"
-    index_images([folder], db, path, num_workers=0, device=device, backend=backend)
+    index_images(
+        [folder], db, path, num_workers=0, device=device, backend=backend, quantize=quantize
+    )
     return db, load_checkpoint(path).model_id
 
 
@@ -113,6 +127,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="lancedb", help="lancedb or faiss")
+    parser.add_argument("--encoders", default="fp32", help="comma-separated: fp32, int8 (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
@@ -121,35 +136,39 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.backend}"
     )
     print(
-        f"{'model':28s} {'rerank':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'x dual':>7s} {'+p50 ms':>8s}"
+        f"{'model':33s} {'rerank':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'x dual':>7s} {'+p50 ms':>8s}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            work = Path(tmp) / name
-            work.mkdir()
-            start = time.perf_counter()
-            if name == "demo":
-                db, model_id = _demo_index(work, args.device, 600, args.backend)
-                queries = args.queries
-            elif name == "base":
-                db, model_id = _base_index(work, args.device, 64, args.backend)
-                queries = max(5, args.queries // 3)
-            else:
-                raise SystemExit(f"unknown model {name!r}: use demo or base")
-            searcher = Searcher(db, device=args.device)
-            built = time.perf_counter() - start
-            dual = _latencies(searcher, 0, queries)
-            p50 = statistics.median(dual)
-            label = f"{name} {model_id}"
-            print(f"{label:28s} {0:6d} {p50:9.1f} {_p(dual, 99):9.1f} {1.0:7.2f} {0.0:8.1f}")
-            for k in ks:
-                times = _latencies(searcher, k, queries)
-                k50 = statistics.median(times)
-                print(
-                    f"{label:28s} {k:6d} {k50:9.1f} {_p(times, 99):9.1f} "
-                    f"{k50 / p50:7.2f} {k50 - p50:8.1f}"
-                )
-            print(f"# {name}: index built in {built:.1f} s; {queries} queries per row")
+            for encoder in args.encoders.split(","):
+                _rows(name, encoder, Path(tmp) / f"{name}-{encoder}", ks, args)
+
+
+def _rows(name: str, encoder: str, work: Path, ks: list[int], args: argparse.Namespace) -> None:
+    work.mkdir()
+    quantize = None if encoder == "fp32" else encoder
+    start = time.perf_counter()
+    if name == "demo":
+        db, model_id = _demo_index(work, args.device, 600, args.backend, quantize)
+        queries = args.queries
+    elif name == "base":
+        db, model_id = _base_index(work, args.device, 64, args.backend, quantize)
+        queries = max(5, args.queries // 3)
+    else:
+        raise SystemExit(f"unknown model {name!r}: use demo or base")
+    searcher = Searcher(db, device=args.device)
+    built = time.perf_counter() - start
+    dual = _latencies(searcher, 0, queries)
+    p50 = statistics.median(dual)
+    label = f"{name} {model_id}" + ("" if quantize is None else f" {encoder}")
+    print(f"{label:33s} {0:6d} {p50:9.1f} {_p(dual, 99):9.1f} {1.0:7.2f} {0.0:8.1f}")
+    for k in ks:
+        times = _latencies(searcher, k, queries)
+        k50 = statistics.median(times)
+        print(
+            f"{label:33s} {k:6d} {k50:9.1f} {_p(times, 99):9.1f} {k50 / p50:7.2f} {k50 - p50:8.1f}"
+        )
+    print(f"# {name} {encoder}: index built in {built:.1f} s; {queries} queries per row")
 
 
 if __name__ == "__main__":
