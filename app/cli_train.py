@@ -114,6 +114,15 @@ def register(cli: typer.Typer) -> None:
                 "checkpoint's (0.07 from scratch)."
             ),
         ] = None,
+        neighbour_batches: Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="Build batches from groups of this many pairs the start model finds alike "
+                "(each pair with its nearest pairs of other images), so the loss meets near "
+                "duplicates; 0: random batches.",
+            ),
+        ] = 0,
         img_size: Annotated[int | None, typer.Option(help="From scratch only.")] = None,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
         activation_checkpointing: bool = False,
@@ -188,6 +197,7 @@ def register(cli: typer.Typer) -> None:
             crop_scale=crop_scale,
             hflip=hflip,
             temperature=temperature,
+            neighbour_batches=neighbour_batches,
             img_size=img_size,
             precision=precision,
             use_checkpoint=activation_checkpointing,

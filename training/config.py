@@ -70,6 +70,10 @@ class FinetuneConfig(ConfigMixin):
         max_negatives: hard negatives used per text: a JSONL row's ``negatives`` (images that
             do not match its text, e.g. from relevance feedback) are scored against that text
             only, as extra columns of its contrastive row (:mod:`training.data`); 0 ignores them.
+        neighbour_batches: build the batches from neighbourhoods of this many pairs that the
+            start model finds alike (a pair and its nearest pairs of other images,
+            :class:`training.data.NeighbourSampler`), computed once at the start and kept in
+            ``output_dir/neighbours.pt``; 0: random batches. Needs a manifest or caption folder.
     """
 
     train: str
@@ -109,6 +113,7 @@ class FinetuneConfig(ConfigMixin):
     num_workers: int = 4
     shuffle_buffer: int = 1000
     max_negatives: int = 8
+    neighbour_batches: int = 0
     log_every: int = 10
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -158,6 +163,15 @@ class FinetuneConfig(ConfigMixin):
             raise ConfigError(f"strategy {self.strategy!r} unknown; use one of {STRATEGIES}")
         if not isinstance(self.max_negatives, int) or self.max_negatives < 0:
             raise ConfigError(f"max_negatives must be an integer >= 0, got {self.max_negatives!r}")
+        if (
+            not isinstance(self.neighbour_batches, int)
+            or self.neighbour_batches < 0
+            or self.neighbour_batches == 1
+        ):
+            raise ConfigError(
+                "neighbour_batches must be 0 (random batches) or a group size >= 2, got "
+                f"{self.neighbour_batches!r}"
+            )
         if self.num_workers < 0 or self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
             raise ConfigError("num_workers must be >= 0, keep_checkpoints and shuffle_buffer >= 1")
 

@@ -9,6 +9,11 @@
   feedback, :mod:`indexer.feedback`). Batches then are :class:`NegativeBatch`: the pairs plus the
   negative images and the row that owns each; the contrastive loss adds them as extra columns
   for their own text only (:class:`training.loss.ClipLoss`).
+- Neighbour batches (:class:`NeighbourSampler`): instead of a random permutation, each epoch's
+  batches are built from groups of pairs that a model finds alike (a pair and its nearest pairs
+  of *other* images, :func:`nearest_pairs`), so the contrastive loss meets the confusions a
+  random batch of a few hundred out of thousands almost never holds ("thumbs up" against
+  "thumbs up: medium skin tone"). No image appears twice in one batch.
 
 The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) are
 :mod:`beit3.data`'s; evaluation images are :class:`beit3.datasets.ImageFiles`.
@@ -16,9 +21,11 @@ The readers themselves (``read_pairs``, ``read_captions``, ``is_shard_source``) 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -31,11 +38,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from beit3.data import IMAGE_COLUMNS, TEXT_COLUMNS, expand_shards, is_shard_source, read_pairs
 from beit3.datasets import PairBatch, PairDataset, ResumableSampler, WebDatasetPairs, collate_pairs
-from beit3.errors import InputDataError
+from beit3.errors import ConfigError, InputDataError
 from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig, TrainImageTransform, load_image
 
-__all__ = ["NEGATIVES_COLUMN", "NegativeBatch", "TrainData", "read_hard_negatives"]
+__all__ = [
+    "NEGATIVES_COLUMN",
+    "NegativeBatch",
+    "NeighbourSampler",
+    "TrainData",
+    "nearest_pairs",
+    "read_hard_negatives",
+]
 
 NEGATIVES_COLUMN = "negatives"
 
@@ -225,6 +239,159 @@ class _ShardStream(IterableDataset):
         yield from buffer
 
 
+def nearest_pairs(
+    image_embeds: Tensor, text_embeds: Tensor, image_ids: Sequence[str], k: int, block: int = 2048
+) -> Tensor:
+    """Each pair's ``k`` nearest pairs of other images: (N, k) long, nearest first.
+
+    A pair's similarity to another is the mean of their image-image and text-text cosines
+    (rows of ``image_embeds`` / ``text_embeds`` are L2-normalised, one per pair). Pairs of the
+    same image (its other captions) are left out; with fewer than ``k`` other pairs the row is
+    padded with -1. Computed in blocks of ``block`` rows (memory: block x N floats).
+    """
+    n = image_embeds.shape[0]
+    assert text_embeds.shape[0] == n == len(image_ids), "one image and text embedding per pair"
+    codes = {name: i for i, name in enumerate(dict.fromkeys(image_ids))}
+    image_code = torch.tensor([codes[i] for i in image_ids], dtype=torch.long)
+    joint = torch.cat([image_embeds.float(), text_embeds.float()], dim=1) / math.sqrt(2.0)
+    k_found = min(k, n - 1)
+    out = torch.full((n, k), -1, dtype=torch.long)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        sims = joint[lo:hi] @ joint.T  # (b, N): the mean of the two cosines
+        same = image_code[lo:hi].unsqueeze(1) == image_code.unsqueeze(0)
+        sims.masked_fill_(same, -math.inf)
+        values, index = sims.topk(k_found, dim=1) if k_found > 0 else (sims[:, :0], sims[:, :0])
+        out[lo:hi, :k_found] = index.masked_fill(values == -math.inf, -1).long()
+    return out
+
+
+class NeighbourSampler(ResumableSampler):
+    """Epochs of neighbourhood batches: a seeded order of anchors, each followed by up to
+    ``group - 1`` of its nearest not yet used pairs whose images are not in the batch yet.
+
+    Every pair appears exactly once per epoch (as an anchor if no earlier anchor took it), no
+    image twice in one global batch (unless the pairs left at the end of an epoch all clash) (``batch_size`` x ``world_size`` consecutive indices; rank r
+    takes every world-th, as :class:`beit3.datasets.ResumableSampler` does), and the order depends
+    only on (seed, epoch, neighbours): a resumed run sees the batches the uninterrupted run would.
+    Nor does one caption appear twice in a batch: the plain name of several variants ("man
+    dancing" for each skin tone) would ask each copy to pick its own image among the others.
+
+    Args:
+        neighbours: (N, k) long from :func:`nearest_pairs` (-1 = none).
+        image_ids: each pair's image (pairs of one image never share a batch).
+        texts: each pair's caption (one caption never twice in a batch).
+        batch_size: pairs per process per batch.
+        group: pairs per neighbourhood (the anchor included), at least 2.
+    """
+
+    def __init__(
+        self,
+        neighbours: Tensor,
+        image_ids: Sequence[str],
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        group: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(len(image_ids), rank, world_size, seed=seed)
+        if neighbours.shape[0] != len(image_ids):
+            raise InputDataError(
+                f"neighbour lists for {neighbours.shape[0]} pairs, but the data has "
+                f"{len(image_ids)}: they were computed for other data (delete them to recompute)"
+            )
+        if group < 2:
+            raise ConfigError(f"a neighbourhood needs at least 2 pairs, got group={group}")
+        self.neighbours = neighbours.tolist()
+        # A pair's keys, exclusive within a batch: its image and its caption.
+        images = {name: i for i, name in enumerate(dict.fromkeys(image_ids))}
+        captions = {text: -1 - i for i, text in enumerate(dict.fromkeys(texts))}
+        self.keys = [(images[i], captions[t]) for i, t in zip(image_ids, texts, strict=True)]
+        self.global_batch = batch_size * world_size
+        self.group = group
+
+    def order(self, epoch: int) -> list[int]:
+        """This epoch's global order (all ranks), before sharding."""
+        queue = collections.deque(
+            torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(self.seed + epoch)
+            ).tolist()
+        )
+        waiting: collections.deque[int] = collections.deque()  # clashed with an earlier batch
+        used = bytearray(self.size)
+        order: list[int] = []
+        in_batch: set[int] = set()  # the image and caption keys of the batch being built
+        while queue or waiting:
+            if len(order) % self.global_batch == 0:  # a new batch: the waiting pairs first
+                in_batch = set()
+                queue.extendleft(reversed(waiting))
+                waiting.clear()
+            forced = not queue  # what is left all clashes with this batch: no way round
+            anchor = waiting.popleft() if forced else queue.popleft()
+            if used[anchor]:
+                continue
+            if not forced and not in_batch.isdisjoint(self.keys[anchor]):
+                waiting.append(anchor)
+                continue
+            taken = [anchor]
+            in_batch.update(self.keys[anchor])
+            room = self.global_batch - len(order) % self.global_batch
+            for other in self.neighbours[anchor]:
+                if len(taken) >= min(self.group, room):
+                    break
+                if other < 0 or used[other] or not in_batch.isdisjoint(self.keys[other]):
+                    continue
+                taken.append(other)
+                in_batch.update(self.keys[other])
+            for i in taken:
+                used[i] = 1
+            order.extend(taken)
+        self._separate_clashes(order)
+        return order
+
+    def _separate_clashes(self, order: list[int]) -> None:
+        """Swap each pair that shares a key with its batch (left at the end of an epoch) with a
+        pair of another batch where neither clashes; in place."""
+        size = self.global_batch
+        batches = [order[lo : lo + size] for lo in range(0, len(order), size)]
+        keys = [collections.Counter(k for i in b for k in self.keys[i]) for b in batches]
+
+        def fits(i: int, b: int, leaving: int) -> bool:
+            out = self.keys[leaving]
+            return all(keys[b][k] - (k in out) == 0 for k in self.keys[i])
+
+        for b, batch in enumerate(batches):
+            for slot, i in enumerate(batch):
+                if all(keys[b][k] == 1 for k in self.keys[i]):
+                    continue
+                for c, other_batch in enumerate(batches):
+                    if c == b:
+                        continue
+                    swap = next(
+                        (s for s, j in enumerate(other_batch) if fits(i, c, j) and fits(j, b, i)),
+                        None,
+                    )
+                    if swap is None:
+                        continue
+                    j = other_batch[swap]
+                    keys[b].subtract(self.keys[i])
+                    keys[c].subtract(self.keys[j])
+                    keys[b].update(self.keys[j])
+                    keys[c].update(self.keys[i])
+                    batch[slot], other_batch[swap] = j, i
+                    break
+        order[:] = [i for b in batches for i in b]
+
+    def indices(self, epoch: int) -> list[int]:
+        order = self.order(epoch)
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]
+        return order[self.rank : total : self.world_size]
+
+
 class TrainData:
     """Endless training batches for this rank, resumable at a batch boundary.
 
@@ -297,6 +464,7 @@ class TrainData:
                 shards, transform, tokenizer, rank, world_size, seed, shuffle_buffer
             )
             self.sampler = None
+            self.records: list | None = None
             self.num_pairs: int | None = None
             self.batches_per_epoch: int | None = None
         else:
@@ -325,6 +493,7 @@ class TrainData:
             else:
                 self.dataset = _SeededPairs(records, transform, tokenizer, seed=seed)
             self.sampler = ResumableSampler(len(records), rank, world_size, seed=seed)
+            self.records = records
             self.num_pairs = len(records)
             self.batches_per_epoch = self.sampler.num_samples // batch_size
             if self.batches_per_epoch == 0:
@@ -334,18 +503,38 @@ class TrainData:
                     "lower --batch-size"
                 )
         self.generator = torch.Generator()
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=num_workers,
-            collate_fn=collate,
-            pin_memory=pin_memory,
+        self._loader_options = {
+            "batch_size": batch_size,
+            "drop_last": True,
+            "num_workers": num_workers,
+            "collate_fn": collate,
+            "pin_memory": pin_memory,
             # An own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's drop-path masks would drift from the uninterrupted run's.
-            generator=self.generator,
+            "generator": self.generator,
+        }
+        self.loader = DataLoader(self.dataset, sampler=self.sampler, **self._loader_options)
+
+    def use_neighbours(self, neighbours: Tensor, group: int) -> None:
+        """Build every epoch's batches from neighbourhoods of ``group`` pairs
+        (:class:`NeighbourSampler`; ``neighbours`` from :func:`nearest_pairs` on this data's
+        pairs, in manifest order)."""
+        if self.records is None or self.sampler is None:
+            raise ConfigError(
+                f"{self.source}: neighbour batches need a manifest or caption folder "
+                "(a shard stream has no random access)"
+            )
+        self.sampler = NeighbourSampler(
+            neighbours,
+            [r.image_id for r in self.records],
+            [r.text for r in self.records],
+            batch_size=self.batch_size,
+            group=group,
+            rank=self.sampler.rank,
+            world_size=self.sampler.world_size,
+            seed=self.seed,
         )
+        self.loader = DataLoader(self.dataset, sampler=self.sampler, **self._loader_options)
 
     def set_position(self, epoch: int, batch: int = 0) -> None:
         """Continue at ``batch`` (batches already consumed) of ``epoch``."""

@@ -31,7 +31,7 @@ from beit3.transforms import PreprocessConfig
 from training.config import EvalConfig
 from training.metrics import RECALL_KS, retrieval_recall
 
-__all__ = ["evaluate", "evaluate_model", "format_table"]
+__all__ = ["embed_pairs", "evaluate", "evaluate_model", "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,43 @@ def evaluate_model(
             metrics["skipped_images"],
         )
     return metrics
+
+
+@torch.no_grad()
+def embed_pairs(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    preprocess: PreprocessConfig,
+    records: Sequence[PairRecord],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Each pair's image and text embedding, (N, D) each, on the CPU, from one process (every
+    image decoded and encoded once, as for recall); an unreadable image's rows are zero."""
+    images, texts, owner = group_by_image(records)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        image_embeds, _ = _encode_images(
+            model,
+            images,
+            (0, len(images)),
+            preprocess,
+            batch_size,
+            num_workers,
+            device,
+            math.ceil(len(images) / batch_size),
+            None,
+        )
+        text_embeds = _encode_texts(
+            model, tokenizer, texts, batch_size, device, math.ceil(len(texts) / batch_size), None
+        )
+    finally:
+        model.train(was_training)
+    owner_t = torch.as_tensor(owner, dtype=torch.long, device=image_embeds.device)
+    return image_embeds[owner_t].float().cpu(), text_embeds.float().cpu()
 
 
 def _encode_images(

@@ -61,9 +61,15 @@ from beit3.run import (
 from beit3.tokenizer import PAD_ID, TextTokenizer, train_sentencepiece
 from beit3.transforms import PreprocessConfig
 from training.config import FinetuneConfig
-from training.data import TrainData
-from training.evaluate import evaluate_model
-from training.state import Start, check_same_batches, export_model, write_model
+from training.data import TrainData, nearest_pairs
+from training.evaluate import embed_pairs, evaluate_model
+from training.state import (
+    Start,
+    batch_identity,
+    check_same_batches,
+    export_model,
+    write_model,
+)
 from training.tasks import FinetuneTask, TaskOutput, get_task
 
 __all__ = ["build_optimizer", "finetune", "forward_backward"]
@@ -124,6 +130,9 @@ def finetune(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path
         pin_memory=info.device.type == "cuda",
         max_negatives=config.max_negatives,
     )
+    if config.neighbour_batches:
+        neighbours = _start_neighbours(config, start, data, info, out, fresh=resume_from is None)
+        data.use_neighbours(neighbours, config.neighbour_batches)
     val_records = (
         read_pairs(config.val, config.image_column, config.text_column) if config.val else None
     )
@@ -389,11 +398,7 @@ class _Loop:
             extra={
                 "data": self.data.position(),
                 "best": self.best,
-                "batch": {
-                    "batch_size": self.config.batch_size,
-                    "world_size": self.info.world_size,
-                    "accum_steps": self.config.accum_steps,
-                },
+                "batch": batch_identity(self.config, self.info),
             },
             keep=self.config.keep_checkpoints,
         )
@@ -493,6 +498,46 @@ def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out
     )
     preprocess = PreprocessConfig(img_size=model.config.img_size, max_text_len=max_len)
     return Start(model, tokenizer, preprocess, config.preset, None, export)
+
+
+def _start_neighbours(
+    config: FinetuneConfig, start: Start, data: TrainData, info: DistInfo, out: Path, fresh: bool
+) -> Tensor:
+    """The start model's nearest pairs of every training pair (:func:`training.data.nearest_pairs`),
+    computed once by rank 0 and kept in ``out/neighbours.pt``, so a resumed run (and every rank)
+    builds the same batches from the start model, whatever the weights are now; a fresh run
+    computes them again."""
+    path = out / "neighbours.pt"
+    if data.records is None:
+        raise ConfigError(
+            f"{config.train}: --neighbour-batches needs a manifest or caption folder "
+            "(a shard stream has no random access)"
+        )
+    if info.is_main and (fresh or not path.is_file()):
+        began = time.monotonic()
+        model = start.model.to(info.device)
+        image_embeds, text_embeds = embed_pairs(
+            model,
+            start.tokenizer,
+            start.preprocess,
+            data.records,
+            batch_size=config.eval_batch_size or config.batch_size,
+            num_workers=config.num_workers,
+        )
+        model.cpu()
+        k = min(4 * config.neighbour_batches, 64)
+        neighbours = nearest_pairs(image_embeds, text_embeds, [r.image_id for r in data.records], k)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(neighbours, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        logger.info(
+            "neighbour batches: the start model's %d nearest pairs of each of %d pairs in %.1f s",
+            k,
+            len(data.records),
+            time.monotonic() - began,
+        )
+    barrier()
+    return torch.load(path, weights_only=True)
 
 
 def _set_temperature(model: nn.Module, temperature: float) -> None:

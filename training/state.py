@@ -45,16 +45,25 @@ def check_same_batches(
 ) -> None:
     """A resumed run must cut the data into the same batches as the run it continues."""
     saved = extra.get("batch", {})
-    now = {
+    now = batch_identity(config, info)
+    if saved and saved != now:
+        raise ConfigError(
+            f"{step_dir} was trained with {saved}, this run has {now}; the data position "
+            "and schedule only carry over with the same batch size, processes, accumulation "
+            "and batch building"
+        )
+
+
+def batch_identity(config: FinetuneConfig, info: DistInfo) -> dict[str, int]:
+    """What cuts the data into a run's batches (saved with each step checkpoint)."""
+    identity = {
         "batch_size": config.batch_size,
         "world_size": info.world_size,
         "accum_steps": config.accum_steps,
     }
-    if saved and saved != now:
-        raise ConfigError(
-            f"{step_dir} was trained with {saved}, this run has {now}; the data position "
-            "and schedule only carry over with the same batch size, processes and accumulation"
-        )
+    if config.neighbour_batches:  # absent from the checkpoints of random-batch runs
+        identity["neighbour_batches"] = config.neighbour_batches
+    return identity
 
 
 def write_model(state: dict, start: Start, path: Path) -> None:

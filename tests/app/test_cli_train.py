@@ -126,12 +126,17 @@ def test_finetune_without_init_or_preset_starts_from_the_bundled_model(tmp_path)
     run = tmp_path / "run"
     args = ["finetune", str(data), "--output-dir", str(run), "--max-steps", "1"]
     args += ["--batch-size", "4", "--num-workers", "0", "--no-tensorboard"]
-    result = runner.invoke(cli, args)
+    result = runner.invoke(cli, [*args, "--neighbour-batches", "4"])
     assert result.exit_code == 0, result.output
     assert f"starting from the bundled model {DEMO_MODEL}" in result.output
     resolved = json.loads((run / "run_config.json").read_text())["config"]
     assert resolved["init"] == str(DEMO_MODEL)
     assert resolved["init_model_id"] == load_checkpoint(DEMO_MODEL).model_id
+    # --neighbour-batches: the bundled model's 16 nearest pairs of each of the 12 pairs.
+    assert resolved["neighbour_batches"] == 4
+    neighbours = torch.load(run / "neighbours.pt", weights_only=True)
+    assert neighbours.shape == (12, 16) and (neighbours[:, :11] >= 0).all()
+    assert (neighbours[:, 11:] == -1).all()  # only 11 other pairs
 
 
 def test_finetune_itm_flags_reach_the_matching_task(tmp_path):
