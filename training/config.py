@@ -73,7 +73,7 @@ class FinetuneConfig(ConfigMixin):
         neighbour_batches: build the batches from neighbourhoods of this many pairs that the
             start model finds alike (a pair and its nearest pairs of other images,
             :class:`training.data.NeighbourSampler`), computed once at the start and kept in
-            ``output_dir/neighbours.pt``; 0: random batches. Needs a manifest or caption folder.
+            ``output_dir/neighbours.safetensors``; 0: random batches. Needs a manifest or caption folder.
     """
 
     train: str

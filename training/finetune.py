@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from beit3.checkpoint import load_checkpoint
@@ -504,10 +505,10 @@ def _start_neighbours(
     config: FinetuneConfig, start: Start, data: TrainData, info: DistInfo, out: Path, fresh: bool
 ) -> Tensor:
     """The start model's nearest pairs of every training pair (:func:`training.data.nearest_pairs`),
-    computed once by rank 0 and kept in ``out/neighbours.pt``, so a resumed run (and every rank)
-    builds the same batches from the start model, whatever the weights are now; a fresh run
-    computes them again."""
-    path = out / "neighbours.pt"
+    computed once by rank 0 and kept in ``out/neighbours.safetensors``, so a resumed run (and
+    every rank) builds the same batches from the start model, whatever the weights are now; a
+    fresh run computes them again."""
+    path = out / "neighbours.safetensors"
     if data.records is None:
         raise ConfigError(
             f"{config.train}: --neighbour-batches needs a manifest or caption folder "
@@ -528,7 +529,7 @@ def _start_neighbours(
         k = min(4 * config.neighbour_batches, 64)
         neighbours = nearest_pairs(image_embeds, text_embeds, [r.image_id for r in data.records], k)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(neighbours, path.with_suffix(".tmp"))
+        save_file({"neighbours": neighbours}, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").replace(path)
         logger.info(
             "neighbour batches: the start model's %d nearest pairs of each of %d pairs in %.1f s",
@@ -537,7 +538,7 @@ def _start_neighbours(
             time.monotonic() - began,
         )
     barrier()
-    return torch.load(path, weights_only=True)
+    return load_file(str(path))["neighbours"]
 
 
 def _set_temperature(model: nn.Module, temperature: float) -> None:

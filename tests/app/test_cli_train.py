@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -134,7 +135,7 @@ def test_finetune_without_init_or_preset_starts_from_the_bundled_model(tmp_path)
     assert resolved["init_model_id"] == load_checkpoint(DEMO_MODEL).model_id
     # --neighbour-batches: the bundled model's 16 nearest pairs of each of the 12 pairs.
     assert resolved["neighbour_batches"] == 4
-    neighbours = torch.load(run / "neighbours.pt", weights_only=True)
+    neighbours = load_file(str(run / "neighbours.safetensors"))["neighbours"]
     assert neighbours.shape == (12, 16) and (neighbours[:, :11] >= 0).all()
     assert (neighbours[:, 11:] == -1).all()  # only 11 other pairs
 

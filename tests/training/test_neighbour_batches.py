@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from beit3 import ConfigError, InputDataError, load_checkpoint
 from beit3.data import read_pairs
@@ -102,7 +103,9 @@ class _Stop(Exception):
 
 def test_finetune_with_neighbour_batches_keeps_them_across_a_resume(shapes, tiny_checkpoint):
     straight = finetune(_run(shapes, tiny_checkpoint, "straight"))
-    neighbours = torch.load(shapes["root"] / "straight" / "neighbours.pt", weights_only=True)
+    neighbours = load_file(str(shapes["root"] / "straight" / "neighbours.safetensors"))[
+        "neighbours"
+    ]
     # The start model's neighbours of the 64 training pairs.
     start = load_checkpoint(tiny_checkpoint)
     records = read_pairs(shapes["train"])
