@@ -268,14 +268,16 @@ def nearest_pairs(
 
 class NeighbourSampler(ResumableSampler):
     """Epochs of neighbourhood batches: a seeded order of anchors, each followed by up to
-    ``group - 1`` of its nearest not yet used pairs whose images are not in the batch yet.
+    ``group - 1`` of its nearest pairs not yet used and not clashing with the batch.
 
-    Every pair appears exactly once per epoch (as an anchor if no earlier anchor took it), no
-    image twice in one global batch (unless the pairs left at the end of an epoch all clash) (``batch_size`` x ``world_size`` consecutive indices; rank r
-    takes every world-th, as :class:`beit3.datasets.ResumableSampler` does), and the order depends
-    only on (seed, epoch, neighbours): a resumed run sees the batches the uninterrupted run would.
-    Nor does one caption appear twice in a batch: the plain name of several variants ("man
+    Every pair appears exactly once per epoch (as an anchor if no earlier anchor took it). No
+    image and no caption appears twice in one global batch (``batch_size`` x ``world_size``
+    consecutive indices; rank r takes every world-th, as
+    :class:`beit3.datasets.ResumableSampler` does): the plain name of several variants ("man
     dancing" for each skin tone) would ask each copy to pick its own image among the others.
+    Pairs that clash wait for a later batch, and what still clashes at the end of the epoch is
+    swapped into another batch where it fits. The order depends only on (seed, epoch,
+    neighbours): a resumed run sees the batches the uninterrupted run would.
 
     Args:
         neighbours: (N, k) long from :func:`nearest_pairs` (-1 = none).
