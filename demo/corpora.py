@@ -3,6 +3,7 @@
     apt-get install -y --no-install-recommends wordnet-base
     python demo/corpora.py --out .cache/corpora/wordnet.txt     # 117,659 lines, ~1 s
     python demo/corpora.py --icons .cache/corpora/icons         # icon themes -> 64-px PNGs
+    python demo/corpora.py --clipart .cache/corpora/clipart     # captioned clip art -> pairs.jsonl
 
 WordNet 3.0 (Debian ``wordnet-base``; the WordNet 3.0 licence, Princeton University: use, copy,
 modify and distribute with its copyright notice, see ``/usr/share/doc/wordnet-base/copyright``):
@@ -21,12 +22,24 @@ licence): Tango public domain, Oxygen LGPL-3+, Moka CC-BY-SA-4.0 or GPL-3+, Faen
 elementary GPL-3+, Papirus GPL-3; the images stay in the recipe's work directory, only a model
 trained on them is bundled. None of them is emoji art or Tux Paint's stamps (the held-out peer
 domain, bench/peer).
+
+Clip art with captions (``--clipart``): the Open Clip Art Library of Debian's ``openclipart-svg``
+(0.18; public domain, see its copyright file), each SVG rendered at 64 px on white and captioned
+from its own metadata: its title (or, where the title names a collection shared by many files,
+its file name), then up to three of its keywords, e.g. ``Ice Cream Cone, dessert, food``. Pairs,
+not bare images: what ties broad pictures to words. Abstract and bulk categories are left out
+(stars, gradients, patterns, jigsaw pieces, playing cards, maps, logos, flags, UI icon sets),
+and so is every picture near-identical to a Tux Paint stamp (some stamps come from the same
+library: the held-out peer domain stays unseen) or to an emoji image (16 x 16 colour thumbnails,
+cosine above :data:`NEAR_DUPLICATE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
+import html
 import io
 import json
 import re
@@ -244,15 +257,196 @@ def build_icons(
     return summary
 
 
+CLIPART_PACKAGE = "openclipart-svg"
+STAMPS_PACKAGE = "tuxpaint-stamps-default"  # the peer domain's source, only to keep it out
+EMOJI_IMAGES = Path(__file__).resolve().parent / "data" / "emoji" / "images"
+# Categories left out: abstract shapes and bulk series (1,378 stars, 1,853 UI icons, 551 flags,
+# decks of cards) whose titles say little about the picture.
+CLIPART_SKIP = (
+    "special/",
+    "shapes/",
+    "computer/icons/",
+    "signs_and_symbols/flags/",
+    "signs_and_symbols/led/",
+    "recreation/games/cards/",
+    "geography/",
+    "logos/",
+    "unsorted/",
+)
+NEAR_DUPLICATE = 0.9
+_COLLECTION = 6  # a title shared by more files than this names a collection, not a picture
+_GENERIC_WORDS = {
+    "hash", "icon", "icons", "computer", "sign", "symbol", "signs and symbols", "clip art",
+    "clipart", "image", "media", "svg", "png", "public domain", "externalsource", "unchecked",
+    "unsorted", "mapsym", "map symbol", "networksym", "theme", "lemon theme icon",
+}  # fmt: skip
+
+
+def clipart_metadata(svg: str) -> dict:
+    """Title, description, keywords and creator of an Open Clip Art SVG (its cc:Work RDF)."""
+    work = re.search(r"<cc:Work.*?</cc:Work>", svg, re.S)
+    text = work.group(0) if work else svg
+
+    def first(pattern: str) -> str:
+        m = re.search(pattern, text, re.S)
+        return html.unescape(m.group(1)).strip() if m else ""
+
+    subject = re.search(r"<dc:subject>(.*?)</dc:subject>", text, re.S)
+    keywords = re.findall(r"<rdf:li>([^<]*)</rdf:li>", subject.group(1)) if subject else []
+    return {
+        "title": first(r"<dc:title>([^<]*)</dc:title>"),
+        "keywords": [html.unescape(k).strip() for k in keywords],
+        "creator": first(r"<dc:creator>.*?<dc:title>([^<]*)</dc:title>"),
+    }
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\((?:b and w|black and white)\)", " ", text, flags=re.I)
+    text = re.sub(r"(?<=[a-zA-Z])\d+\b|_", " ", text)  # "bee1" -> "bee"; file-name underscores
+    return " ".join(text.split()).strip(" -:,.")
+
+
+def clipart_caption(meta: dict, stem: str, title_counts: collections.Counter) -> str:
+    """``"<title>, <keyword>, ..."``: the title (the file name where the title is a collection's,
+    e.g. "Part of the Flat Icon Collection"; none where it is the creator's name), then up to
+    three keywords that are neither generic, nor in the title, nor the creator's name."""
+    title = meta["title"]
+    if not title or title_counts[title.lower()] > _COLLECTION:
+        title = re.sub(r"(?:_\d+[a-z]?)+$", "", stem)
+    creator = set(meta["creator"].lower().split())
+    if creator and set(title.lower().replace("_", " ").split()) <= creator:
+        title = ""  # the creator's name as the title (or the file name): the keywords alone
+    title = _tidy(title)
+    keywords: list[str] = []
+    for keyword in meta["keywords"]:
+        k = _tidy(keyword).lower()
+        if not k or k in _GENERIC_WORDS or k in title.lower() or k in keywords:
+            continue
+        if creator & set(k.split()):
+            continue
+        keywords.append(k)
+    return ", ".join([title] + keywords[:3]) if title else ", ".join(keywords[:3])
+
+
+def _thumbnail(image):
+    """A 16 x 16 colour thumbnail on white, mean-centred and unit-length (for near-duplicate
+    cosines)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGBA")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    small = Image.alpha_composite(background, image).convert("RGB")
+    arr = np.asarray(small.resize((16, 16), Image.Resampling.BILINEAR), dtype=np.float32).ravel()
+    arr -= arr.mean()
+    norm = float(np.linalg.norm(arr))
+    return arr / norm if norm > 0 else arr
+
+
+def near_duplicates(images: list, references: list[Path], threshold: float = NEAR_DUPLICATE):
+    """For each image, whether a reference image file's thumbnail is within ``threshold``
+    cosine of its own (:func:`_thumbnail`)."""
+    import numpy as np
+    from PIL import Image
+
+    if not images or not references:
+        return [False] * len(images)
+    ours = np.stack([_thumbnail(image) for image in images])
+    theirs = np.stack([_thumbnail(Image.open(path)) for path in references])
+    best = np.full(len(images), -1.0, dtype=np.float32)
+    for lo in range(0, len(theirs), 2048):
+        best = np.maximum(best, (ours @ theirs[lo : lo + 2048].T).max(axis=1))
+    return [bool(b > threshold) for b in best]
+
+
+def build_clipart(out: Path, debs: Path | None = None, workers: int = 2) -> dict:
+    """Fetch, caption, render and filter the Open Clip Art Library into ``out/images/*.png`` and
+    ``out/pairs.jsonl`` (image paths relative to it); writes and returns ``out/clipart.json``
+    (counts, version, licence). The Tux Paint stamps package is fetched beside (not installed)
+    to leave out its near-duplicates. Done once: an existing clipart.json is returned as is."""
+    summary_path = out / "clipart.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    roots = fetch_debs([CLIPART_PACKAGE, STAMPS_PACKAGE], debs or out.with_name(out.name + "-debs"))
+    svg_root = roots[CLIPART_PACKAGE] / "usr" / "share" / "openclipart" / "svg"
+    paths = sorted(svg_root.rglob("*.svg"))
+    metas = {p: clipart_metadata(p.read_text(errors="replace")) for p in paths}
+    titles = collections.Counter(m["title"].lower() for m in metas.values())
+    counts = {"files": len(paths), "skipped_category": 0, "uncaptioned": 0, "unreadable": 0}
+    counts |= {"blank": 0, "duplicate": 0, "near_reference": 0, "kept": 0}
+    chosen = []
+    for path in paths:
+        rel = path.relative_to(svg_root).as_posix()
+        if rel.startswith(CLIPART_SKIP):
+            counts["skipped_category"] += 1
+            continue
+        caption = clipart_caption(metas[path], path.stem, titles)
+        if not caption:
+            counts["uncaptioned"] += 1
+            continue
+        chosen.append((rel, path, caption))
+
+    def load(item: tuple[str, Path, str]):
+        try:
+            return render_icon(item[1])
+        except Exception:  # noqa: BLE001 - a broken SVG is counted, not fatal
+            return None
+
+    rendered = []
+    seen: set[str] = set()
+    with ThreadPoolExecutor(workers) as pool:
+        for item, image in zip(chosen, pool.map(load, chosen), strict=True):
+            if image is None:
+                counts["unreadable"] += 1
+            elif _blank(image):
+                counts["blank"] += 1
+            elif (digest := hashlib.sha1(image.tobytes()).hexdigest()) in seen:
+                counts["duplicate"] += 1
+            else:
+                seen.add(digest)
+                rendered.append((item, image))
+    stamps = sorted(
+        (roots[STAMPS_PACKAGE] / "usr" / "share" / "tuxpaint" / "stamps").rglob("*.png")
+    )
+    references = stamps + sorted(EMOJI_IMAGES.glob("*.png"))
+    near = near_duplicates([image for _, image in rendered], references)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    tmp = out / "pairs.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for ((rel, _, caption), image), is_near in zip(rendered, near, strict=True):
+            if is_near:
+                counts["near_reference"] += 1
+                continue
+            name = rel[: -len(".svg")].replace("/", "__") + ".png"
+            image.save(out / "images" / name, optimize=True)
+            f.write(json.dumps({"image": f"images/{name}", "text": caption}) + "\n")
+            counts["kept"] += 1
+    tmp.replace(out / "pairs.jsonl")
+    root = roots[CLIPART_PACKAGE]
+    summary = {
+        "size": ICON_SIZE,
+        "package": CLIPART_PACKAGE,
+        "version": (root / ".version").read_text(),
+        "licence": "public domain (usr/share/doc/openclipart-svg/copyright)",
+        "references": {"tuxpaint_stamps": len(stamps), "emoji": len(references) - len(stamps)},
+        **counts,
+    }
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(summary_path)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="write WordNet's texts to this file")
     target.add_argument("--icons", type=Path, help="build the icon images in this folder")
+    target.add_argument("--clipart", type=Path, help="build the captioned clip art in this folder")
     parser.add_argument("--wordnet", type=Path, default=WORDNET)
     args = parser.parse_args()
-    if args.icons is not None:
-        summary = build_icons(args.icons)
+    if args.icons is not None or args.clipart is not None:
+        summary = build_icons(args.icons) if args.icons else build_clipart(args.clipart)
         print(json.dumps(summary, indent=2))
         return
     path = write_wordnet(args.out, args.wordnet)

@@ -1,6 +1,6 @@
 """Train the bundled demo model from the bundled emoji data, with the project's own recipe.
 
-    python demo/train_model.py                 # the demo model -> demo/model (about 75 min, 2 cores)
+    python demo/train_model.py                 # the demo model -> demo/model (~85 min, 2 cores)
     python demo/train_model.py --compare       # also: the same compute spent from scratch
 
 Stages (each is skipped when its output already exists in --work, so an interrupted run
@@ -10,6 +10,9 @@ continues where it stopped):
      corpora     (only with --corpus broad) WordNet's synsets as text (demo/corpora.py)
      icons       (only with --images icons) six Debian icon themes as 64-px images
                  (demo/corpora.py; ~11,000 images, ~10 min)
+     clipart     (only with --pairs clipart) the Open Clip Art Library as captioned 64-px
+                 pairs (demo/corpora.py; ~2,500 pairs, ~5 min), added to the pairs of
+                 pre-training and of stages 5-7
   2. spm         a sentencepiece model on the train split's names and aliases (case-folded;
                  with --corpus broad also on WordNet, 4,000 pieces)
   3. vqkd        a VQ-KD visual tokenizer on the train images (and the icons), reconstructing
@@ -71,10 +74,11 @@ from beit3 import (  # noqa: E402
     save_checkpoint,
     train_sentencepiece,
 )
+from beit3.data import read_pairs  # noqa: E402
 from beit3.pretrain import PretrainConfig, VisualTokenizerConfig, pretrain  # noqa: E402
 from beit3.pretrain.visual_tokenizer import train_visual_tokenizer  # noqa: E402
 from beit3.transforms import PreprocessConfig  # noqa: E402
-from demo.corpora import build_icons, write_wordnet  # noqa: E402
+from demo.corpora import build_clipart, build_icons, write_wordnet  # noqa: E402
 from demo.measure_model import measure  # noqa: E402
 from training import EvalConfig, FinetuneConfig, evaluate, finetune  # noqa: E402
 from training.finetune import GRAD_CLIP_FROM_SCRATCH  # noqa: E402
@@ -241,6 +245,29 @@ def _icons(out: Path) -> Path:
     return out
 
 
+def _clipart(work: Path, train: Path) -> str:
+    """The captioned clip art (demo/corpora.py) and ``work/train-clipart.jsonl``: the emoji train
+    split's rows, then one row per clip-art pair (absolute image paths); returns its path."""
+    folder = work / "clipart"
+    summary = build_clipart(folder)
+    logger.info("clip art: %d pairs of %d files", summary["kept"], summary["files"])
+    pairs = read_pairs(folder.resolve() / "pairs.jsonl")  # image paths made absolute
+    missing = [p.image for p in pairs if not Path(p.image).is_file()]
+    if missing:
+        raise SystemExit(
+            f"error: {folder}: {len(missing)} clip-art images missing, e.g. {missing[0]}"
+        )
+    out = work / "train-clipart.jsonl"
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(train.read_text())
+        for pair in pairs:
+            # the column of the file's first row ("captions") names every row's (beit3.data)
+            f.write(json.dumps({"image": pair.image, "captions": [pair.text]}) + "\n")
+    tmp.replace(out)
+    return str(out)
+
+
 def _timed(state: dict, name: str, work: Path, fn):
     """Run a stage once: its result and duration are kept in work/recipe.json."""
     if name in state:
@@ -288,6 +315,7 @@ def run(
     corpus: str = "broad",
     compare_with: Path | None = None,
     images: str = "emoji",
+    pairs: str = "emoji",
 ) -> dict:
     torch.set_num_threads(threads)
     random.seed(0)
@@ -309,6 +337,11 @@ def run(
     extra_images: tuple[str, ...] = ()
     if images == "icons":
         extra_images = (_timed(state, "icons", work, lambda: str(_icons(work / "icons"))),)
+    # The pairs of pre-training and of fine-tuning (stages 5-7): the emoji train split, or that
+    # and the clip art in one manifest.
+    pair_train = train
+    if pairs == "clipart":
+        pair_train = Path(_timed(state, "clipart", work, lambda: _clipart(work, train)))
 
     def spm() -> str:
         texts = []
@@ -370,7 +403,7 @@ def run(
                 model_overrides=model_overrides,
                 tokenizer=spm_path,
                 visual_tokenizer=vqkd_path,
-                pair_data=(str(train),),
+                pair_data=(str(pair_train),),
                 text_data=(str(train),) + ((str(wordnet),) if wordnet is not None else ()),
                 image_data=(str(train),) + extra_images,
                 text_batch_size=p["batch"],
@@ -398,7 +431,7 @@ def run(
     pretrained = _timed(state, "pretrain", work, pretrain_stage)
     f = recipe["finetune"]
     base_ft = dict(
-        train=str(train),
+        train=str(pair_train),
         val=str(manifests["val"]),
         batch_size=f["batch_size"],
         max_steps=f["max_steps"],
@@ -659,6 +692,13 @@ def main() -> None:
         "re-training it: stages 1-4 run to measure their compute, 5-6 are costed per step",
     )
     parser.add_argument(
+        "--pairs",
+        choices=("emoji", "clipart"),
+        default="emoji",
+        help="image-text pairs for pre-training and fine-tuning: the emoji train split only, or "
+        "also the Open Clip Art Library, captioned from its metadata (demo/corpora.py)",
+    )
+    parser.add_argument(
         "--images",
         choices=("emoji", "icons"),
         default="emoji",
@@ -685,6 +725,7 @@ def main() -> None:
         args.corpus,
         args.compare_with,
         args.images,
+        args.pairs,
     )
     print(json.dumps(summary, indent=2))
 

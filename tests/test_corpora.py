@@ -1,8 +1,9 @@
 """The demo recipe's broad corpora (demo/corpora.py): WordNet's data files -> one text per
-synset; icon themes -> one 64-px image per icon."""
+synset; icon themes -> one 64-px image per icon; clip art -> captioned 64-px pairs."""
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.corpora import build_icons, icon_sources, render_icon, wordnet_texts, write_wordnet
+from beit3.data import read_pairs
+from demo.corpora import (
+    build_clipart,
+    build_icons,
+    clipart_caption,
+    clipart_metadata,
+    icon_sources,
+    render_icon,
+    wordnet_texts,
+    write_wordnet,
+)
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 NOUNS = (
@@ -130,3 +141,81 @@ def test_build_icons_counts_what_it_leaves_out(tmp_path):
         "star.png",
     ]
     assert build_icons(out, {"test-icon-theme": "Theme"}, debs=debs) == summary  # done once
+
+
+# --- clip art: Open Clip Art SVGs with their RDF metadata -> captioned pairs -------------------
+
+
+def _clipart_svg(title: str, keywords: list[str], creator: str, shape: str) -> str:
+    items = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        'xmlns:cc="http://web.resource.org/cc/" '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" width="16" height="16">'
+        f"<metadata><rdf:RDF><cc:Work><dc:title>{title}</dc:title>"
+        f"<dc:subject><rdf:Bag>{items}</rdf:Bag></dc:subject>"
+        f"<dc:creator><cc:Agent><dc:title>{creator}</dc:title></cc:Agent></dc:creator>"
+        "</cc:Work></rdf:RDF></metadata>"
+        f"{shape}</svg>"
+    )
+
+
+def test_clipart_caption_title_then_telling_keywords():
+    meta = clipart_metadata(
+        _clipart_svg(
+            "Baseball Glove (B and W)",
+            ["sports", "hash", "baseball", "glove", "gerald g", "equipment", "extra"],
+            "Gerald G.",
+            "",
+        )
+    )
+    assert meta["title"] == "Baseball Glove (B and W)" and meta["creator"] == "Gerald G."
+    titles = collections.Counter({"baseball glove (b and w)": 1, "part of a collection": 50})
+    # generic ("hash"), already in the title ("baseball", "glove"), the creator's name: left out
+    assert clipart_caption(meta, "baseball_glove_bw_ganson", titles) == (
+        "Baseball Glove, sports, equipment, extra"
+    )
+    shared = {"title": "Part of a Collection", "keywords": ["icons", "bee"], "creator": ""}
+    assert clipart_caption(shared, "bumble_bee1_01", titles) == "bumble bee"  # the file name
+    signed = {"title": "Jean Victor", "keywords": ["bird", "jean"], "creator": "Jean Victor"}
+    assert clipart_caption(signed, "jean_victor_01", titles) == "bird"  # no name as the title
+
+
+@needs_rsvg
+def test_build_clipart_pairs_leave_out_bulk_blank_and_the_peer_domain(tmp_path):
+    debs = tmp_path / "debs"
+    svg = debs / "openclipart-svg" / "usr/share/openclipart/svg"
+    red = '<rect x="2" y="2" width="12" height="12" fill="#ff0000"/>'
+    disc = '<circle cx="8" cy="8" r="5" fill="#0000ff"/>'
+    bar = '<rect x="1" y="6" width="14" height="3" fill="#00aa00"/>'
+    files = {
+        "food/fruit/apple.svg": _clipart_svg("Apple", ["food", "fruit"], "A", red),
+        "animals/blue_ball.svg": _clipart_svg("Blue Ball", ["toy"], "B", disc),
+        "animals/zebra.svg": _clipart_svg("Zebra", [], "B", disc),  # the same pixels, later
+        "tools/stick.svg": _clipart_svg("Stick", ["wood"], "C", bar),  # a stamp's twin
+        "shapes/stars/star.svg": _clipart_svg("Star", [], "D", red),  # a bulk category
+        "people/blank.svg": _clipart_svg("Nothing", [], "E", ""),
+        "people/broken.svg": "<svg not closed",
+    }
+    for rel, text in files.items():
+        (svg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (svg / rel).write_text(text)
+    stamps = debs / "tuxpaint-stamps-default" / "usr/share/tuxpaint/stamps/things"
+    stamps.mkdir(parents=True)
+    render_icon(svg / "tools/stick.svg").save(stamps / "stick.png")
+    for package in ("openclipart-svg", "tuxpaint-stamps-default"):
+        (debs / package / ".version").write_text("1.0-1")
+        (debs / package / ".unpacked").touch()
+    out = tmp_path / "clipart"
+    summary = build_clipart(out, debs=debs)
+    assert {k: summary[k] for k in ("files", "skipped_category", "kept", "near_reference")} == {
+        "files": 7,
+        "skipped_category": 1,
+        "kept": 2,
+        "near_reference": 1,
+    }
+    assert (summary["blank"], summary["duplicate"], summary["unreadable"]) == (1, 1, 1)
+    pairs = read_pairs(out / "pairs.jsonl")
+    assert sorted(p.text for p in pairs) == ["Apple, food, fruit", "Blue Ball, toy"]
+    assert all(Path(p.image).is_file() and Image.open(p.image).size == (64, 64) for p in pairs)
+    assert build_clipart(out, debs=debs) == summary  # done once
