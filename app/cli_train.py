@@ -123,7 +123,13 @@ def register(cli: typer.Typer) -> None:
                 "duplicates; 0: random batches.",
             ),
         ] = 0,
-        img_size: Annotated[int | None, typer.Option(help="From scratch only.")] = None,
+        img_size: Annotated[
+            int | None,
+            typer.Option(
+                help="Image size: of a model from scratch; from --init, fine-tune at this size "
+                "(the position table resized, e.g. 48 -> 64)."
+            ),
+        ] = None,
         precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
         activation_checkpointing: bool = False,
         strategy: Annotated[str, typer.Option(help="auto | ddp | fsdp (under torchrun)")] = "auto",

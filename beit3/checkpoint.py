@@ -275,6 +275,7 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     verify: bool = True,
     architecture_args: Mapping[str, Any] | None = None,
+    img_size: int | None = None,
     **config_overrides: Any,
 ) -> Checkpoint:
     """Load a checkpoint directory.
@@ -289,6 +290,9 @@ def load_checkpoint(
         architecture_args: constructor arguments of ``architecture`` when it is not the saved
             one (e.g. ``{"fusion_layers": 6}`` for a matcher made from a dual encoder); the
             saved architecture is always built with its saved arguments.
+        img_size: build the model for this image size instead of the saved one: the vision
+            position table is resized bicubically (:func:`interpolate_vision_positions`) and the
+            preprocessing follows, as fine-tuning at a higher resolution does.
         config_overrides: runtime-only config changes (``drop_path_rate``, ``use_checkpoint``,
             ``attention``); the weights must still fit.
 
@@ -323,6 +327,16 @@ def load_checkpoint(
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
 
+    preprocess = PreprocessConfig.load(path / "preprocess.json")
+    if img_size is not None and img_size != config.img_size:
+        try:
+            config = config.replace(img_size=img_size)
+        except Beit3Error as exc:
+            raise CheckpointError(f"{path}: img_size {img_size}: {exc}") from None
+        key = BACKBONE_PREFIX + "encoder.embed_positions.A.weight"
+        state[key] = interpolate_vision_positions(state[key], config.num_patches)
+        preprocess = dataclasses.replace(preprocess, img_size=img_size)
+
     same = architecture == saved_arch
     # Constructor arguments beyond the config (e.g. the MIM head's codebook size) belong to the
     # saved architecture; another architecture gets its defaults.
@@ -339,7 +353,6 @@ def load_checkpoint(
         transfer_state(model, state, source=str(path), preset=preset)
     model.to(device=device, dtype=torch.float32)
     tok_dir = path / "tokenizer"
-    preprocess = PreprocessConfig.load(path / "preprocess.json")
     tokenizer = TextTokenizer(tok_dir, max_len=preprocess.max_text_len)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(

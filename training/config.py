@@ -39,7 +39,8 @@ class FinetuneConfig(ConfigMixin):
         preset: preset to train from scratch (e.g. ``beit3-tiny``).
         spm: sentencepiece model for a from-scratch run; when omitted one is trained on the
             training captions (``spm_vocab_size`` pieces at most) and kept in output_dir.
-        img_size: image size of a from-scratch model (a checkpoint keeps its own).
+        img_size: image size of a from-scratch model; with ``init``, fine-tune the checkpoint at
+            this size (its vision position table resized bicubically).
         max_text_len: longest text in tokens incl. <s> and </s>; default: the checkpoint's, or 64.
         val: held-out pairs evaluated every ``eval_every`` steps and at the end; the best mean
             recall is kept as ``output_dir/best``.

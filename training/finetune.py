@@ -461,18 +461,15 @@ def _empty_batch(img_size: int) -> PairBatch:
 def _build_start(config: FinetuneConfig, task: FinetuneTask, info: DistInfo, out: Path) -> Start:
     knobs = {"drop_path_rate": config.drop_path_rate, "use_checkpoint": config.use_checkpoint}
     if config.init is not None:
+        # At another img_size the position table is resized (the official fine-tuning at 384
+        # from 224 does the same).
         ckpt = load_checkpoint(
             config.init,
             architecture=task.architecture,
             architecture_args=task.architecture_args,
+            img_size=config.img_size,
             **knobs,
         )
-        if config.img_size is not None and config.img_size != ckpt.config.img_size:
-            raise ConfigError(
-                f"{config.init} is a {ckpt.config.img_size}px model; img_size {config.img_size} "
-                "would need resized position tables: convert the official .pth with "
-                "'beit3 convert --img-size' or fine-tune at the checkpoint's size"
-            )
         preprocess, tokenizer = ckpt.preprocess, ckpt.tokenizer
         if config.max_text_len is not None and config.max_text_len != preprocess.max_text_len:
             preprocess = dataclasses.replace(preprocess, max_text_len=config.max_text_len)

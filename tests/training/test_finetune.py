@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from beit3 import ConfigError, InputDataError, load_checkpoint
+from beit3 import CheckpointError, ConfigError, InputDataError, load_checkpoint
 from beit3.run import find_latest
 from training import EvalConfig, FinetuneConfig, evaluate, finetune
 
@@ -195,3 +195,34 @@ def test_finetune_starts_from_a_pretraining_checkpoint(shapes, tokenizer):
     before = pretrained.beit3.text_embed.weight
     after = ckpt.model.beit3.text_embed.weight
     assert (after - before).abs().max() < 1e-3
+
+
+def test_finetune_a_checkpoint_at_a_larger_image_size(shapes, tiny_checkpoint):
+    # beit3-tiny is 32 px in 16 px patches (2 x 2); at 48 px its grid is 3 x 3.
+    from beit3.checkpoint import interpolate_vision_positions
+
+    run = shapes["root"] / "at48"
+    final = finetune(
+        FinetuneConfig(
+            train=str(shapes["train"]),
+            output_dir=str(run),
+            init=str(tiny_checkpoint),
+            img_size=48,
+            max_steps=1,
+            lr=1e-12,  # Adam moves each weight by ~lr: the resized table is compared below
+            min_lr=0.0,
+            batch_size=8,
+            num_workers=0,
+            tensorboard=False,
+        )
+    )
+    ckpt = load_checkpoint(final)
+    assert ckpt.config.img_size == ckpt.preprocess.img_size == 48
+    key = "beit3.encoder.embed_positions.A.weight"
+    table = load_file(str(final / "model.safetensors"))[key]
+    source = load_file(str(tiny_checkpoint / "model.safetensors"))[key]
+    assert table.shape == (3 + 9, source.shape[1])
+    torch.testing.assert_close(table, interpolate_vision_positions(source, 9), rtol=0, atol=1e-6)
+    assert json.loads((run / "run_config.json").read_text())["config"]["img_size"] == 48
+    with pytest.raises(CheckpointError, match="img_size 40 is not a multiple of patch_size 16"):
+        load_checkpoint(tiny_checkpoint, img_size=40)
