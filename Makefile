@@ -61,7 +61,7 @@ wordnet:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; \
 	  else echo "run 'sudo apt-get install -y --no-install-recommends wordnet-base' first"; exit 1; fi; }
 
-# Reproduce demo/model from demo/data/emoji and WordNet with the project's recipe (about 90 min
+# Reproduce demo/model from demo/data/emoji and WordNet with the project's recipe (about 100 min
 # on 2 cores); demo-compare adds the same compute spent on fine-tuning from scratch.
 demo-model: install wordnet
 	$(BIN)/python demo/train_model.py

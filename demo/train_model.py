@@ -1,6 +1,6 @@
 """Train the bundled demo model from the bundled emoji data, with the project's own recipe.
 
-    python demo/train_model.py                 # the demo model -> demo/model (~90 min, 2 cores)
+    python demo/train_model.py                 # the demo model -> demo/model (~100 min, 2 cores)
     python demo/train_model.py --compare       # also: the same compute spent from scratch
 
 Stages (each is skipped when its output already exists in --work, so an interrupted run
