@@ -33,6 +33,8 @@ step model_speed_b8 60 $PY bench/model_speed.py --device cuda --batch 8 --repeat
 step model_speed_b64 60 $PY bench/model_speed.py --device cuda --batch 64 --repeats 10
 step train_speed 90 $PY bench/train_speed.py --device cuda --preset beit3-base --json "$OUT/train_speed.json"
 step pretrain_speed 100 $PY bench/pretrain_speed.py --device cuda --preset beit3-base --json "$OUT/pretrain_speed.json"
+TAIL=40 step pretrain_compiled 150 $PY bench/pretrain_speed.py --device cuda --preset beit3-base \
+  --compile --profile 3 --json "$OUT/pretrain_compiled.json"
 step index_speed 70 $PY bench/index_speed.py --device cuda --preset beit3-base --backend faiss \
   --workers 12 --batch-size 256 --count 2000
 step rerank_speed 60 $PY bench/rerank_speed.py --device cuda --queries 30 --backend faiss

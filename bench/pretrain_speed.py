@@ -14,7 +14,9 @@ On CUDA the batch per kind starts at --batch (default 128) and halves on out-of-
 Peaks: H200 bf16 dense 989 TFLOP/s (datasheet), ~790 TFLOP/s measured (matmul microbenchmark).
 ``--no-tokenizer`` replaces the VQ-KD forward by random targets (the model alone); with
 ``--compile`` use ``--drop-path 0`` for the quickest build (per-rate graphs otherwise; see
-``beit3.pretrain.train.compile_layers``).
+``beit3.pretrain.train.compile_layers``). ``--profile N`` then runs N more steps under
+``torch.profiler`` and prints where the step's time goes: the operators by their own device time
+(CPU time on the CPU), and how much of the wall-clock the device was busy.
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ def _run(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     loss_ok = all(torch.isfinite(s.loss_sum).item() for s in out.stats.values())
+    if args.profile:
+        _profile(step, args.profile, cuda)
 
     batches = sets[0]
     shapes = _shapes(batches)
@@ -235,6 +239,40 @@ def _run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _profile(step, steps: int, cuda: bool, rows: int = 25) -> None:
+    """``steps`` more steps under torch.profiler: the top operators by their own time on the
+    device, and the share of the wall-clock in which a kernel ran (the rest is launch overhead,
+    host work and synchronisation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if cuda:
+        from torch.autograd import DeviceType
+
+        busy = (  # the kernels' own rows (an operator's row repeats its kernels' time)
+            sum(
+                e.self_device_time_total
+                for e in events
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+            )
+            / 1e6  # microseconds -> s
+        )
+        print(
+            f"# profile: {steps} steps in {wall:.3f} s (profiler on), kernels "
+            f"{busy:.3f} s = {busy / wall:.0%} of the wall-clock"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, help="default: beit3-tiny (CPU), beit3-base")
@@ -268,6 +306,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="CPU peak, for an MFU")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="then N steps under torch.profiler (a table)"
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.preset = args.preset or ("beit3-base" if cuda else "beit3-tiny")
