@@ -26,7 +26,7 @@ from lancedb.rerankers import Reranker
 
 from beit3 import Checkpoint, load_checkpoint
 from beit3.errors import InputDataError
-from indexer.rerank import candidate_images, match_probabilities
+from indexer.rerank import candidate_image, match_probabilities
 
 __all__ = ["MatcherReranker"]
 
@@ -87,18 +87,14 @@ class MatcherReranker(Reranker):
                 f"are not image rows (modality: {sorted(map(str, modalities)) or 'none'})"
             )
         rows = results.to_pylist()
-        decoded = candidate_images(
-            [
-                (
-                    [row.get("path"), *(row.get("paths") or [])],
-                    row.get("path") or row.get("sha256") or f"row {position}",
-                )
-                for position, row in enumerate(rows)
-            ],
-            self.checkpoint.preprocess,
-        )
-        keep = [position for position, image in enumerate(decoded) if image is not None]
-        images = [image for image in decoded if image is not None]
+        keep, images = [], []
+        for position, row in enumerate(rows):
+            paths = [row.get("path"), *(row.get("paths") or [])]
+            label = row.get("path") or row.get("sha256") or f"row {position}"
+            image = candidate_image(paths, self.checkpoint.preprocess, label)
+            if image is not None:
+                keep.append(position)
+                images.append(image)
         probs = match_probabilities(
             self.matcher,
             self.checkpoint.tokenizer,

@@ -3,8 +3,7 @@
 - :func:`match_probabilities`: calibrated match probabilities of (image, text) pairs, in
   batches of :data:`RERANK_BATCH` (bf16 autocast on CUDA, as the evaluator scores them).
 - :func:`candidate_image`: a stored candidate's image, decoded as the indexer decoded it, or None
-  (with a warning) when none of its files can be read any more; :func:`candidate_images` decodes
-  a query's candidates on a few threads.
+  (with a warning) when none of its files can be read any more.
 
 :meth:`indexer.Searcher.search` (``rerank=K``) and :class:`indexer.lance_reranker.MatcherReranker`
 (LanceDB's reranker interface) both score through these.
@@ -13,9 +12,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,14 +24,11 @@ from beit3.tokenizer import TextTokenizer
 from beit3.transforms import PreprocessConfig
 from indexer.embed import load_query_image
 
-__all__ = ["RERANK_BATCH", "candidate_image", "candidate_images", "match_probabilities"]
+__all__ = ["RERANK_BATCH", "candidate_image", "match_probabilities"]
 
 logger = logging.getLogger(__name__)
 
 RERANK_BATCH = 32  # (query, candidate) pairs per fusion-encoder forward
-# Threads that decode one query's candidates (PIL releases the GIL while it decodes): on the
-# H200's host, 64 candidates of 224 px decoded one by one cost more than the matcher.
-DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def match_probabilities(
@@ -79,15 +73,3 @@ def candidate_image(
             reason = str(exc)
     logger.warning("rerank: skipped %s: %s", label, reason)
     return None
-
-
-def candidate_images(
-    candidates: Sequence[tuple[Sequence[str | None], str]], preprocess: PreprocessConfig
-) -> list[torch.Tensor | None]:
-    """:func:`candidate_image` of each ``(paths, label)``, in order, decoded on up to
-    :data:`DECODE_THREADS` threads."""
-    workers = min(DECODE_THREADS, len(candidates))
-    if workers < 2:
-        return [candidate_image(paths, preprocess, label) for paths, label in candidates]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rerank-decode") as pool:
-        return list(pool.map(lambda c: candidate_image(c[0], preprocess, c[1]), candidates))

@@ -26,7 +26,7 @@ from indexer.embed import encode_images, load_query_image, resolve_device
 from indexer.facts import keyword_query
 from indexer.filters import Filters
 from indexer.manifest import DbManifest, TableInfo, Version
-from indexer.rerank import candidate_images, match_probabilities
+from indexer.rerank import candidate_image, match_probabilities
 from indexer.stores import Match, Store, open_store
 
 __all__ = ["MODES", "Filters", "Hit", "Query", "Searcher"]
@@ -337,11 +337,13 @@ class Searcher:
             )
         tokenizer = ckpt.tokenizer
         if isinstance(query, str):
-            decoded = candidate_images(
-                [((h.path, *h.paths), h.path or h.id) for h in hits], ckpt.preprocess
-            )
-            hits = [h for h, image in zip(hits, decoded, strict=True) if image is not None]
-            images = [image for image in decoded if image is not None]
+            kept, images = [], []
+            for hit in hits:
+                image = candidate_image((hit.path, *hit.paths), ckpt.preprocess, hit.path or hit.id)
+                if image is not None:
+                    kept.append(hit)
+                    images.append(image)
+            hits = kept
             texts = [query.strip()] * len(hits)
         else:
             images = [query] * len(hits)
